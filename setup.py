@@ -1,0 +1,48 @@
+from setuptools import setup
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "flask>=3.0",
+    "uwsgi>=2.0.24",
+    "requests>=2.31",
+]
+
+setup(
+    name="certbound-wsgi",
+    version="0.1.0",
+    description="WSGI middleware that accepts OAuth access tokens only from the client they were bound to (RFC 8705, RFC 9449)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=["certbound_wsgi", "certbound_wsgi.nginx"],
+    # The shipped nginx configurations live at the top of the repository, where
+    # operators look for them, and install as package data so that
+    # `certbound-wsgi nginx-config` renders exactly what the tests exercise.
+    package_dir={"certbound_wsgi.nginx": "nginx"},
+    package_data={"certbound_wsgi": ["py.typed"], "certbound_wsgi.nginx": ["*.conf"]},
+    install_requires=[
+        "werkzeug>=3.0",
+        "authlib>=1.6",
+        "joserfc>=1.0",
+        "cryptography>=42",
+        "requests>=2.31",
+        "gunicorn>=22",
+    ],
+    extras_require={
+        "redis": ["redis>=5"],
+        "flask": ["flask>=3.0"],
+        "test": TEST + ["redis>=5"],
+        "lint": ["ruff>=0.6", "mypy>=1.10", "types-requests", "flask>=3.0", "redis>=5", "pytest>=8"],
+        "docs": ["sphinx>=7", "myst-parser>=2"],
+    },
+    entry_points={"console_scripts": ["certbound-wsgi = certbound_wsgi.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Framework :: Flask",
+        "Topic :: Internet :: WWW/HTTP :: WSGI :: Middleware",
+        "Topic :: Security",
+        "Typing :: Typed",
+    ],
+)
