@@ -93,17 +93,23 @@ class DevServer:
     :param ssl_context: see :func:`server_ssl_context`.
     :param host: address to bind; loopback by default.
     :param port: port to bind; ``0`` picks a free one.
+    :raises OSError: when the address cannot be bound.
     """
 
     def __init__(self, ssl_context: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server: BaseWSGIServer = make_server(
-            host,
-            port,
-            _not_started,
-            threaded=True,
-            request_handler=ClientCertRequestHandler,
-            ssl_context=ssl_context,
-        )
+        try:
+            self._server: BaseWSGIServer = make_server(
+                host,
+                port,
+                _not_started,
+                threaded=True,
+                request_handler=ClientCertRequestHandler,
+                ssl_context=ssl_context,
+            )
+        except SystemExit as exc:
+            # werkzeug prints the reason (e.g. "Address already in use") and
+            # exits; a library caller wants an exception it can handle.
+            raise OSError(f"cannot listen on {host}:{port}") from exc
         self._thread: threading.Thread | None = None
 
     @property
