@@ -1,0 +1,134 @@
+"""Finding the access token in a request (RFC 6750 section 2).
+
+A token may arrive in the ``Authorization`` header (section 2.1), a form body
+(section 2.2), the query string (section 2.3) or a cookie, as far as
+``bearer_token_param_type`` allows. More than one is a malformed request.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from werkzeug.http import parse_cookie
+
+from .errors import InvalidRequest
+from .settings import Settings
+from .types import WSGIEnvironment
+
+__all__ = ["Credential", "CredentialReader"]
+
+# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MAX_TOKEN_LENGTH = 16 * 1024
+MAX_FORM_BODY = 1024 * 1024
+_FORM_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An access token and where it came from.
+
+    :param token: the token text.
+    :param scheme: the ``Authorization`` scheme, lower-cased (``bearer``), or ``bearer`` for the other places.
+    :param source: ``header``, ``query``, ``body`` or ``cookie``.
+    """
+
+    token: str
+    scheme: str
+    source: str
+
+
+def _check(token: str, source: str) -> str:
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidRequest(f"the access token in the {source} is too long")
+    if not _B64TOKEN.fullmatch(token):
+        raise InvalidRequest(f"the access token in the {source} is malformed")
+    return token
+
+
+class CredentialReader:
+    """Extracts the one access token of a request.
+
+    :param settings: supplies ``bearer_token_param_type`` and ``bearer_token_cookie_name``.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        places = settings.bearer_token_param_type
+        self._header = "header" in places
+        self._query = "query" in places
+        self._body = "body" in places
+        self._cookie = settings.bearer_token_cookie_name if "cookie" in places else ""
+
+    def read(self, environ: WSGIEnvironment) -> Credential | None:
+        """The request's credential, or ``None`` when it carries no access token.
+
+        :raises InvalidRequest: a malformed header, or a token in more than one place.
+        """
+        found: list[Credential] = []
+        if self._header:
+            authorization = environ.get("HTTP_AUTHORIZATION")
+            if authorization:
+                credential = self._from_header(authorization)
+                if credential is not None:
+                    found.append(credential)
+        if self._query:
+            query = environ.get("QUERY_STRING", "")
+            if "access_token" in query:
+                found.extend(self._from_form(query, "query"))
+        if self._body and self._is_form(environ):
+            found.extend(self._from_form(self._read_body(environ), "body"))
+        if self._cookie:
+            cookie = environ.get("HTTP_COOKIE")
+            if cookie and self._cookie in cookie:
+                value = parse_cookie(cookie).get(self._cookie)
+                if value:
+                    found.append(Credential(_check(value, "cookie"), "bearer", "cookie"))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidRequest("more than one access token in the request (RFC 6750 section 2)")
+        return found[0]
+
+    @staticmethod
+    def _from_header(value: str) -> Credential | None:
+        scheme, _, rest = value.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            # Another scheme (Basic, ...) is not ours: as if no token was sent.
+            return None
+        token = rest.strip()
+        if not token:
+            raise InvalidRequest("the Authorization header has no token")
+        return Credential(_check(token, "Authorization header"), "bearer", "header")
+
+    @staticmethod
+    def _from_form(data: str, source: str) -> list[Credential]:
+        try:
+            pairs = parse_qsl(data, keep_blank_values=True, errors="strict", max_num_fields=1000)
+        except (ValueError, UnicodeError):
+            raise InvalidRequest(f"the {source} cannot be parsed") from None
+        return [Credential(_check(value, source), "bearer", source) for key, value in pairs if key == "access_token"]
+
+    @staticmethod
+    def _is_form(environ: WSGIEnvironment) -> bool:
+        # RFC 6750 section 2.2: only a form-encoded, single-part body, and not with GET.
+        content_type = environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        return content_type == "application/x-www-form-urlencoded" and environ.get("REQUEST_METHOD") in _FORM_METHODS
+
+    @staticmethod
+    def _read_body(environ: WSGIEnvironment) -> str:
+        """Read the form body and put it back, so that the wrapped app still sees it."""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length") from None
+        if length < 0 or length > MAX_FORM_BODY:
+            raise InvalidRequest("the form body is too large to search for an access token")
+        body = environ["wsgi.input"].read(length) if length else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        try:
+            return str(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequest("the form body is not UTF-8") from None

@@ -1,0 +1,226 @@
+"""The issuer's metadata and signing keys (OpenID Connect Discovery, RFC 8414, RFC 7517).
+
+Keys are fetched lazily and cached. A token signed with an unknown ``kid``
+triggers a refetch, at most once per ``rediscovery_lifetime``, so that key
+rotation at the issuer needs no restart. Only one thread per process fetches;
+the others wait for its result instead of fetching too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import requests
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from .settings import ASYMMETRIC_ALGS, Settings
+
+__all__ = ["Discovery", "DiscoveryError", "UnknownKey", "PublicKey"]
+
+log = logging.getLogger("certbound_wsgi")
+
+PublicKey = ECKey | RSAKey | OKPKey
+_KEY_TYPES: dict[str, type[ECKey] | type[RSAKey] | type[OKPKey]] = {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}
+# A JWKS or metadata document larger than this is not a real one.
+MAX_DOCUMENT = 512 * 1024
+# How soon a failed fetch may be retried, whatever rediscovery_lifetime says.
+RETRY_AFTER_FAILURE = 2.0
+
+
+class DiscoveryError(Exception):
+    """The issuer's metadata or keys could not be fetched or made sense of."""
+
+
+class UnknownKey(Exception):
+    """The keys were fetched, recently and successfully, and none has this ``kid``."""
+
+
+class Discovery:
+    """Issuer metadata and JWKS for one issuer, cached per process.
+
+    :param settings: supplies ``issuer``, ``ca_file``, ``http_timeout``,
+        ``rediscovery_lifetime`` and ``token_signing_algs``.
+    :param session: a :class:`requests.Session` to reuse (one is made otherwise).
+    :param clock: monotonic seconds; injectable for tests.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._session = session or requests.Session()
+        # requests lets REQUESTS_CA_BUNDLE override Session.verify, but not a
+        # verify= passed on the call: our ca_file always wins.
+        self._verify: str | bool = settings.ca_file or True
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._inflight: threading.Event | None = None
+        self._metadata: dict[str, Any] | None = None
+        self._keys: dict[str | None, list[PublicKey]] = {}
+        self._algs: frozenset[str] = frozenset()
+        self._next_fetch = 0.0
+        self._last_ok = False
+
+    # -- the request path ----------------------------------------------------
+
+    @property
+    def algorithms(self) -> frozenset[str]:
+        """Algorithms accepted now: configured, asymmetric and advertised by the issuer."""
+        return self._algs
+
+    def keys_for(self, kid: str | None) -> list[PublicKey]:
+        """The issuer's keys with this ``kid``, fetching the JWKS when it is unknown.
+
+        :raises UnknownKey: the JWKS is fresh and has no such key.
+        :raises DiscoveryError: the JWKS could not be fetched and no such key is cached.
+        """
+        keys = self._keys.get(kid)
+        if keys:
+            return keys
+        self.refresh()
+        keys = self._keys.get(kid)
+        if keys:
+            return keys
+        if not self._last_ok:
+            raise DiscoveryError("the issuer's keys cannot be fetched")
+        raise UnknownKey(kid)
+
+    def retry_after(self) -> int:
+        """Seconds until the next fetch may be tried, for a ``Retry-After`` header."""
+        return max(1, int(self._next_fetch - self._clock() + 0.999))
+
+    def refresh(self, force: bool = False) -> None:
+        """Fetch metadata and keys, unless fetched too recently. Never holds a lock while fetching."""
+        with self._lock:
+            if not force and self._clock() < self._next_fetch:
+                return
+            waiting = self._inflight
+            if waiting is None:
+                done = self._inflight = threading.Event()
+        if waiting is not None:
+            waiting.wait(2 * self._settings.http_timeout + 1)
+            return
+        ok = False
+        try:
+            self._fetch()
+            ok = True
+        except DiscoveryError as exc:
+            log.warning("certbound: cannot refresh keys of %s: %s", self._settings.issuer, exc)
+        finally:
+            with self._lock:
+                self._last_ok = ok
+                delay = self._settings.rediscovery_lifetime if ok else RETRY_AFTER_FAILURE
+                self._next_fetch = self._clock() + min(delay, self._settings.rediscovery_lifetime or delay)
+                self._inflight = None
+            done.set()
+
+    def check(self) -> tuple[dict[str, Any], list[str]]:
+        """Fetch everything now (for ``check-config``); return the metadata and the key ids."""
+        self._fetch()
+        assert self._metadata is not None  # set by _fetch
+        return self._metadata, sorted(str(kid) for kid in self._keys)
+
+    # -- fetching ------------------------------------------------------------
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        try:
+            response = self._session.get(
+                url,
+                verify=self._verify,
+                timeout=self._settings.http_timeout,
+                headers={"Accept": "application/json"},
+                allow_redirects=False,
+                stream=True,
+            )
+            with response:
+                if response.status_code != 200:
+                    raise DiscoveryError(f"{url} answered {response.status_code}")
+                body = response.raw.read(MAX_DOCUMENT + 1, decode_content=True)
+        except requests.RequestException as exc:
+            raise DiscoveryError(f"{url}: {type(exc).__name__}") from None
+        if len(body) > MAX_DOCUMENT:
+            raise DiscoveryError(f"{url}: document too large")
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise DiscoveryError(f"{url}: not JSON") from None
+        if not isinstance(document, dict):
+            raise DiscoveryError(f"{url}: not a JSON object")
+        return document
+
+    def _discover(self) -> dict[str, Any]:
+        issuer = self._settings.issuer.rstrip("/")
+        errors = []
+        # OpenID Connect Discovery 1.0 section 4, then RFC 8414 section 3.
+        for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
+            try:
+                metadata = self._get_json(issuer + path)
+            except DiscoveryError as exc:
+                errors.append(str(exc))
+                continue
+            # RFC 8414 section 3.3: the issuer value MUST be identical to the one configured.
+            if metadata.get("issuer") != self._settings.issuer:
+                raise DiscoveryError(f"metadata names issuer {metadata.get('issuer')!r}, not the configured one")
+            if not isinstance(metadata.get("jwks_uri"), str):
+                raise DiscoveryError("metadata has no jwks_uri")
+            return metadata
+        raise DiscoveryError("; ".join(errors))
+
+    def _fetch(self) -> None:
+        metadata = self._metadata or self._discover()
+        jwks = self._get_json(metadata["jwks_uri"])
+        keys = jwks.get("keys")
+        if not isinstance(keys, list):
+            raise DiscoveryError("the JWKS has no keys list")
+        parsed: dict[str | None, list[PublicKey]] = {}
+        key_algs: set[str] = set()
+        for item in keys[:100]:
+            key = _import_public(item)
+            if key is not None:
+                kid = item.get("kid") if isinstance(item.get("kid"), str) else None
+                parsed.setdefault(kid, []).append(key)
+                if isinstance(item.get("alg"), str):
+                    key_algs.add(item["alg"])
+        if not parsed:
+            raise DiscoveryError("the JWKS holds no usable public signing key")
+        advertised = {
+            alg
+            for name, values in metadata.items()
+            if name.endswith("_signing_alg_values_supported") and isinstance(values, list)
+            for alg in values
+            if isinstance(alg, str)
+        } | key_algs
+        algs = frozenset(self._settings.token_signing_algs) & frozenset(ASYMMETRIC_ALGS)
+        if advertised & algs:
+            algs &= advertised
+        with self._lock:
+            self._metadata = metadata
+            self._keys = parsed
+            self._algs = algs
+
+
+def _import_public(item: object) -> PublicKey | None:
+    """A JWK as a public verification key, or ``None`` for anything else.
+
+    Symmetric (``oct``) keys are never imported: an HMAC key made from public
+    material is the classic algorithm-confusion attack.
+    """
+    if not isinstance(item, dict) or item.get("use", "sig") != "sig":
+        return None
+    key_type = _KEY_TYPES.get(str(item.get("kty")))
+    if key_type is None:
+        return None
+    public = {k: v for k, v in item.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")}
+    try:
+        return key_type.import_key(public)
+    except (JoseError, ValueError, TypeError, KeyError):
+        return None

@@ -1,0 +1,199 @@
+"""JWT access tokens (RFC 9068, RFC 7519): signature and claims.
+
+A verified token's claims are memoized by the token text until its ``exp``, so
+the signature is checked once per token rather than once per request. The
+binding is not part of this module: it is checked on every request, memo hit or
+not (see :mod:`certbound_wsgi.binding`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from joserfc import jws
+from joserfc.errors import JoseError
+
+from .discovery import Discovery, DiscoveryError, UnknownKey
+from .errors import InvalidToken, TemporarilyUnavailable
+from .settings import Settings
+from .types import Claims
+
+__all__ = ["JWTValidator", "looks_like_jwt"]
+
+# RFC 9068 section 2.1 asks for "at+jwt"; plain JWTs (no typ, or "JWT") are
+# common and accepted. Anything else (an ID token's, a DPoP proof's "dpop+jwt",
+# a logout token) is another kind of JWT and refused: no token confusion.
+_ACCEPTED_TYP = frozenset({"at+jwt", "application/at+jwt", "jwt"})
+MAX_JWT_LENGTH = 16 * 1024
+
+
+def looks_like_jwt(token: str) -> bool:
+    """A compact JWS has exactly three dot-separated parts."""
+    return token.count(".") == 2
+
+
+def _b64json(segment: str, what: str) -> dict[str, Any]:
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        value = json.loads(raw, parse_constant=_reject_constant)
+    except (binascii.Error, ValueError, RecursionError):
+        raise InvalidToken(f"the token's {what} is not valid base64url JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidToken(f"the token's {what} is not a JSON object")
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _number(claims: Claims, name: str) -> float | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidToken(f"the {name} claim is not a number")
+    return float(value)
+
+
+class JWTValidator:
+    """Validates JWT access tokens issued by one issuer.
+
+    :param settings: supplies ``issuer``, ``audience``, ``leeway``, ``scopes_required``,
+        ``scopes_claim`` and ``token_cache_size``.
+    :param discovery: the issuer's keys.
+    :param clock: wall-clock seconds; injectable for tests.
+    """
+
+    def __init__(self, settings: Settings, discovery: Discovery, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._discovery = discovery
+        self._clock = clock
+        self._audience = frozenset(settings.audience)
+        self._memo: dict[str, tuple[Claims, float]] = {}
+        self._memo_size = settings.token_cache_size
+        self._memo_lock = threading.Lock()
+
+    def validate(self, token: str) -> Claims:
+        """The token's claims, once its signature and claims are valid.
+
+        :raises InvalidToken: the token is not valid.
+        :raises TemporarilyUnavailable: the issuer's keys cannot be fetched.
+        """
+        now = self._clock()
+        hit = self._memo.get(token)
+        if hit is not None:
+            claims, expires = hit
+            if now < expires:
+                return claims
+            self._forget(token)
+        claims = self._verify(token, now)
+        self._remember(token, claims)
+        return claims
+
+    # -- the cold path --------------------------------------------------------
+
+    def _verify(self, token: str, now: float) -> Claims:
+        if len(token) > MAX_JWT_LENGTH or not looks_like_jwt(token):
+            raise InvalidToken("the access token is not a JWT")
+        header = _b64json(token.split(".", 1)[0], "header")
+        alg = header.get("alg")
+        # RFC 8725 section 3.1: an explicit allow-list; "none" and HS* are never in it.
+        if not isinstance(alg, str) or alg not in self._allowed_algs():
+            raise InvalidToken("the token's signature algorithm is not accepted")
+        typ = header.get("typ")
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
+            raise InvalidToken("the token's typ is not an access token's")
+        if "crit" in header:
+            # RFC 7515 section 4.1.11: we understand no extensions, so must refuse.
+            raise InvalidToken("the token has critical header parameters this server does not understand")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
+            raise InvalidToken("the token's kid is malformed")
+        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
+        try:
+            keys = self._discovery.keys_for(kid)
+        except UnknownKey:
+            raise InvalidToken("the token is signed with an unknown key") from None
+        except DiscoveryError:
+            raise TemporarilyUnavailable(
+                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
+            ) from None
+        payload = self._signed_payload(token, keys, alg)
+        claims = _b64json_bytes(payload)
+        self._check_claims(claims, now)
+        return claims
+
+    def _allowed_algs(self) -> frozenset[str]:
+        algs = self._discovery.algorithms
+        if not algs:
+            # Nothing fetched yet: the configured list, until the issuer says more.
+            self._discovery.refresh()
+            algs = self._discovery.algorithms or frozenset(self._settings.token_signing_algs)
+        return algs
+
+    @staticmethod
+    def _signed_payload(token: str, keys: list[Any], alg: str) -> bytes:
+        for key in keys:
+            try:
+                return bytes(jws.deserialize_compact(token, key, algorithms=[alg]).payload)
+            except (JoseError, ValueError, TypeError):
+                continue
+        raise InvalidToken("the token's signature is invalid")
+
+    def _check_claims(self, claims: Claims, now: float) -> None:
+        leeway = self._settings.leeway
+        if claims.get("iss") != self._settings.issuer:
+            raise InvalidToken("the token was issued by another issuer")
+        exp = _number(claims, "exp")
+        if exp is None:
+            raise InvalidToken("the token has no exp claim")
+        if now >= exp + leeway:
+            raise InvalidToken("the token has expired")
+        nbf = _number(claims, "nbf")
+        if nbf is not None and now < nbf - leeway:
+            raise InvalidToken("the token is not valid yet")
+        iat = _number(claims, "iat")
+        if iat is not None and iat > now + leeway:
+            raise InvalidToken("the token was issued in the future")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not any(isinstance(a, str) and a in self._audience for a in audiences):
+            raise InvalidToken("the token is not meant for this audience")
+        sub = claims.get("sub")
+        if sub is not None and not isinstance(sub, str):
+            raise InvalidToken("the sub claim is not a string")
+
+    # -- the memo -------------------------------------------------------------
+
+    def _remember(self, token: str, claims: Claims) -> None:
+        expires = float(claims["exp"]) + self._settings.leeway
+        with self._memo_lock:
+            while len(self._memo) >= self._memo_size:
+                # Oldest first: dicts keep insertion order.
+                self._memo.pop(next(iter(self._memo)), None)
+            self._memo[token] = (claims, expires)
+
+    def _forget(self, token: str) -> None:
+        with self._memo_lock:
+            self._memo.pop(token, None)
+
+    def memo_size(self) -> int:
+        return len(self._memo)
+
+
+def _b64json_bytes(payload: bytes) -> Claims:
+    try:
+        value = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise InvalidToken("the token's claims are not JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidToken("the token's claims are not a JSON object")
+    return value
