@@ -30,7 +30,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -40,8 +40,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 from werkzeug.wrappers import Request, Response
 
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+from .types import StartResponse, WSGIEnvironment
 
 __all__ = ["DevIssuer"]
 

@@ -16,12 +16,11 @@ import ssl
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["ClientCertRequestHandler", "DevServer", "server_ssl_context"]
 
@@ -133,7 +132,10 @@ class DevServer:
         self._server.app = app
         # A short poll interval keeps shutdown() quick.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name=f"devserver-{self.port}", daemon=True
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"devserver-{self.port}",
+            daemon=True,
         )
         self._thread.start()
         return self
