@@ -1,0 +1,272 @@
+"""Real nginx, gunicorn and uWSGI processes on free loopback ports.
+
+nginx runs with the configuration :func:`certbound_wsgi.nginx_config.render`
+produces (``standalone=True``), so the tests exercise exactly what ships.
+gunicorn and uWSGI run from this interpreter's environment, so they import the
+code under test. Each ``start_*`` returns an object with ``.port`` and
+``.stop()``; stop it in a fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from certbound_wsgi.devpki import Issued
+from certbound_wsgi.nginx_config import Upstream, render
+
+from .procs import Process, free_port, require_binary, wait_for_port, wait_until
+
+__all__ = ["Nginx", "Gunicorn", "UWSGI", "start_nginx", "start_gunicorn", "start_uwsgi", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODULE = "certbound_wsgi.wsgi:application"
+# The escaped client certificate travels in the request; uWSGI's default
+# 4096-byte buffer for a request's variables is too small for it (see nginx/uwsgi.conf).
+UWSGI_BUFFER_SIZE = 32768
+
+
+def _venv_bin(name: str) -> str:
+    """``name`` beside this interpreter (the virtualenv's ``bin``), so that it runs this Python."""
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        raise RuntimeError(f"{path} not found: install the test extras (pip install -e '.[test]')")
+    return str(path)
+
+
+def _app_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment for an application server: this one without ambient ``CERTBOUND_*``
+    settings, with the repository importable, plus ``env``."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith("CERTBOUND_")}
+    base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), base.get("PYTHONPATH")]))
+    base.update(env)
+    return base
+
+
+def _log_dir(log_dir: Path | None, prefix: str) -> Path:
+    if log_dir is None:
+        return Path(tempfile.mkdtemp(prefix=f"certbound-{prefix}-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return log_dir
+
+
+class Nginx:
+    """nginx started by :func:`start_nginx`.
+
+    :ivar port: the HTTPS port on 127.0.0.1.
+    :ivar prefix: nginx's ``-p`` directory: configuration, pid, logs and temporary files.
+    """
+
+    def __init__(self, binary: str, prefix: Path, render_args: dict[str, Any]) -> None:
+        self.binary = binary
+        self.prefix = prefix
+        self.conf = prefix / "nginx.conf"
+        self.error_log = prefix / "error.log"
+        self.access_log = prefix / "access.log"
+        self.port = free_port()
+        self._render_args = {**render_args, "listen": f"127.0.0.1:{self.port}"}
+        self._write_and_test()
+        self.process = Process(self._argv(), prefix / "nginx.out")
+        try:
+            wait_for_port(self.port, proc=self.process.proc, log=self.error_log)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _argv(self, *extra: str) -> list[str]:
+        # Running as root, nginx would start its workers as "nobody", who cannot
+        # enter pytest's private temporary directory to buffer large bodies.
+        directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
+        return [self.binary, "-p", str(self.prefix), "-c", str(self.conf), "-g", directives, *extra]
+
+    def _write_and_test(self) -> None:
+        self.conf.write_text(render(standalone=True, prefix=self.prefix, **self._render_args))
+        result = subprocess.run(self._argv("-t"), check=False, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"nginx -t rejected {self.conf}:\n{result.stdout}{result.stderr}")
+
+    def reload(self, **changes: Any) -> None:
+        """Re-render with ``changes`` (keyword arguments of ``render``, e.g. ``backend=``,
+        ``client_ca=``), check it with ``nginx -t``, SIGHUP the master, and return once every
+        old worker has exited: until then an old worker may still accept a connection."""
+        self._render_args.update(changes)
+        self._write_and_test()
+        old = self._workers()
+        os.kill(self.process.pid, signal.SIGHUP)  # the master only: workers ignore it anyway
+        if not wait_until(lambda: bool(self._workers()) and old.isdisjoint(self._workers()), timeout=15):
+            raise TimeoutError(f"nginx did not replace its workers: {self.output()}")
+
+    def _workers(self) -> set[int]:
+        """The master's children (Linux): the worker processes."""
+        pid = self.process.pid
+        try:
+            return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+        except OSError:
+            return set()
+
+    def _log_text(self) -> str:
+        return self.error_log.read_text(errors="replace") if self.error_log.exists() else ""
+
+    def output(self) -> str:
+        """The tail of nginx's error log, for assertion messages."""
+        return "\n".join(self._log_text().splitlines()[-40:])
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_nginx(
+    tmp_dir: Path,
+    upstream: Upstream,
+    backend: str,
+    server_cert: Issued,
+    client_ca: Path | str | None = None,
+    **render_args: Any,
+) -> Nginx:
+    """Render the shipped configuration for ``upstream`` in front of ``backend``, check it with
+    ``nginx -t`` and run nginx in the foreground under ``tmp_dir``.
+
+    :param tmp_dir: a fresh directory; becomes nginx's ``-p`` prefix.
+    :param upstream: ``"gunicorn"`` or ``"uwsgi"``.
+    :param backend: ``127.0.0.1:<port>`` of the application server.
+    :param server_cert: nginx's certificate and key.
+    :param client_ca: require client certificates from this CA (``ssl_verify_client on``).
+    :param render_args: further keyword arguments of ``render`` (e.g. ``server_name``).
+    """
+    binary = require_binary("nginx", "/usr/sbin/nginx")
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    return Nginx(
+        binary,
+        tmp_dir,
+        {
+            "upstream": upstream,
+            "backend": backend,
+            "server_cert": server_cert.cert_path,
+            "server_key": server_cert.key_path,
+            "client_ca": client_ca,
+            **render_args,
+        },
+    )
+
+
+class Gunicorn:
+    """gunicorn started by :func:`start_gunicorn`; ``.port`` serves HTTP on 127.0.0.1."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.backend = f"127.0.0.1:{port}"
+        self.process = Process(argv, log, env=env, cwd=REPO_ROOT)
+        try:
+            wait_for_port(port, proc=self.process.proc, log=log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_gunicorn(
+    env: dict[str, str],
+    workers: int = 2,
+    worker_class: str = "sync",
+    threads: int = 1,
+    module: str = DEFAULT_MODULE,
+    *,
+    log_dir: Path | None = None,
+) -> Gunicorn:
+    """Run ``gunicorn <module>`` on a free loopback port.
+
+    :param env: added to the environment (the app reads its ``CERTBOUND_*`` settings from it);
+        ambient ``CERTBOUND_*`` variables are removed first.
+    :param workers: ``--workers``.
+    :param worker_class: ``--worker-class`` (``sync``, ``gthread``, ...).
+    :param threads: ``--threads``.
+    :param module: the WSGI application, ``module:callable``.
+    :param log_dir: where ``gunicorn.log`` goes (default: a new temporary directory).
+    """
+    port = free_port()
+    log = _log_dir(log_dir, "gunicorn") / "gunicorn.log"
+    argv = [
+        _venv_bin("gunicorn"), module,
+        "--bind", f"127.0.0.1:{port}",
+        "--workers", str(workers),
+        "--worker-class", worker_class,
+        "--threads", str(threads),
+        "--graceful-timeout", "5",
+        "--access-logfile", "-",
+    ]
+    return Gunicorn(argv, port, log, _app_env(env))
+
+
+class UWSGI:
+    """uWSGI started by :func:`start_uwsgi`; ``.port`` speaks the uwsgi protocol on 127.0.0.1."""
+
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+        self.port = port
+        self.backend = f"127.0.0.1:{port}"
+        self.process = Process(argv, log, env=env, cwd=REPO_ROOT)
+        try:
+            wait_for_port(port, proc=self.process.proc, log=log)
+            # The socket is bound before the application is imported; --need-app makes
+            # uWSGI exit if the import fails, which this waits long enough to see.
+            if not wait_until(lambda: "WSGI app 0 (mountpoint='') ready" in self.output() or not self.process.alive()):
+                raise TimeoutError(f"uWSGI did not load {argv}: {self.output()}")
+            if not self.process.alive():
+                raise RuntimeError(f"uWSGI exited: {self.output()}")
+        except BaseException:
+            self.stop()
+            raise
+
+    def output(self) -> str:
+        return self.process.output()
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_uwsgi(
+    env: dict[str, str],
+    processes: int = 2,
+    module: str = DEFAULT_MODULE,
+    *,
+    log_dir: Path | None = None,
+) -> UWSGI:
+    """Run uWSGI (the PyPI build in this virtualenv, so this Python) with a uwsgi-protocol
+    socket on a free loopback port.
+
+    :param env: added to the environment (the app reads its ``CERTBOUND_*`` settings from it);
+        ambient ``CERTBOUND_*`` variables are removed first.
+    :param processes: ``--processes``, under a ``--master``.
+    :param module: the WSGI application, ``module:callable``.
+    :param log_dir: where ``uwsgi.log`` goes (default: a new temporary directory).
+    """
+    port = free_port()
+    log = _log_dir(log_dir, "uwsgi") / "uwsgi.log"
+    argv = [
+        _venv_bin("uwsgi"),
+        "--strict",
+        "--socket", f"127.0.0.1:{port}",
+        "--module", module,
+        "--master",
+        "--processes", str(processes),
+        "--die-on-term",
+        "--need-app",
+        "--virtualenv", sys.prefix,
+        "--chdir", str(REPO_ROOT),
+        "--buffer-size", str(UWSGI_BUFFER_SIZE),
+        "--enable-threads",
+    ]
+    return UWSGI(argv, port, log, _app_env(env))
