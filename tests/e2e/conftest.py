@@ -1,0 +1,133 @@
+"""Real servers for the end-to-end tests: oidc-provider, nginx (mTLS), gunicorn and uWSGI.
+
+A *stack* is nginx rendered from the shipped configuration in front of
+gunicorn or uWSGI running ``certbound_wsgi.wsgi:application`` (the echo app),
+configured from ``CERTBOUND_*`` variables only, as a user deploys it. Stacks
+are cached per configuration for the whole session.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from joserfc import jwt
+from joserfc.jwk import ECKey, KeySet
+
+from certbound_wsgi.devpki import Issued
+from tests.support import idp_fixtures
+from tests.support.idp import API_RESOURCE, OidcProvider
+from tests.support.servers import Gunicorn, Nginx, UWSGI, start_gunicorn, start_nginx, start_uwsgi
+
+pki = idp_fixtures.pki
+idp = idp_fixtures.idp
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)
+
+
+@dataclass
+class Stack:
+    """nginx in front of one app server; ``call`` makes a real HTTPS request through nginx."""
+
+    nginx: Nginx
+    app_server: Gunicorn | UWSGI
+    ca_file: str
+
+    def call(self, token: str | None = None, cert: Issued | None = None, path: str = "/anything",
+             headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        # verify= on the call: the machine's REQUESTS_CA_BUNDLE must not win.
+        return requests.get(self.nginx.url + path, headers=sent, cert=cert.pair if cert else None,
+                            verify=self.ca_file, timeout=15, **kwargs)
+
+    def direct(self, token: str, headers: dict[str, str]) -> requests.Response:
+        """Straight to gunicorn, bypassing nginx (as an attacker on the network might)."""
+        return requests.get(f"http://127.0.0.1:{self.app_server.port}/anything", timeout=15,
+                            headers={"Authorization": f"Bearer {token}", **headers})
+
+
+def app_env(provider: OidcProvider, **options: str) -> dict[str, str]:
+    env = {
+        "CERTBOUND_ISSUER": provider.issuer,
+        "CERTBOUND_AUDIENCE": API_RESOURCE,
+        "CERTBOUND_CA_FILE": provider.ca_file,
+        # Short, so that the key-rotation test need not wait long.
+        "CERTBOUND_REDISCOVERY_LIFETIME": "1",
+    }
+    env.update({f"CERTBOUND_{name.upper()}": value for name, value in options.items()})
+    return env
+
+
+class StackFactory:
+    def __init__(self, tmp: pytest.TempPathFactory, pki: idp_fixtures.Pki) -> None:
+        self._tmp = tmp
+        self._pki = pki
+        self._stacks: dict[tuple[Any, ...], Stack] = {}
+
+    def __call__(self, provider: OidcProvider, upstream: str = "gunicorn", **options: str) -> Stack:
+        key = (id(provider), upstream, tuple(sorted(options.items())))
+        if key not in self._stacks:
+            env = app_env(provider, **options)
+            logs = self._tmp.mktemp(f"{upstream}-logs")
+            server: Gunicorn | UWSGI
+            if upstream == "gunicorn":
+                server = start_gunicorn(env, workers=2, log_dir=logs)
+                backend = f"127.0.0.1:{server.port}"
+            else:
+                server = start_uwsgi(env, processes=2, log_dir=logs)
+                backend = f"127.0.0.1:{server.port}"
+            try:
+                nginx = start_nginx(self._tmp.mktemp(f"nginx-{upstream}"), upstream, backend,  # type: ignore[arg-type]
+                                    self._pki.server)
+            except BaseException:
+                server.stop()
+                raise
+            self._stacks[key] = Stack(nginx, server, self._pki.ca_file)
+        return self._stacks[key]
+
+    def close(self) -> None:
+        for stack in self._stacks.values():
+            stack.nginx.stop()
+            stack.app_server.stop()
+
+
+@pytest.fixture(scope="session")
+def stacks(tmp_path_factory: pytest.TempPathFactory, pki: idp_fixtures.Pki) -> Iterator[StackFactory]:
+    factory = StackFactory(tmp_path_factory, pki)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def mint(provider: OidcProvider, *, header: dict[str, Any] | None = None, key: Any = None,
+         **claims: Any) -> str:
+    """A token signed with the IdP's own current key (or ``key``), for claims the IdP would never issue."""
+    keyset = KeySet.import_key_set(provider.private_jwks())
+    signing = key or keyset.keys[0]
+    now = int(time.time())
+    body: dict[str, Any] = {"iss": provider.issuer, "aud": API_RESOURCE, "sub": "alice", "iat": now,
+                            "exp": now + 300, "jti": f"test-{time.monotonic_ns()}"}
+    body.update(claims)
+    hdr: dict[str, Any] = {"alg": "ES256", "typ": "at+jwt", "kid": signing.kid}
+    hdr.update(header or {})
+    return jwt.encode(hdr, {k: v for k, v in body.items() if v is not None}, signing, algorithms=[hdr["alg"]])
+
+
+def foreign_key(kid: str = "attacker") -> ECKey:
+    return ECKey.generate_key("P-256", parameters={"kid": kid}, private=True)
+
+
+def log_of(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
