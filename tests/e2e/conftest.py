@@ -22,7 +22,7 @@ from joserfc.jwk import ECKey, KeySet
 from certbound_wsgi.devpki import Issued
 from tests.support import idp_fixtures
 from tests.support.idp import API_RESOURCE, OidcProvider
-from tests.support.servers import Gunicorn, Nginx, UWSGI, start_gunicorn, start_nginx, start_uwsgi
+from tests.support.servers import UWSGI, Gunicorn, Nginx, start_gunicorn, start_nginx, start_uwsgi
 
 pki = idp_fixtures.pki
 idp = idp_fixtures.idp
