@@ -29,6 +29,7 @@ setup(
         "cryptography>=42",
         "requests>=2.31",
         "gunicorn>=22",
+        "redis>=5",
     ],
     extras_require={
         "redis": ["redis>=5"],

@@ -94,6 +94,18 @@ class Discovery:
             raise DiscoveryError("the issuer's keys cannot be fetched")
         raise UnknownKey(kid)
 
+    def metadata(self) -> dict[str, Any]:
+        """The issuer's metadata, discovered on first use.
+
+        :raises DiscoveryError: it cannot be fetched now.
+        """
+        metadata = self._metadata
+        if metadata is None:
+            metadata = self._discover()
+            with self._lock:
+                self._metadata = self._metadata or metadata
+        return metadata
+
     def retry_after(self) -> int:
         """Seconds until the next fetch may be tried, for a ``Retry-After`` header."""
         return max(1, int(self._next_fetch - self._clock() + 0.999))

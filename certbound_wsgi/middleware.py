@@ -13,12 +13,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .binding import check_mtls
+from .cache.memory import MemoryCache
+from .cache.seal import Sealer
 from .certificates import CertificateReader
 from .credentials import CredentialReader
 from .discovery import Discovery
-from .errors import AuthError, InsufficientScope, MissingToken, challenge
-from .jwt_tokens import JWTValidator
+from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, challenge
+from .introspection import IntrospectionClient, IntrospectionValidator
+from .jwt_tokens import JWTValidator, looks_like_jwt
 from .settings import Settings
+from .stats import Stats
 from .types import Claims, StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["CertBoundMiddleware", "Identity"]
@@ -72,7 +76,12 @@ class CertBoundMiddleware:
         self.discovery = discovery or Discovery(settings)
         self.certificates = CertificateReader(settings)
         self.credentials = CredentialReader(settings)
-        self.jwt = JWTValidator(settings, self.discovery)
+        self._stats = Stats()
+        methods = settings.auth_methods
+        self.jwt = JWTValidator(settings, self.discovery) if "bearer" in methods else None
+        self.introspection = (
+            _introspection(settings, self.discovery, self._stats) if "introspection" in methods else None
+        )
         self._scopes_required = frozenset(settings.scopes_required)
         self._challenges = [challenge("Bearer", settings.realm)]
 
@@ -110,10 +119,45 @@ class CertBoundMiddleware:
         if credential is None:
             raise MissingToken("an access token is required")
         thumbprint = self.certificates.thumbprint(environ)
-        claims = self.jwt.validate(credential.token)
+        token = credential.token
+        if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
+            claims = self.jwt.validate(token)
+            method = "bearer"
+            if self.introspection is not None and self.settings.introspect_jwt_tokens:
+                # Locally valid, but is it revoked? Only the issuer knows.
+                self.introspection.validate(token)
+        elif self.introspection is not None:
+            claims = self.introspection.validate(token)
+            method = "introspection"
+        else:  # pragma: no cover - Settings requires at least one method
+            raise InvalidToken("no enabled method can validate this token")
+        # RFC 8705 section 3: on every request, whether the claims came from a cache or not.
         check_mtls(self.settings.proof_of_possession_mtls, claims, thumbprint)
         if self._scopes_required and not self._scopes_required <= token_scopes(claims, self.settings.scopes_claim):
             raise InsufficientScope(
                 "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required))
             )
-        return Identity(claims, credential.token, thumbprint, "bearer")
+        return Identity(claims, token, thumbprint, method)
+
+    def stats(self) -> dict[str, int]:
+        """Counters of this instance: cache hits and misses per level, introspections, errors."""
+        return self._stats.snapshot()
+
+
+def _introspection(settings: Settings, discovery: Discovery, stats: Stats) -> IntrospectionValidator:
+    l2 = None
+    sealer = Sealer(settings.cache_secret or settings.client_secret or None, "intro")
+    if settings.uses_redis:
+        from .cache.redis import RedisCache, make_client
+
+        l2 = RedisCache(make_client(settings), sealer, stats, lock_ttl=2 * settings.http_timeout + 1)
+    l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if l2 is not None else None)
+    endpoint_id = settings.introspection_endpoint or settings.issuer
+    return IntrospectionValidator(
+        settings,
+        IntrospectionClient(settings, discovery if settings.issuer else None),
+        l1,
+        l2,
+        lambda token: sealer.key_name(endpoint_id, token),
+        stats,
+    )

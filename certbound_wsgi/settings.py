@@ -31,7 +31,8 @@ _NOT_OPTIONS = frozenset({"APP"})
 
 PopMode = Literal["strict", "optional", "off"]
 
-AUTH_METHODS = ("bearer",)
+AUTH_METHODS = ("bearer", "introspection")
+INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
 TOKEN_PARAM_TYPES = ("header", "query", "body", "cookie")
 # RFC 7518 section 3.1 and RFC 8037: asymmetric signatures only. "none" and the
 # HS* family are never accepted, whatever the configuration says.
@@ -68,7 +69,10 @@ class Settings:
         (), "Accepted audiences; the token's ``aud`` must contain at least one. Required."
     )
     auth_methods: tuple[str, ...] = _option(
-        ("bearer",), "Enabled authentication methods. ``bearer``: JWT access tokens validated locally.",
+        ("bearer",),
+        "Enabled authentication methods. ``bearer``: JWT access tokens validated locally against the issuer's "
+        "JWKS. ``introspection``: tokens checked with the issuer's RFC 7662 introspection endpoint. With both, a "
+        "JWT-shaped token is validated locally and an opaque one is introspected.",
         choices=AUTH_METHODS,
     )
     proof_of_possession_mtls: PopMode = _option(
@@ -129,6 +133,73 @@ class Settings:
     )
     cert_cache_size: int = _option(1024, "Parsed client certificates remembered, keyed by the raw value.")
 
+    # -- introspection (RFC 7662) ---------------------------------------------
+    introspection_endpoint: str = _option(
+        "", "The introspection endpoint; taken from the issuer's metadata when empty."
+    )
+    introspection_endpoint_auth_method: str = _option(
+        "client_secret_basic",
+        "How this resource server authenticates to the introspection endpoint: ``client_secret_basic``, "
+        "``client_secret_post``, ``private_key_jwt`` (``client_jwk``) or ``tls_client_auth`` (mutual TLS with "
+        "``tls_client_auth_cert_file`` and ``tls_client_auth_key_file``).",
+        choices=INTROSPECTION_AUTH_METHODS,
+    )
+    client_id: str = _option("", "This resource server's client id at the issuer, for introspection.")
+    client_secret: str = _option("", "The client secret for ``client_secret_basic`` / ``client_secret_post``.")
+    client_jwk: str = _option(
+        "", "Path to this resource server's private key (a JWK in JSON, or PEM) for ``private_key_jwt``."
+    )
+    client_alg: str = _option("ES256", "The signing algorithm of the ``private_key_jwt`` client assertion.",
+                              choices=ASYMMETRIC_ALGS)
+    tls_client_auth_cert_file: str = _option("", "Client certificate (PEM) for ``tls_client_auth``.")
+    tls_client_auth_key_file: str = _option("", "Private key (PEM) of ``tls_client_auth_cert_file``.")
+    introspection_hint: str = _option(
+        "access_token", "The ``token_type_hint`` sent with each introspection request (empty: none)."
+    )
+    introspection_check_active: bool = _option(
+        True, "Refuse a token unless the introspection response says ``active: true``."
+    )
+    introspect_jwt_tokens: bool = _option(
+        False,
+        "Also introspect JWTs (after validating them locally), so that revoked JWTs are caught within "
+        "``cache_ttl_max``.",
+    )
+
+    # -- the cache -------------------------------------------------------------
+    cache_introspection: bool = _option(True, "Cache introspection answers (in process, and in Redis when set).")
+    cache_ttl: int = _option(300, "Seconds to cache an answer that has no ``exp``.")
+    cache_ttl_max: int = _option(
+        300,
+        "Upper bound, in seconds, on how long any answer is cached: the worst-case delay before a revoked "
+        "token stops working. 0 means no bound beyond the token's ``exp``.",
+    )
+    cache_ttl_min: int = _option(0, "Lower bound, in seconds, for caching; never beyond the token's ``exp``.")
+    cache_ttl_neg: int = _option(10, "Seconds to cache an inactive (negative) answer.")
+    cache_ttl_resurrect: int = _option(
+        0,
+        "Seconds a stale positive answer may still be used while the issuer is unreachable; never beyond the "
+        "token's ``exp``. 0: never.",
+    )
+    cache_secret: str = _option(
+        "",
+        "Secret from which the cache's sealing key and key namespace are derived. Falls back to "
+        "``client_secret``; required with Redis when there is no client secret.",
+    )
+    cache_l1_size: int = _option(10000, "Entries in the in-process (L1) cache.")
+    cache_l1_ttl: int = _option(
+        5, "With Redis, seconds an entry may live in the in-process cache before Redis is asked again."
+    )
+    redis_url: str = _option(
+        "",
+        "Redis for the shared (L2) cache: ``redis://``, ``rediss://`` or ``unix://``. Empty: in-process only.",
+    )
+    redis_cluster: bool = _option(False, "Treat ``redis_url`` as a Redis Cluster node.")
+    redis_sentinel_master: str = _option("", "With Redis Sentinel: the master's service name.")
+    redis_sentinel_nodes: tuple[str, ...] = _option((), "With Redis Sentinel: ``host:port`` of each sentinel.")
+    redis_timeout: float = _option(
+        0.05, "Seconds before a Redis command is abandoned; Redis trouble never holds a request for long."
+    )
+
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
@@ -153,12 +224,7 @@ class Settings:
             if not self.audience:
                 raise ConfigurationError("audience", "required: the token's aud must contain one of these")
         if self.issuer:
-            parts = urlsplit(self.issuer)
-            loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
-            if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
-                raise ConfigurationError("issuer", "must be an https:// URL (http:// only for loopback)")
-            if not parts.hostname or parts.query or parts.fragment:
-                raise ConfigurationError("issuer", "must be an absolute URL without query or fragment")
+            _check_https("issuer", self.issuer)
         for name in ("leeway", "rediscovery_lifetime"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(name, "must not be negative")
@@ -191,6 +257,54 @@ class Settings:
             raise ConfigurationError("ca_file", f"{self.ca_file!r} is not a readable file")
         if '"' in self.realm or "\\" in self.realm:
             raise ConfigurationError("realm", "must not contain quotes or backslashes")
+        if "introspection" in self.auth_methods:
+            self._validate_introspection()
+        for name in ("cache_ttl", "cache_ttl_max", "cache_ttl_min", "cache_ttl_neg", "cache_ttl_resurrect",
+                     "cache_l1_ttl"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(name, "must not be negative")
+        if self.cache_l1_size < 1:
+            raise ConfigurationError("cache_l1_size", "must be at least 1")
+        if self.cache_ttl_max and self.cache_ttl_min > self.cache_ttl_max:
+            raise ConfigurationError("cache_ttl_min", "must not exceed cache_ttl_max")
+        if not 0 < self.redis_timeout <= 10:
+            raise ConfigurationError("redis_timeout", "must be between 0 and 10 seconds")
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigurationError("redis_url", "must start with redis://, rediss:// or unix://")
+        if self.redis_sentinel_master and not self.redis_sentinel_nodes:
+            raise ConfigurationError("redis_sentinel_nodes", "required with redis_sentinel_master")
+        if self.uses_redis and not (self.cache_secret or self.client_secret):
+            raise ConfigurationError("cache_secret", "required with Redis when there is no client_secret")
+        if self.uses_redis and len(self.cache_secret or self.client_secret) < 16:
+            raise ConfigurationError("cache_secret", "at least 16 characters (it keys the sealed Redis entries)")
+
+    @property
+    def uses_redis(self) -> bool:
+        """Whether a shared Redis cache is configured."""
+        return bool(self.redis_url or self.redis_sentinel_master)
+
+    def _validate_introspection(self) -> None:
+        if not self.issuer and not self.introspection_endpoint:
+            raise ConfigurationError("introspection_endpoint", "required when there is no issuer to discover it")
+        if self.introspection_endpoint:
+            _check_https("introspection_endpoint", self.introspection_endpoint)
+        if not self.audience:
+            raise ConfigurationError("audience", "required: the token's aud must contain one of these")
+        method = self.introspection_endpoint_auth_method
+        if not self.client_id:
+            raise ConfigurationError("client_id", "required for introspection")
+        if method in ("client_secret_basic", "client_secret_post") and not self.client_secret:
+            raise ConfigurationError("client_secret", f"required with {method}")
+        if method == "private_key_jwt" and not self.client_jwk:
+            raise ConfigurationError("client_jwk", "required with private_key_jwt")
+        if method == "tls_client_auth":
+            for name in ("tls_client_auth_cert_file", "tls_client_auth_key_file"):
+                if not getattr(self, name):
+                    raise ConfigurationError(name, "required with tls_client_auth")
+        for name in ("client_jwk", "tls_client_auth_cert_file", "tls_client_auth_key_file"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigurationError(name, f"{path!r} is not a readable file")
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], prefix: str = ENV_PREFIX) -> Settings:
@@ -235,6 +349,15 @@ class Settings:
                 value = "********"
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+def _check_https(option: str, url: str) -> None:
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ConfigurationError(option, "must be an https:// URL (http:// only for loopback)")
+    if not parts.hostname or parts.query or parts.fragment:
+        raise ConfigurationError(option, "must be an absolute URL without query or fragment")
 
 
 def env_name(option: str, prefix: str = ENV_PREFIX) -> str:

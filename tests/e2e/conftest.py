@@ -75,17 +75,17 @@ class StackFactory:
         self._pki = pki
         self._stacks: dict[tuple[Any, ...], Stack] = {}
 
-    def __call__(self, provider: OidcProvider, upstream: str = "gunicorn", **options: str) -> Stack:
-        key = (id(provider), upstream, tuple(sorted(options.items())))
+    def __call__(self, provider: OidcProvider, upstream: str = "gunicorn", workers: int = 2, **options: str) -> Stack:
+        key = (id(provider), upstream, workers, tuple(sorted(options.items())))
         if key not in self._stacks:
             env = app_env(provider, **options)
             logs = self._tmp.mktemp(f"{upstream}-logs")
             server: Gunicorn | UWSGI
             if upstream == "gunicorn":
-                server = start_gunicorn(env, workers=2, log_dir=logs)
+                server = start_gunicorn(env, workers=workers, log_dir=logs)
                 backend = f"127.0.0.1:{server.port}"
             else:
-                server = start_uwsgi(env, processes=2, log_dir=logs)
+                server = start_uwsgi(env, processes=workers, log_dir=logs)
                 backend = f"127.0.0.1:{server.port}"
             try:
                 nginx = start_nginx(self._tmp.mktemp(f"nginx-{upstream}"), upstream, backend,  # type: ignore[arg-type]

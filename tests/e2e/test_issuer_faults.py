@@ -1,7 +1,10 @@
 """Key rotation at the IdP and the IdP going away, with our workers left running.
 
 These tests own their IdP (so restarting it disturbs no other test) and a
-gunicorn stack pointed at it, with ``rediscovery_lifetime=1``.
+gunicorn stack pointed at it, with ``rediscovery_lifetime=1``. The stack has
+one worker, so that "what is cached" is known exactly: each worker has its own
+key cache, and a worker that never saw the new key rightly answers 503 while
+the IdP is down.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def own_idp(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oidc
 
 @pytest.fixture(scope="module")
 def stack(stacks: StackFactory, own_idp: OidcProvider) -> Stack:
-    return stacks(own_idp, "gunicorn")
+    return stacks(own_idp, "gunicorn", workers=1)
 
 
 def workers_of(stack: Stack) -> set[int]:

@@ -1,0 +1,143 @@
+"""The shared (L2) cache in Redis, sealed, with a circuit breaker and a short lock.
+
+Redis trouble must never cost a request more than ``redis_timeout`` once, nor
+ever change a decision: after an error the breaker stays open for a moment,
+during which Redis is skipped entirely (the L1 cache and direct introspection
+carry on); then it is tried again, so a restarted Redis is used without a
+restart of ours. One log line per breaker opening, not one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..settings import Settings
+from ..stats import Stats
+from . import Entry
+from .seal import Sealer
+
+__all__ = ["RedisCache", "make_client"]
+
+log = logging.getLogger("certbound_wsgi")
+
+#: Seconds Redis is left alone after an error.
+BREAKER_SECONDS = 1.0
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def make_client(settings: Settings) -> Any:
+    """A redis-py client for ``redis_url``, a Sentinel master, or a Cluster, with short timeouts and no retries."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.redis_timeout,
+        "socket_connect_timeout": settings.redis_timeout,
+        # redis-py retries with back-off by default; a retry would multiply the stall.
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.redis_sentinel_master:
+        from redis.sentinel import Sentinel
+
+        nodes = []
+        for node in settings.redis_sentinel_nodes:
+            host, _, port = node.rpartition(":")
+            nodes.append((host.strip("[]"), int(port)))
+        sentinel = Sentinel(nodes, sentinel_kwargs=options, **options)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(settings.redis_sentinel_master, **options)  # type: ignore[no-untyped-call]
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url, **options)
+    return redis.Redis.from_url(settings.redis_url, **options)
+
+
+class RedisCache:
+    """Sealed :class:`Entry` values in Redis, plus a per-key lock for single flight across workers.
+
+    :param client: a redis-py client (see :func:`make_client`).
+    :param sealer: seals entries and names keys.
+    :param stats: where errors are counted.
+    :param lock_ttl: seconds a lock lives if its holder dies.
+    """
+
+    def __init__(self, client: Any, sealer: Sealer, stats: Stats, *, lock_ttl: float = 10.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._sealer = sealer
+        self._stats = stats
+        self._lock_ms = int(lock_ttl * 1000)
+        self._clock = clock
+        self._open_until = 0.0
+        self._breaker_lock = threading.Lock()
+        self._unlock = client.register_script(_UNLOCK)
+
+    @property
+    def available(self) -> bool:
+        """False while the breaker is open."""
+        return time.monotonic() >= self._open_until
+
+    def _failed(self, exc: Exception) -> None:
+        self._stats.incr("redis_errors")
+        with self._breaker_lock:
+            first = self.available
+            self._open_until = time.monotonic() + BREAKER_SECONDS
+        if first:
+            log.warning("certbound: Redis unavailable (%s); using the in-process cache for %.0fs",
+                        type(exc).__name__, BREAKER_SECONDS)
+
+    def get(self, key: str) -> Entry | None:
+        """The entry, or ``None`` on a miss, a foreign or altered entry, or Redis trouble."""
+        if not self.available:
+            return None
+        try:
+            blob = self._client.get(key)
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        if not isinstance(blob, bytes):
+            return None
+        plaintext = self._sealer.open(key, blob)
+        if plaintext is None:
+            log.warning("certbound: a Redis entry failed authentication and was ignored")
+            return None
+        return Entry.from_bytes(plaintext)
+
+    def set(self, key: str, entry: Entry) -> None:
+        ttl_ms = int((entry.stale_until - self._clock()) * 1000)
+        if ttl_ms <= 0 or not self.available:
+            return
+        try:
+            self._client.set(key, self._sealer.seal(key, entry.to_bytes()), px=ttl_ms)
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+
+    def lock(self, key: str) -> str | bool | None:
+        """Try to become the one worker that introspects ``key``.
+
+        :returns: a token to pass to :meth:`unlock` when acquired; ``False`` when
+            another worker holds the lock; ``None`` when Redis cannot be asked.
+        """
+        if not self.available:
+            return None
+        token = os.urandom(16).hex()
+        try:
+            acquired = self._client.set(key + ":lock", token, nx=True, px=self._lock_ms)
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+        return token if acquired else False
+
+    def unlock(self, key: str, token: str) -> None:
+        if not self.available:
+            return
+        try:
+            self._unlock(keys=[key + ":lock"], args=[token])
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)

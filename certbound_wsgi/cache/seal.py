@@ -1,0 +1,61 @@
+"""Sealed cache entries: AES-256-GCM, with keys derived from a secret by HKDF (RFC 5869).
+
+Whoever can write to Redis must not be able to make a stolen token work. Each
+entry is encrypted and authenticated with the entry's own key name as
+associated data, so an entry can be neither forged, altered, nor moved to
+another token's key: any of these opens as ``None``, a cache miss. Key names
+are HMACs of the token, so Redis never sees a token, and the namespace is
+derived from the secret, so instances with different secrets never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = ["Sealer"]
+
+_NONCE = 12
+
+
+class Sealer:
+    """Seals and opens cache entries, and names their keys.
+
+    :param secret: the shared secret (``cache_secret`` or ``client_secret``); ``None``
+        for a random per-process secret (an in-process cache needs nothing shared).
+    :param purpose: separates key material of different uses (``intro``, ``session``...).
+    """
+
+    def __init__(self, secret: str | None, purpose: str) -> None:
+        material = secret.encode() if secret else os.urandom(32)
+        okm = HKDF(
+            algorithm=hashes.SHA256(), length=64, salt=None, info=b"certbound-wsgi/v1/" + purpose.encode()
+        ).derive(material)
+        self._aead = AESGCM(okm[:32])
+        self._mac_key = okm[32:]
+        self.namespace = hmac.new(self._mac_key, b"namespace", hashlib.sha256).hexdigest()[:16]
+        self._prefix = f"certbound:{self.namespace}:{purpose}:"
+
+    def key_name(self, *parts: str) -> str:
+        """The Redis key for ``parts`` (e.g. endpoint and token): an HMAC, never the token itself."""
+        digest = hmac.new(self._mac_key, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+        return self._prefix + digest
+
+    def seal(self, name: str, plaintext: bytes) -> bytes:
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, plaintext, name.encode())
+
+    def open(self, name: str, blob: bytes) -> bytes | None:
+        """The plaintext, or ``None`` when ``blob`` is foreign, altered or was sealed for another key."""
+        if len(blob) < _NONCE + 16:
+            return None
+        try:
+            return self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], name.encode())
+        except InvalidTag:
+            return None

@@ -1,0 +1,326 @@
+"""Token introspection (RFC 7662) and its cache policy.
+
+The answer for a token is looked up in the in-process L1 cache, then in the
+shared Redis L2 cache, and only then asked of the issuer: by one thread per
+process and, through a short Redis lock, by one worker across all hosts.
+The binding is not checked here but by the caller, on every request, cache
+hit or not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from joserfc import jwt
+from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+from .cache import Entry
+from .cache.memory import MemoryCache
+from .cache.redis import RedisCache
+from .discovery import Discovery, DiscoveryError
+from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
+from .settings import Settings
+from .stats import Stats
+from .types import Claims
+
+__all__ = ["IntrospectionClient", "IntrospectionError", "IntrospectionValidator"]
+
+log = logging.getLogger("certbound_wsgi")
+
+MAX_RESPONSE = 256 * 1024
+#: How often a worker waiting on another worker's introspection looks in Redis.
+POLL_SECONDS = 0.01
+
+
+class IntrospectionError(Exception):
+    """The issuer could not give an answer (unreachable, 5xx, refused us, or sent garbage)."""
+
+
+def _load_client_key(path: str) -> ECKey | RSAKey | OKPKey:
+    with open(path, "rb") as fh:
+        data = fh.read()
+    for key_type in (ECKey, RSAKey, OKPKey):
+        try:
+            if data.lstrip().startswith(b"{"):
+                return key_type.import_key(json.loads(data))
+            return key_type.import_key(data)
+        except Exception:
+            continue
+    raise ConfigurationError("client_jwk", f"{path!r} holds no usable private key")
+
+
+class IntrospectionClient:
+    """Asks the issuer's introspection endpoint about one token (RFC 7662 section 2).
+
+    :param settings: supplies the endpoint, client authentication, ``ca_file`` and ``http_timeout``.
+    :param discovery: finds the endpoint in the issuer's metadata when it is not configured.
+    """
+
+    def __init__(
+        self, settings: Settings, discovery: Discovery | None, session: requests.Session | None = None
+    ) -> None:
+        self._settings = settings
+        self._discovery = discovery
+        self._session = session or requests.Session()
+        self._verify: str | bool = settings.ca_file or True
+        method = settings.introspection_endpoint_auth_method
+        self._key = _load_client_key(settings.client_jwk) if method == "private_key_jwt" else None
+        self._cert = (
+            (settings.tls_client_auth_cert_file, settings.tls_client_auth_key_file)
+            if method == "tls_client_auth"
+            else None
+        )
+
+    def endpoint(self) -> str:
+        if self._settings.introspection_endpoint:
+            return self._settings.introspection_endpoint
+        if self._discovery is None:
+            raise IntrospectionError("no introspection endpoint")
+        try:
+            endpoint = self._discovery.metadata().get("introspection_endpoint")
+        except DiscoveryError as exc:
+            raise IntrospectionError(str(exc)) from None
+        if not isinstance(endpoint, str):
+            raise IntrospectionError("the issuer's metadata has no introspection_endpoint")
+        return endpoint
+
+    def _client_auth(self, endpoint: str, data: dict[str, str]) -> tuple[str, str] | None:
+        settings = self._settings
+        method = settings.introspection_endpoint_auth_method
+        if method == "client_secret_basic":
+            # RFC 6749 section 2.3.1: both are form-urlencoded before Basic encoding.
+            return (quote(settings.client_id, safe=""), quote(settings.client_secret, safe=""))
+        data["client_id"] = settings.client_id
+        if method == "client_secret_post":
+            data["client_secret"] = settings.client_secret
+        elif method == "private_key_jwt" and self._key is not None:
+            # RFC 7523 section 3 / OpenID Connect Core section 9.
+            now = int(time.time())
+            claims = {"iss": settings.client_id, "sub": settings.client_id, "aud": endpoint,
+                      "jti": uuid.uuid4().hex, "iat": now, "exp": now + 60}
+            data["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            data["client_assertion"] = jwt.encode({"alg": settings.client_alg}, claims, self._key,
+                                                  algorithms=[settings.client_alg])
+        return None
+
+    def introspect(self, token: str) -> dict[str, Any]:
+        """The introspection response.
+
+        :raises IntrospectionError: no usable answer could be had.
+        """
+        endpoint = self.endpoint()
+        data = {"token": token}
+        if self._settings.introspection_hint:
+            data["token_type_hint"] = self._settings.introspection_hint
+        auth = self._client_auth(endpoint, data)
+        try:
+            response = self._session.post(
+                endpoint, data=data, auth=auth, cert=self._cert, verify=self._verify,
+                timeout=self._settings.http_timeout, allow_redirects=False, stream=True,
+                headers={"Accept": "application/json"},
+            )
+            with response:
+                if response.status_code != 200:
+                    raise IntrospectionError(f"introspection answered {response.status_code}")
+                body = response.raw.read(MAX_RESPONSE + 1, decode_content=True)
+        except requests.RequestException as exc:
+            raise IntrospectionError(type(exc).__name__) from None
+        if len(body) > MAX_RESPONSE:
+            raise IntrospectionError("introspection response too large")
+        try:
+            answer = json.loads(body, parse_constant=_reject)
+        except (ValueError, RecursionError):
+            raise IntrospectionError("introspection response is not JSON") from None
+        if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
+            raise IntrospectionError("introspection response has no boolean active member")
+        return answer
+
+
+def _reject(name: str) -> None:
+    raise ValueError(name)
+
+
+def _expiry(claims: Claims) -> float | None:
+    exp = claims.get("exp")
+    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
+        return None
+    return float(exp)
+
+
+class IntrospectionValidator:
+    """Validates tokens by introspection, through the L1 and L2 caches.
+
+    :param settings: the cache policy (``cache_ttl*``), ``audience``, ``issuer``, ``leeway``.
+    :param client: asks the issuer.
+    :param l1: the in-process cache.
+    :param l2: the shared Redis cache, if any.
+    :param key_name: names a token's cache entry (an HMAC of endpoint and token).
+    """
+
+    def __init__(self, settings: Settings, client: IntrospectionClient, l1: MemoryCache, l2: RedisCache | None,
+                 key_name: Callable[[str], str], stats: Stats, clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._client = client
+        self._l1 = l1
+        self._l2 = l2
+        self._key_name = key_name
+        self._stats = stats
+        self._clock = clock
+        self._audience = frozenset(settings.audience)
+        self._inflight: dict[str, threading.Event] = {}
+        self._inflight_lock = threading.Lock()
+        self._wait = settings.http_timeout + 0.5
+
+    def validate(self, token: str) -> Claims:
+        """The introspected claims of an active, valid token.
+
+        :raises InvalidToken: the token is inactive or its claims are not acceptable.
+        :raises TemporarilyUnavailable: the issuer cannot be asked and nothing usable is cached.
+        """
+        if not self._settings.cache_introspection:
+            return self._decide(self._ask(token, None, self._clock()), token)
+        key = self._key_name(token)
+        entry = self._l1.get(key)
+        if entry is not None and self._clock() < entry.fresh_until:
+            self._stats.incr("l1_hits")
+            return self._decide(entry, token)
+        self._stats.incr("l1_misses")
+        return self._decide(self._single_flight(key, token, entry), token)
+
+    # -- single flight ----------------------------------------------------------
+
+    def _single_flight(self, key: str, token: str, stale: Entry | None) -> Entry:
+        with self._inflight_lock:
+            running = self._inflight.get(key)
+            if running is None:
+                mine = self._inflight[key] = threading.Event()
+        if running is not None:
+            # Another thread of this process is asking: wait for its answer.
+            running.wait(self._wait)
+            entry = self._l1.get(key)
+            if entry is not None and self._clock() < entry.fresh_until:
+                return entry
+            stale = entry or stale
+            with self._inflight_lock:
+                mine = self._inflight.setdefault(key, threading.Event())
+        try:
+            return self._shared(key, token, stale)
+        finally:
+            with self._inflight_lock:
+                if self._inflight.get(key) is mine:
+                    del self._inflight[key]
+            mine.set()
+
+    def _shared(self, key: str, token: str, stale: Entry | None) -> Entry:
+        l2 = self._l2
+        if l2 is None:
+            return self._ask(token, stale, self._clock(), key)
+        entry = l2.get(key)
+        if entry is not None and self._clock() < entry.fresh_until:
+            self._stats.incr("l2_hits")
+            self._l1.set(key, entry)
+            return entry
+        self._stats.incr("l2_misses")
+        stale = _newer(stale, entry)
+        lock = l2.lock(key)
+        if lock is False:
+            # Another worker, here or on another host, is asking: wait for its answer.
+            deadline = time.monotonic() + self._wait
+            while time.monotonic() < deadline and l2.available:
+                time.sleep(POLL_SECONDS)
+                entry = l2.get(key)
+                if entry is not None and self._clock() < entry.fresh_until:
+                    self._stats.incr("l2_hits")
+                    self._l1.set(key, entry)
+                    return entry
+            return self._ask(token, stale, self._clock(), key)
+        try:
+            if lock is not None:
+                # Double-check: the previous holder may have written just before we locked.
+                entry = l2.get(key)
+                if entry is not None and self._clock() < entry.fresh_until:
+                    self._stats.incr("l2_hits")
+                    self._l1.set(key, entry)
+                    return entry
+            return self._ask(token, stale, self._clock(), key)
+        finally:
+            if isinstance(lock, str):
+                l2.unlock(key, lock)
+
+    # -- asking the issuer --------------------------------------------------------
+
+    def _ask(self, token: str, stale: Entry | None, now: float, key: str | None = None) -> Entry:
+        try:
+            answer = self._client.introspect(token)
+        except IntrospectionError as exc:
+            self._stats.incr("idp_errors")
+            log.warning("certbound: introspection failed: %s", exc)
+            if stale is not None and stale.active and now < stale.stale_until:
+                # cache_ttl_resurrect: the issuer is down; a recent positive answer still stands.
+                self._stats.incr("resurrected")
+                return stale
+            raise TemporarilyUnavailable("the token cannot be introspected now", retry_after=5) from None
+        self._stats.incr("introspections")
+        entry = self._entry(answer, now)
+        if key is not None and entry.stale_until > now:
+            self._l1.set(key, entry)
+            if self._l2 is not None:
+                self._l2.set(key, entry)
+        return entry
+
+    def _entry(self, answer: dict[str, Any], now: float) -> Entry:
+        """Apply the TTL policy: never past ``exp``, at most ``cache_ttl_max``."""
+        s = self._settings
+        if answer.get("active") is not True:
+            until = now + s.cache_ttl_neg
+            return Entry(False, until, until)
+        exp = _expiry(answer)
+        ttl = float(s.cache_ttl) if exp is None else exp - now
+        if s.cache_ttl_max:
+            ttl = min(ttl, s.cache_ttl_max)
+        ttl = max(ttl, s.cache_ttl_min)
+        stale = ttl + s.cache_ttl_resurrect
+        if exp is not None:
+            ttl = min(ttl, exp - now)
+            stale = min(stale, exp - now)
+        return Entry(True, now + ttl, now + max(ttl, stale), answer)
+
+    # -- the decision ------------------------------------------------------------
+
+    def _decide(self, entry: Entry, token: str) -> Claims:
+        settings = self._settings
+        claims = entry.claims
+        if settings.introspection_check_active and not entry.active:
+            raise InvalidToken("the token is not active")
+        now = self._clock()
+        exp = _expiry(claims)
+        if exp is not None and now >= exp + settings.leeway:
+            raise InvalidToken("the token has expired")
+        nbf = claims.get("nbf")
+        if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and now < nbf - settings.leeway:
+            raise InvalidToken("the token is not valid yet")
+        iss = claims.get("iss")
+        if iss is not None and settings.issuer and iss != settings.issuer:
+            raise InvalidToken("the token was issued by another issuer")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not any(isinstance(a, str) and a in self._audience for a in audiences):
+            raise InvalidToken("the token is not meant for this audience")
+        return claims
+
+
+def _newer(a: Entry | None, b: Entry | None) -> Entry | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a if a.stale_until >= b.stale_until else b
