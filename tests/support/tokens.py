@@ -6,9 +6,14 @@ fetching is exercised by the end-to-end tests against oidc-provider.
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from typing import Any
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from joserfc import jwt
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
@@ -74,3 +79,26 @@ def other_keys() -> dict[str, Any]:
         "rsa": RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True),
         "oct": OctKey.generate_key(256, parameters={"kid": "k1"}),
     }
+
+
+def b64url(data: bytes | str | dict[str, Any] | list[Any]) -> str:
+    """base64url without padding; a dict or list is JSON-encoded first (non-ASCII as \\u escapes)."""
+    if isinstance(data, (dict, list)):
+        data = json.dumps(data)
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def sign_es256(key: ECKey, header: Any, payload: Any) -> str:
+    """A compact JWS signed by hand, for headers and payloads that joserfc refuses to write.
+
+    :param header: a dict or list (JSON-encoded here), or the exact text or bytes of the protected header.
+    :param payload: a dict or list (JSON-encoded here), or the exact text or bytes of the payload.
+    """
+    signing_input = f"{b64url(header)}.{b64url(payload)}"
+    private = key.private_key
+    if not isinstance(private, ec.EllipticCurvePrivateKey):
+        raise TypeError("sign_es256 needs a private P-256 key")
+    r, s = decode_dss_signature(private.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+    return signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
