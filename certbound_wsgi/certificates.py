@@ -93,7 +93,7 @@ class CertificateReader:
         self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies)
         # Every request from a client carries the same certificate: parse it once.
         self._thumbprint = functools.lru_cache(maxsize=settings.cert_cache_size)(_parse)
-        self._trusted_peer = functools.lru_cache(maxsize=256)(self._is_trusted)
+        self.is_trusted_peer = functools.lru_cache(maxsize=256)(self._is_trusted)
 
     def _is_trusted(self, remote_addr: str) -> bool:
         try:
@@ -112,7 +112,7 @@ class CertificateReader:
             verified = environ.get(UWSGI_VERIFY_VAR) if self._verify_header_var else None
         else:
             value = environ.get(self._header_var)
-            if not value or not self._trusted_peer(environ.get("REMOTE_ADDR", "")):
+            if not value or not self.is_trusted_peer(environ.get("REMOTE_ADDR", "")):
                 return None
             verified = environ.get(self._verify_header_var) if self._verify_header_var else None
         if not value:

@@ -32,7 +32,8 @@ class Credential:
     """An access token and where it came from.
 
     :param token: the token text.
-    :param scheme: the ``Authorization`` scheme, lower-cased (``bearer``), or ``bearer`` for the other places.
+    :param scheme: the ``Authorization`` scheme, lower-cased (``bearer`` or ``dpop``);
+        ``bearer`` for the other places.
     :param source: ``header``, ``query``, ``body`` or ``cookie``.
     """
 
@@ -57,6 +58,8 @@ class CredentialReader:
 
     def __init__(self, settings: Settings) -> None:
         places = settings.bearer_token_param_type
+        dpop = settings.proof_of_possession_dpop != "off"
+        self._schemes = frozenset({"bearer", "dpop"}) if dpop else frozenset({"bearer"})
         self._header = "header" in places
         self._query = "query" in places
         self._body = "body" in places
@@ -71,7 +74,7 @@ class CredentialReader:
         if self._header:
             authorization = environ.get("HTTP_AUTHORIZATION")
             if authorization:
-                credential = self._from_header(authorization)
+                credential = self._from_header(authorization, self._schemes)
                 if credential is not None:
                     found.append(credential)
         if self._query:
@@ -93,15 +96,16 @@ class CredentialReader:
         return found[0]
 
     @staticmethod
-    def _from_header(value: str) -> Credential | None:
+    def _from_header(value: str, schemes: frozenset[str]) -> Credential | None:
         scheme, _, rest = value.strip().partition(" ")
-        if scheme.lower() != "bearer":
+        scheme = scheme.lower()
+        if scheme not in schemes:
             # Another scheme (Basic, ...) is not ours: as if no token was sent.
             return None
         token = rest.strip()
         if not token:
             raise InvalidRequest("the Authorization header has no token")
-        return Credential(_check(token, "Authorization header"), "bearer", "header")
+        return Credential(_check(token, "Authorization header"), scheme, "header")
 
     @staticmethod
     def _from_form(data: str, source: str) -> list[Credential]:

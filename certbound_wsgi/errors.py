@@ -82,6 +82,8 @@ class AuthError(Exception):
 
     status = 401
     error: str | None = "invalid_token"
+    #: The authentication scheme whose challenge carries the error (RFC 9449 section 7.1).
+    scheme: str | None = None
 
     def __init__(
         self,
@@ -91,8 +93,11 @@ class AuthError(Exception):
         status: int | None = None,
         headers: Iterable[tuple[str, str]] = (),
         scope: str | None = None,
+        scheme: str | None = None,
     ) -> None:
         super().__init__(description)
+        if scheme is not None:
+            self.scheme = scheme
         self.description = description
         if error is not None:
             self.error = error

@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from .binding import check_mtls
 from .cache.memory import MemoryCache
+from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
-from .credentials import CredentialReader
+from .credentials import Credential, CredentialReader
 from .discovery import Discovery
+from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
 from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, challenge
 from .introspection import IntrospectionClient, IntrospectionValidator
 from .jwt_tokens import JWTValidator, looks_like_jwt
@@ -37,7 +40,7 @@ class Identity:
     :param claims: the validated claims.
     :param token: the access token.
     :param thumbprint: the presented certificate's x5t#S256, if any.
-    :param method: the auth method that validated it (``bearer``).
+    :param method: the auth method that validated it (``bearer`` or ``introspection``).
     """
 
     claims: Claims
@@ -57,7 +60,7 @@ def token_scopes(claims: Claims, claim: str) -> frozenset[str]:
 
 
 class CertBoundMiddleware:
-    """Accept a request only with an access token bound to the presented client certificate.
+    """Accept a request only with an access token bound to the presented client certificate or DPoP key.
 
     :param app: the WSGI application to protect.
     :param settings: the configuration; :meth:`Settings.from_env` when omitted.
@@ -77,13 +80,17 @@ class CertBoundMiddleware:
         self.certificates = CertificateReader(settings)
         self.credentials = CredentialReader(settings)
         self._stats = Stats()
+        secret = settings.cache_secret or settings.client_secret or None
+        self._redis = None
+        if settings.uses_redis:
+            sealer = Sealer(secret, "intro")
+            self._redis = RedisCache(make_client(settings), sealer, self._stats, lock_ttl=2 * settings.http_timeout + 1)
         methods = settings.auth_methods
         self.jwt = JWTValidator(settings, self.discovery) if "bearer" in methods else None
-        self.introspection = (
-            _introspection(settings, self.discovery, self._stats) if "introspection" in methods else None
-        )
+        self.introspection = self._make_introspection(secret) if "introspection" in methods else None
+        self.dpop = self._make_dpop(secret) if settings.proof_of_possession_dpop != "off" else None
         self._scopes_required = frozenset(settings.scopes_required)
-        self._challenges = [challenge("Bearer", settings.realm)]
+        self._schemes = self._offered_schemes()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -96,22 +103,32 @@ class CertBoundMiddleware:
             # A bug, not bad input: fail closed, keep the traceback in the log only.
             log.exception("certbound: internal error while authenticating")
             return self.refuse(AuthError("internal error", error="server_error", status=500), start_response)
-        environ["certbound.claims"] = dict(identity.claims)
+        # A deep copy: the claims are memoized, and the app must not be able to change them.
+        environ["certbound.claims"] = _copy_json(identity.claims)
         environ["certbound.token"] = identity.token
         environ["certbound.thumbprint"] = identity.thumbprint
         environ["certbound.method"] = identity.method
         sub = identity.claims.get("sub")
         if isinstance(sub, str):
             environ["REMOTE_USER"] = sub
+        if self.dpop is not None and self.settings.dpop_use_nonce:
+            nonce = self.dpop.nonce_for_response(environ)
+            if nonce is not None:
+                return self.app(environ, _adding_header(start_response, ("DPoP-Nonce", nonce)))
         return self.app(environ, start_response)
 
     def refuse(self, error: AuthError, start_response: StartResponse) -> list[bytes]:
-        """Answer ``error`` with its status, challenge and JSON body."""
-        challenges = [challenge("Bearer", self.settings.realm, error.challenge_params())]
+        """Answer ``error`` with its status, challenges and JSON body."""
+        offered = [scheme for scheme, _ in self._schemes]
+        target = error.scheme if error.scheme in offered else offered[0]
+        challenges = [
+            challenge(scheme, self.settings.realm, params + error.challenge_params() if scheme == target else params)
+            for scheme, params in self._schemes
+        ]
         return error.respond(start_response, challenges)
 
     def authenticate(self, environ: WSGIEnvironment) -> Identity:
-        """Validate the request's token and its binding.
+        """Validate the request's token and its bindings.
 
         :raises AuthError: the request may not pass; the error says how to answer.
         """
@@ -119,45 +136,96 @@ class CertBoundMiddleware:
         if credential is None:
             raise MissingToken("an access token is required")
         thumbprint = self.certificates.thumbprint(environ)
-        token = credential.token
+        scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
+        try:
+            claims, method = self._validate(credential.token)
+        except AuthError as error:
+            error.scheme = error.scheme or scheme
+            raise
+        # Both bindings, on every request, whether the claims came from a cache or not.
+        self._check_dpop(environ, credential, claims)
+        try:
+            check_mtls(self.settings.proof_of_possession_mtls, claims, thumbprint)  # RFC 8705 section 3
+        except AuthError as error:
+            error.scheme = scheme
+            raise
+        if self._scopes_required and not self._scopes_required <= token_scopes(claims, self.settings.scopes_claim):
+            raise InsufficientScope(
+                "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
+            )
+        return Identity(claims, credential.token, thumbprint, method)
+
+    def _validate(self, token: str) -> tuple[Claims, str]:
         if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
             claims = self.jwt.validate(token)
-            method = "bearer"
             if self.introspection is not None and self.settings.introspect_jwt_tokens:
                 # Locally valid, but is it revoked? Only the issuer knows.
                 self.introspection.validate(token)
-        elif self.introspection is not None:
-            claims = self.introspection.validate(token)
-            method = "introspection"
-        else:  # pragma: no cover - Settings requires at least one method
-            raise InvalidToken("no enabled method can validate this token")
-        # RFC 8705 section 3: on every request, whether the claims came from a cache or not.
-        check_mtls(self.settings.proof_of_possession_mtls, claims, thumbprint)
-        if self._scopes_required and not self._scopes_required <= token_scopes(claims, self.settings.scopes_claim):
-            raise InsufficientScope(
-                "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required))
-            )
-        return Identity(claims, token, thumbprint, method)
+            return claims, "bearer"
+        if self.introspection is not None:
+            return self.introspection.validate(token), "introspection"
+        raise InvalidToken("no enabled method can validate this token")  # pragma: no cover
+
+    def _check_dpop(self, environ: WSGIEnvironment, credential: Credential, claims: Claims) -> None:
+        jkt = jkt_of(claims)
+        if credential.scheme == "dpop":
+            if self.dpop is None:  # pragma: no cover - the reader only yields dpop when it is on
+                raise InvalidToken("DPoP is not accepted here")
+            if jkt is None:
+                # RFC 9449 section 7.1: the DPoP scheme is for DPoP-bound tokens.
+                raise InvalidToken("the token is not DPoP-bound", scheme="DPoP")
+            self.dpop.verify(environ, credential.token, jkt)
+            return
+        if jkt is not None:
+            # RFC 9449 section 7.2: a DPoP-bound token must not be accepted as a bearer token.
+            raise InvalidToken("a DPoP-bound token must be sent with the DPoP scheme", scheme="Bearer")
+        if self.settings.proof_of_possession_dpop == "strict":
+            raise DPoPError("a DPoP-bound token and proof are required")
 
     def stats(self) -> dict[str, int]:
         """Counters of this instance: cache hits and misses per level, introspections, errors."""
         return self._stats.snapshot()
 
+    # -- construction ------------------------------------------------------------
 
-def _introspection(settings: Settings, discovery: Discovery, stats: Stats) -> IntrospectionValidator:
-    l2 = None
-    sealer = Sealer(settings.cache_secret or settings.client_secret or None, "intro")
-    if settings.uses_redis:
-        from .cache.redis import RedisCache, make_client
+    def _offered_schemes(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        schemes: list[tuple[str, list[tuple[str, str]]]] = []
+        if self.settings.proof_of_possession_dpop != "strict":
+            schemes.append(("Bearer", []))
+        if self.dpop is not None:
+            schemes.append(("DPoP", [("algs", self.dpop.algs_param)]))
+        return schemes
 
-        l2 = RedisCache(make_client(settings), sealer, stats, lock_ttl=2 * settings.http_timeout + 1)
-    l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if l2 is not None else None)
-    endpoint_id = settings.introspection_endpoint or settings.issuer
-    return IntrospectionValidator(
-        settings,
-        IntrospectionClient(settings, discovery if settings.issuer else None),
-        l1,
-        l2,
-        lambda token: sealer.key_name(endpoint_id, token),
-        stats,
-    )
+    def _make_introspection(self, secret: str | None) -> IntrospectionValidator:
+        settings = self.settings
+        l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if self._redis is not None else None)
+        sealer = Sealer(secret, "intro")
+        endpoint_id = settings.introspection_endpoint or settings.issuer
+        return IntrospectionValidator(
+            settings,
+            IntrospectionClient(settings, self.discovery if settings.issuer else None),
+            l1,
+            self._redis,
+            lambda token: sealer.key_name(endpoint_id, token),
+            self._stats,
+        )
+
+    def _make_dpop(self, secret: str | None) -> DPoPVerifier:
+        replay = ReplayCache(self._redis, fail_open=self.settings.dpop_replay_fail_open)
+        return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name)
+
+
+def _copy_json(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, scalars), several times faster than copy.deepcopy."""
+    if isinstance(value, dict):
+        return {k: _copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(v) for v in value]
+    return value
+
+
+def _adding_header(start_response: StartResponse, header: tuple[str, str]) -> Any:
+    def wrapped(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        return start_response(status, [*headers, header], exc_info)
+
+    return wrapped

@@ -133,6 +133,36 @@ class Settings:
     )
     cert_cache_size: int = _option(1024, "Parsed client certificates remembered, keyed by the raw value.")
 
+    # -- DPoP (RFC 9449) ----------------------------------------------------------
+    proof_of_possession_dpop: PopMode = _option(
+        "off",
+        "DPoP binding (RFC 9449). ``strict``: every token must be DPoP-bound (``cnf.jkt``) and come with a valid "
+        "proof. ``optional``: tokens bound with ``cnf.jkt`` need a valid proof, others pass. ``off``: the DPoP "
+        "scheme is not accepted, and a DPoP-bound token is refused (it cannot be checked).",
+        choices=("strict", "optional", "off"),
+    )
+    dpop_proof_lifetime: int = _option(300, "Seconds a DPoP proof is accepted after its ``iat``.")
+    dpop_use_nonce: bool = _option(
+        False,
+        "Require server-provided nonces in DPoP proofs (RFC 9449 section 8). Nonces are stateless (an HMAC "
+        "over a timestamp, keyed from ``cache_secret`` or ``client_secret``), so any worker checks any other's.",
+    )
+    dpop_signing_alg_values_supported: tuple[str, ...] = _option(
+        ("ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA"),
+        "Algorithms accepted for DPoP proofs; asymmetric only.",
+        choices=ASYMMETRIC_ALGS,
+    )
+    dpop_replay_fail_open: bool = _option(
+        False,
+        "When Redis is configured but unreachable, accept DPoP proofs with only this process's replay "
+        "protection instead of refusing them (401).",
+    )
+    public_base_url: str = _option(
+        "",
+        "The public URL of this app (e.g. ``https://api.example.com``), against which a DPoP proof's ``htu`` is "
+        "checked. Empty: rebuilt from the request (``X-Forwarded-Proto`` from trusted proxies, ``Host``).",
+    )
+
     # -- introspection (RFC 7662) ---------------------------------------------
     introspection_endpoint: str = _option(
         "", "The introspection endpoint; taken from the issuer's metadata when empty."
@@ -259,6 +289,17 @@ class Settings:
             raise ConfigurationError("realm", "must not contain quotes or backslashes")
         if "introspection" in self.auth_methods:
             self._validate_introspection()
+        if self.public_base_url:
+            _check_https("public_base_url", self.public_base_url)
+        if self.dpop_proof_lifetime < 1 or self.dpop_proof_lifetime > 3600:
+            raise ConfigurationError("dpop_proof_lifetime", "must be between 1 and 3600 seconds")
+        if not self.dpop_signing_alg_values_supported:
+            raise ConfigurationError("dpop_signing_alg_values_supported", "at least one algorithm is needed")
+        if self.dpop_use_nonce and len(self.cache_secret or self.client_secret) < 16:
+            raise ConfigurationError(
+                "cache_secret",
+                "dpop_use_nonce needs a shared secret of 16+ characters so that every worker checks every nonce",
+            )
         for name in ("cache_ttl", "cache_ttl_max", "cache_ttl_min", "cache_ttl_neg", "cache_ttl_resurrect",
                      "cache_l1_ttl"):
             if getattr(self, name) < 0:
@@ -351,6 +392,13 @@ class Settings:
         return out
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _check_https(option: str, url: str) -> None:
     parts = urlsplit(url)
     loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
@@ -391,7 +439,7 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 value = float(value.strip()) if hint is float else int(value.strip())
             except ValueError:
                 raise ConfigurationError(name, f"expected {'an integer' if hint is int else 'a number'}") from None
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not isinstance(value, (int, float)) or not _finite(value):
             raise ConfigurationError(name, "expected a finite number")
         if hint is int:
             if not float(value).is_integer():

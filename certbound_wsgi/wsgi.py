@@ -31,7 +31,7 @@ def load_app(target: str) -> WSGIApplication:
         obj: object = importlib.import_module(module_name)
         for part in attribute.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
         raise ConfigurationError("app", f"cannot load {target!r}: {exc}") from None
     if not callable(obj):
         raise ConfigurationError("app", f"{target!r} is not callable")

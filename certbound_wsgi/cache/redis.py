@@ -118,6 +118,16 @@ class RedisCache:
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
 
+    def add_once(self, key: str, ttl: float) -> bool | None:
+        """``SET key NX`` with a TTL: True if it was new, False if it existed, None if Redis cannot be asked."""
+        if not self.available:
+            return None
+        try:
+            return bool(self._client.set(key, b"1", nx=True, px=max(1, int(ttl * 1000))))
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+            return None
+
     def lock(self, key: str) -> str | bool | None:
         """Try to become the one worker that introspects ``key``.
 
