@@ -230,12 +230,8 @@ def _grow_scope_list(claims: dict[str, Any]) -> None:
         pytest.param(_set_sub, id="top-level-value"),
         pytest.param(_drop_cnf, id="top-level-delete"),
         pytest.param(_clear, id="clear"),
-        pytest.param(_rebind_cnf, id="nested-cnf",
-                     marks=pytest.mark.xfail(strict=True, reason="BUG: environ['certbound.claims'] is a shallow copy: "
-                                             "an app mutating claims['cnf'] rewrites the memoized binding")),
-        pytest.param(_grow_scope_list, id="nested-scope-list",
-                     marks=pytest.mark.xfail(strict=True, reason="BUG: environ['certbound.claims'] is a shallow copy: "
-                                             "an app appending to a scope list grants the scope to later requests")),
+        pytest.param(_rebind_cnf, id="nested-cnf"),
+        pytest.param(_grow_scope_list, id="nested-scope-list"),
     ],
 )
 def test_claims_in_environ_are_a_copy(

@@ -76,11 +76,8 @@ def test_create_application_defaults_to_os_environ(wsgi: ModuleType, monkeypatch
         pytest.param("tests.support.sample_app:holder.missing", id="missing-dotted-attribute"),
         pytest.param("tests.support.sample_app:not_callable", id="not-callable"),
         pytest.param("tests.support..sample_app:app", id="double-dot"),
-        pytest.param(
-            ".sample_app:app", id="relative-module",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: load_app lets importlib's TypeError for a relative "
-                                    "module name escape instead of raising ConfigurationError('app')"),
-        ),
+        pytest.param(".sample_app:app", id="relative-module"),
+        pytest.param("tests.support.sample_app\x00:app", id="nul-in-module-name"),
     ],
 )
 def test_bad_app_names_the_app_option(wsgi: ModuleType, target: str) -> None:
