@@ -6,8 +6,7 @@ cache or not: a stolen token must fail with every certificate but its own.
 
 from __future__ import annotations
 
-import hmac
-
+from .claims import equal_ascii
 from .errors import InvalidToken
 from .types import Claims
 
@@ -45,5 +44,5 @@ def check_mtls(mode: str, claims: Claims, thumbprint: str | None) -> None:
         return
     if thumbprint is None:
         raise InvalidToken(CERT_MISSING)
-    if not isinstance(bound, str) or not hmac.compare_digest(bound.encode(), thumbprint.encode()):
+    if not equal_ascii(bound, thumbprint):
         raise InvalidToken(THUMBPRINT_MISMATCH)

@@ -59,7 +59,10 @@ def _leaf_der(value: str) -> bytes:
     except binascii.Error:
         raise ValueError("invalid base64 in the PEM body") from None
     # Parse it, so that garbage which happens to be base64 is not "a certificate".
-    x509.load_der_x509_certificate(der)
+    try:
+        x509.load_der_x509_certificate(der)
+    except (ValueError, x509.InvalidVersion):
+        raise ValueError("not a DER certificate") from None
     return der
 
 

@@ -42,6 +42,17 @@ class Credential:
     source: str
 
 
+def read_cookie(header: str, name: str) -> str | None:
+    """The value of cookie ``name``.
+
+    :raises InvalidRequest: the Cookie header is not UTF-8 (WSGI hands it over as latin-1).
+    """
+    try:
+        return parse_cookie(header).get(name)
+    except (UnicodeError, ValueError):
+        raise InvalidRequest("the Cookie header cannot be parsed") from None
+
+
 def _check(token: str, source: str) -> str:
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidRequest(f"the access token in the {source} is too long")
@@ -86,7 +97,7 @@ class CredentialReader:
         if self._cookie:
             cookie = environ.get("HTTP_COOKIE")
             if cookie and self._cookie in cookie:
-                value = parse_cookie(cookie).get(self._cookie)
+                value = read_cookie(cookie, self._cookie)
                 if value:
                     found.append(Credential(_check(value, "cookie"), "bearer", "cookie"))
         if not found:
@@ -124,14 +135,23 @@ class CredentialReader:
     @staticmethod
     def _read_body(environ: WSGIEnvironment) -> str:
         """Read the form body and put it back, so that the wrapped app still sees it."""
+        declared = environ.get("CONTENT_LENGTH")
         try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
+            length = int(declared) if declared else None
         except ValueError:
             raise InvalidRequest("invalid Content-Length") from None
-        if length < 0 or length > MAX_FORM_BODY:
+        if length is not None and (length < 0 or length > MAX_FORM_BODY):
             raise InvalidRequest("the form body is too large to search for an access token")
-        body = environ["wsgi.input"].read(length) if length else b""
+        if length is None and environ.get("wsgi.input_terminated"):
+            # Chunked: the server marks the stream as ending by itself (gunicorn, uWSGI).
+            body = environ["wsgi.input"].read(MAX_FORM_BODY + 1)
+            if len(body) > MAX_FORM_BODY:
+                raise InvalidRequest("the form body is too large to search for an access token")
+        else:
+            body = environ["wsgi.input"].read(length) if length else b""
         environ["wsgi.input"] = io.BytesIO(body)
+        if length is None:
+            environ["CONTENT_LENGTH"] = str(len(body))
         try:
             return str(body.decode("utf-8"))
         except UnicodeDecodeError:

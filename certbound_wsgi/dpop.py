@@ -14,7 +14,6 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
 import os
 import struct
 import threading
@@ -30,6 +29,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from .claims import equal_ascii, number
 from .errors import AuthError, InvalidRequest
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
@@ -275,7 +275,7 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's claims are not a JSON object")
         self._check_claims(environ, claims, token)
         # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
-        if not isinstance(jkt, str) or not hmac.compare_digest(jkt.encode(), key.thumbprint().encode()):
+        if not equal_ascii(jkt, key.thumbprint()):
             raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
         # 11.1: a proof is used once, by any worker on any host.
         jti = claims["jti"]
@@ -289,8 +289,8 @@ class DPoPVerifier:
             value = claims.get(name)
             if not isinstance(value, str) or not value or len(value) > 2048:
                 raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
-        iat = claims.get("iat")
-        if isinstance(iat, bool) or not isinstance(iat, (int, float)) or not math.isfinite(iat):
+        iat = number(claims.get("iat"))
+        if iat is None:
             raise DPoPError("the DPoP proof's iat claim is missing or invalid")
         # 4.3 (8), (9): the method and the URI of this request.
         if claims["htm"] != environ.get("REQUEST_METHOD"):
@@ -310,5 +310,5 @@ class DPoPVerifier:
         if iat > now + leeway or iat < now - self._settings.dpop_proof_lifetime - leeway:
             raise DPoPError("the DPoP proof's iat is outside the accepted window")
         # 4.3 (12) / 7.1: the proof is for this access token.
-        if not hmac.compare_digest(claims["ath"].encode(), ath_of(token).encode()):
+        if not equal_ascii(claims["ath"], ath_of(token)):
             raise DPoPError("the DPoP proof's ath does not match the access token")

@@ -9,6 +9,7 @@ from typing import Any, TypeVar, cast
 from flask import Flask, current_app, request
 from werkzeug.local import LocalProxy
 
+from .discovery import Discovery
 from .errors import InsufficientScope, challenge
 from .middleware import CertBoundMiddleware, token_scopes
 from .settings import Settings
@@ -26,17 +27,21 @@ class CertBound:
 
     :param app: the Flask app, or ``None`` to call :meth:`init_app` later.
     :param settings: explicit settings instead of ``app.config``.
+    :param discovery: the issuer's metadata and keys (made from the settings when omitted).
     """
 
-    def __init__(self, app: Flask | None = None, settings: Settings | None = None) -> None:
+    def __init__(
+        self, app: Flask | None = None, settings: Settings | None = None, *, discovery: Discovery | None = None
+    ) -> None:
         self._settings = settings
+        self._discovery = discovery
         self.middleware: CertBoundMiddleware | None = None
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
         settings = self._settings or Settings.from_mapping(app.config)
-        self.middleware = CertBoundMiddleware(app.wsgi_app, settings)
+        self.middleware = CertBoundMiddleware(app.wsgi_app, settings, discovery=self._discovery)
         app.wsgi_app = self.middleware  # type: ignore[method-assign]
         app.extensions["certbound"] = self
 

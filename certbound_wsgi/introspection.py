@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from .cache import Entry
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache
+from .claims import number
 from .discovery import Discovery, DiscoveryError
 from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -150,10 +150,7 @@ def _reject(name: str) -> None:
 
 
 def _expiry(claims: Claims) -> float | None:
-    exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, (int, float)) or not math.isfinite(exp):
-        return None
-    return float(exp)
+    return number(claims.get("exp"))
 
 
 class IntrospectionValidator:
@@ -305,8 +302,8 @@ class IntrospectionValidator:
         exp = _expiry(claims)
         if exp is not None and now >= exp + settings.leeway:
             raise InvalidToken("the token has expired")
-        nbf = claims.get("nbf")
-        if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and now < nbf - settings.leeway:
+        nbf = number(claims.get("nbf"))
+        if nbf is not None and now < nbf - settings.leeway:
             raise InvalidToken("the token is not valid yet")
         iss = claims.get("iss")
         if iss is not None and settings.issuer and iss != settings.issuer:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError
 
+from .claims import number
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -58,9 +58,10 @@ def _number(claims: Claims, name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    result = number(value)
+    if result is None:
         raise InvalidToken(f"the {name} claim is not a number")
-    return float(value)
+    return result
 
 
 class JWTValidator:

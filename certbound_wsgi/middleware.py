@@ -18,6 +18,7 @@ from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
+from .claims import copy_json
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
@@ -104,7 +105,7 @@ class CertBoundMiddleware:
             log.exception("certbound: internal error while authenticating")
             return self.refuse(AuthError("internal error", error="server_error", status=500), start_response)
         # A deep copy: the claims are memoized, and the app must not be able to change them.
-        environ["certbound.claims"] = _copy_json(identity.claims)
+        environ["certbound.claims"] = copy_json(identity.claims)
         environ["certbound.token"] = identity.token
         environ["certbound.thumbprint"] = identity.thumbprint
         environ["certbound.method"] = identity.method
@@ -213,15 +214,6 @@ class CertBoundMiddleware:
     def _make_dpop(self, secret: str | None) -> DPoPVerifier:
         replay = ReplayCache(self._redis, fail_open=self.settings.dpop_replay_fail_open)
         return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name)
-
-
-def _copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars), several times faster than copy.deepcopy."""
-    if isinstance(value, dict):
-        return {k: _copy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy_json(v) for v in value]
-    return value
 
 
 def _adding_header(start_response: StartResponse, header: tuple[str, str]) -> Any:

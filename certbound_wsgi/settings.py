@@ -31,7 +31,9 @@ _NOT_OPTIONS = frozenset({"APP"})
 
 PopMode = Literal["strict", "optional", "off"]
 
-AUTH_METHODS = ("bearer", "introspection")
+AUTH_METHODS = ("bearer", "introspection", "session", "authorization_code")
+#: Methods whose credentials can carry a proof-of-possession binding (Kong's classification).
+POP_COMPATIBLE_METHODS = frozenset({"bearer", "introspection", "session"})
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "tls_client_auth")
 TOKEN_PARAM_TYPES = ("header", "query", "body", "cookie")
 # RFC 7518 section 3.1 and RFC 8037: asymmetric signatures only. "none" and the
@@ -72,7 +74,9 @@ class Settings:
         ("bearer",),
         "Enabled authentication methods. ``bearer``: JWT access tokens validated locally against the issuer's "
         "JWKS. ``introspection``: tokens checked with the issuer's RFC 7662 introspection endpoint. With both, a "
-        "JWT-shaped token is validated locally and an opaque one is introspected.",
+        "JWT-shaped token is validated locally and an opaque one is introspected. ``session``: a server-side "
+        "session, created after another method succeeded, that remembers how it was made. "
+        "``authorization_code``: an OpenID Connect browser login (PKCE) that creates a session.",
         choices=AUTH_METHODS,
     )
     proof_of_possession_mtls: PopMode = _option(
@@ -132,6 +136,50 @@ class Settings:
         10000, "Verified JWTs remembered (until their ``exp``) so their signatures are not checked again."
     )
     cert_cache_size: int = _option(1024, "Parsed client certificates remembered, keyed by the raw value.")
+
+    proof_of_possession_auth_methods_validation: bool = _option(
+        True,
+        "With proof of possession on, refuse at start-up any auth method that cannot carry a binding "
+        "(``authorization_code``). With ``false`` such methods are allowed and the sessions they create are not "
+        "PoP-validated, while sessions created by ``bearer`` or ``introspection`` still are.",
+    )
+
+    # -- sessions ------------------------------------------------------------------
+    session_secret: str = _option(
+        "",
+        "Secret keying the session cookie's MAC, the sealing of stored sessions and their key namespace. "
+        "Required (32+ characters) with ``session``.",
+    )
+    session_cookie_name: str = _option("session", "The session cookie's name.")
+    session_cookie_secure: bool = _option(True, "Send the session cookie over HTTPS only.")
+    session_cookie_http_only: bool = _option(True, "Hide the session cookie from scripts.")
+    session_cookie_same_site: str = _option(
+        "Lax", "The cookie's SameSite attribute.", choices=("Strict", "Lax", "None")
+    )
+    session_cookie_path: str = _option("/", "The cookie's Path attribute.")
+    session_cookie_domain: str = _option("", "The cookie's Domain attribute (empty: host-only).")
+    session_idling_timeout: int = _option(900, "Seconds a session may go unused. 0: no limit.")
+    session_rolling_timeout: int = _option(
+        3600,
+        "Seconds a session may be used before it must be renewed; it is renewed (a new id) automatically when "
+        "used after half of this. 0: no limit.",
+    )
+    session_absolute_timeout: int = _option(
+        86400, "Seconds a session may exist at all; never beyond its token's ``exp``. 0: only the token's ``exp``."
+    )
+    logout_path: str = _option("", "A path that ends the session (server side and cookie). Empty: none.")
+    logout_redirect_uri: str = _option("", "Where to send the browser after logout (empty: 204 No Content).")
+
+    # -- the browser login (authorization_code) --------------------------------------
+    redirect_uri: str = _option(
+        "",
+        "The absolute callback URL of the ``authorization_code`` login, registered at the issuer; the "
+        "middleware handles requests to its path.",
+    )
+    login_redirect_uri: str = _option(
+        "", "Where to send the browser after login; empty: back to the page that started the login."
+    )
+    scopes: tuple[str, ...] = _option(("openid",), "Scopes requested by the ``authorization_code`` login.")
 
     # -- DPoP (RFC 9449) ----------------------------------------------------------
     proof_of_possession_dpop: PopMode = _option(
@@ -273,7 +321,7 @@ class Settings:
             raise ConfigurationError("bearer_token_cookie_name", "required when bearer_token_param_type has cookie")
         for name in ("client_cert_header", "client_cert_verify_header"):
             header = getattr(self, name)
-            if header and not all(c.isalnum() or c == "-" for c in header):
+            if header and not all(c.isascii() and (c.isalnum() or c == "-") for c in header):
                 # nginx drops headers with underscores by default; anything else is not a header name.
                 raise ConfigurationError(name, "a header name of letters, digits and '-' only")
         if not self.client_cert_header:
@@ -285,10 +333,11 @@ class Settings:
                 raise ConfigurationError("trusted_proxies", f"{cidr!r} is not an IP network") from None
         if self.ca_file and not os.path.isfile(self.ca_file):
             raise ConfigurationError("ca_file", f"{self.ca_file!r} is not a readable file")
-        if '"' in self.realm or "\\" in self.realm:
-            raise ConfigurationError("realm", "must not contain quotes or backslashes")
+        if not all(" " <= c <= "~" for c in self.realm) or '"' in self.realm or "\\" in self.realm:
+            raise ConfigurationError("realm", "printable ASCII without quotes or backslashes")
         if "introspection" in self.auth_methods:
             self._validate_introspection()
+        self._validate_sessions()
         if self.public_base_url:
             _check_https("public_base_url", self.public_base_url)
         if self.dpop_proof_lifetime < 1 or self.dpop_proof_lifetime > 3600:
@@ -318,6 +367,53 @@ class Settings:
             raise ConfigurationError("cache_secret", "required with Redis when there is no client_secret")
         if self.uses_redis and len(self.cache_secret or self.client_secret) < 16:
             raise ConfigurationError("cache_secret", "at least 16 characters (it keys the sealed Redis entries)")
+
+    @property
+    def pop_enabled(self) -> bool:
+        """Whether any proof of possession (mTLS or DPoP) is on."""
+        return self.proof_of_possession_mtls != "off" or self.proof_of_possession_dpop != "off"
+
+    def _validate_sessions(self) -> None:
+        methods = self.auth_methods
+        if "authorization_code" in methods and "session" not in methods:
+            raise ConfigurationError("auth_methods", "authorization_code needs session (the login creates one)")
+        if self.pop_enabled and self.proof_of_possession_auth_methods_validation:
+            for method in methods:
+                if method not in POP_COMPATIBLE_METHODS:
+                    raise ConfigurationError(
+                        "auth_methods",
+                        f"{method} cannot carry a proof-of-possession binding; turn "
+                        "proof_of_possession_auth_methods_validation off to allow it unbound",
+                    )
+        if "session" in methods:
+            if len(self.session_secret) < 32:
+                raise ConfigurationError("session_secret", "required with session: 32 or more characters")
+            if not any(m in methods for m in ("bearer", "introspection", "authorization_code")):
+                raise ConfigurationError("auth_methods", "session needs another method to create sessions")
+        for name in ("session_idling_timeout", "session_rolling_timeout", "session_absolute_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(name, "must not be negative")
+        name = self.session_cookie_name
+        if not name or not all(c.isalnum() or c in "-_" for c in name):
+            raise ConfigurationError("session_cookie_name", "letters, digits, '-' and '_' only")
+        if self.session_cookie_same_site == "None" and not self.session_cookie_secure:
+            raise ConfigurationError("session_cookie_same_site", "None requires session_cookie_secure")
+        for name in ("logout_path", "session_cookie_path"):
+            path = getattr(self, name)
+            if path and (not path.startswith("/") or any(c in path for c in ';,\r\n "')):
+                raise ConfigurationError(name, "an absolute path without ';', ',', quotes or spaces")
+        if "authorization_code" in methods:
+            if not self.redirect_uri:
+                raise ConfigurationError("redirect_uri", "required with authorization_code")
+            _check_https("redirect_uri", self.redirect_uri)
+            if not self.client_id or not self.client_secret:
+                raise ConfigurationError("client_id", "client_id and client_secret are needed for authorization_code")
+            if "openid" not in self.scopes:
+                raise ConfigurationError("scopes", "must include openid")
+        for name in ("login_redirect_uri", "logout_redirect_uri"):
+            value = getattr(self, name)
+            if value and not (value.startswith("/") and not value.startswith("//")):
+                _check_https(name, value)
 
     @property
     def uses_redis(self) -> bool:

@@ -134,11 +134,6 @@ def test_malformed_confirmations(
         assert response.json == {"error": "invalid_token", "error_description": message}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a signed cnf.x5t#S256 holding a JSON \\ud800 escape (lone surrogate) makes check_mtls's "
-    "bound.encode() raise UnicodeEncodeError: 500 instead of 401",
-)
 @pytest.mark.parametrize("mode", [pytest.param("strict", id="strict"), pytest.param("optional", id="optional")])
 def test_lone_surrogate_confirmation_is_401(
     mode: str, issuer: TestIssuer, alice: Issued, make_client: MakeClient

@@ -221,11 +221,6 @@ def test_form_body_still_readable_by_the_app(
     assert form == ",".join(f"{k}={v}" for k, v in sorted(expected.items()))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with body tokens enabled, a chunked form POST (no CONTENT_LENGTH, wsgi.input_terminated) "
-    "reaches the app with an empty body: _read_body reads 0 bytes and replaces wsgi.input",
-)
 def test_chunked_form_body_still_readable_by_the_app(make_client: MakeClient, alice_token: str, alice: Any) -> None:
     data = b"x=1&y=2"
     client = make_client(_body_app, bearer_token_param_type=["header", "body"])
@@ -283,11 +278,6 @@ def test_hostile_requests_give_credential_none_or_invalid_request(
         assert result.source in ("header", "query", "cookie")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a Cookie header holding the cookie name and a non-UTF-8 byte makes werkzeug.parse_cookie "
-    "raise UnicodeDecodeError: 500 instead of 400",
-)
 @pytest.mark.parametrize(
     "cookie",
     [

@@ -37,6 +37,13 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "redis_sentinel_master": ("mymaster", "mymaster", {"CERTBOUND_REDIS_SENTINEL_NODES": "127.0.0.1:26379",
                                                        "CERTBOUND_CACHE_SECRET": "s" * 16}),
     "dpop_use_nonce": ("true", True, {"CERTBOUND_CACHE_SECRET": "s" * 16}),
+    "public_base_url": ("https://api.example.com", "https://api.example.com", {}),
+    "session_cookie_path": ("/app", "/app", {}),
+    "logout_path": ("/logout", "/logout", {}),
+    "logout_redirect_uri": ("/bye", "/bye", {}),
+    "login_redirect_uri": ("https://app.example.com/home", "https://app.example.com/home", {}),
+    "redirect_uri": ("https://app.example.com/cb", "https://app.example.com/cb", {}),
+    "session_cookie_same_site": ("Strict", "Strict", {}),
 }
 
 

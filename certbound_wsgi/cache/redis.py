@@ -25,13 +25,17 @@ from ..stats import Stats
 from . import Entry
 from .seal import Sealer
 
-__all__ = ["RedisCache", "make_client"]
+__all__ = ["RedisCache", "RedisUnavailable", "make_client"]
 
 log = logging.getLogger("certbound_wsgi")
 
 #: Seconds Redis is left alone after an error.
 BREAKER_SECONDS = 1.0
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+class RedisUnavailable(Exception):
+    """Redis cannot be asked now (an error, or the breaker is open)."""
 
 
 def make_client(settings: Settings) -> Any:
@@ -94,27 +98,61 @@ class RedisCache:
 
     def get(self, key: str) -> Entry | None:
         """The entry, or ``None`` on a miss, a foreign or altered entry, or Redis trouble."""
-        if not self.available:
+        try:
+            plaintext = self.fetch(key, self._sealer)
+        except RedisUnavailable:
             return None
+        return None if plaintext is None else Entry.from_bytes(plaintext)
+
+    def set(self, key: str, entry: Entry) -> None:
+        try:
+            self.store(key, self._sealer, entry.to_bytes(), entry.stale_until - self._clock())
+        except RedisUnavailable:
+            pass
+
+    # -- sealed values of any kind ---------------------------------------------------
+
+    def fetch(self, key: str, sealer: Sealer) -> bytes | None:
+        """The opened value at ``key``; ``None`` on a miss or a foreign or altered value.
+
+        :raises RedisUnavailable: Redis cannot be asked now.
+        """
+        if not self.available:
+            raise RedisUnavailable()
         try:
             blob = self._client.get(key)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
-            return None
+            raise RedisUnavailable() from None
         if not isinstance(blob, bytes):
             return None
-        plaintext = self._sealer.open(key, blob)
+        plaintext = sealer.open(key, blob)
         if plaintext is None:
             log.warning("certbound: a Redis entry failed authentication and was ignored")
-            return None
-        return Entry.from_bytes(plaintext)
+        return plaintext
 
-    def set(self, key: str, entry: Entry) -> None:
-        ttl_ms = int((entry.stale_until - self._clock()) * 1000)
-        if ttl_ms <= 0 or not self.available:
+    def store(self, key: str, sealer: Sealer, value: bytes, ttl: float) -> None:
+        """Seal ``value`` at ``key`` for ``ttl`` seconds.
+
+        :raises RedisUnavailable: Redis cannot be asked now.
+        """
+        ttl_ms = int(ttl * 1000)
+        if ttl_ms <= 0:
+            return
+        if not self.available:
+            raise RedisUnavailable()
+        try:
+            self._client.set(key, sealer.seal(key, value), px=ttl_ms)
+        except (redis.RedisError, OSError) as exc:
+            self._failed(exc)
+            raise RedisUnavailable() from None
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; Redis trouble is logged and counted, not raised."""
+        if not self.available:
             return
         try:
-            self._client.set(key, self._sealer.seal(key, entry.to_bytes()), px=ttl_ms)
+            self._client.delete(key)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
 

@@ -10,6 +10,7 @@ derived from the secret, so instances with different secrets never meet.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -44,8 +45,14 @@ class Sealer:
 
     def key_name(self, *parts: str) -> str:
         """The Redis key for ``parts`` (e.g. endpoint and token): an HMAC, never the token itself."""
-        digest = hmac.new(self._mac_key, "\x00".join(parts).encode(), hashlib.sha256).hexdigest()
+        data = "\x00".join(parts).encode("utf-8", "surrogatepass")
+        digest = hmac.new(self._mac_key, data, hashlib.sha256).hexdigest()
         return self._prefix + digest
+
+    def mac(self, value: str) -> str:
+        """A base64url HMAC-SHA256 of ``value``, e.g. to authenticate a cookie."""
+        digest = hmac.new(self._mac_key, b"mac\x00" + value.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
     def seal(self, name: str, plaintext: bytes) -> bytes:
         nonce = os.urandom(_NONCE)

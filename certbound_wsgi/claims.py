@@ -1,0 +1,39 @@
+"""Small, careful helpers for JSON claims: numbers, secrets compared in constant time, copies."""
+
+from __future__ import annotations
+
+import hmac
+import math
+from typing import Any
+
+__all__ = ["copy_json", "equal_ascii", "number"]
+
+
+def number(value: object) -> float | None:
+    """``value`` as a finite float, or ``None`` when it is not a JSON number (bools, strings, NaN, 10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        result = float(value)
+    except OverflowError:
+        return None
+    return result if math.isfinite(result) else None
+
+
+def equal_ascii(claimed: object, expected: str) -> bool:
+    """Constant-time equality of a claimed value with an ASCII ``expected`` (a thumbprint, a hash).
+
+    Anything that is not an ASCII string (a number, a list, a lone surrogate) is simply unequal.
+    """
+    return (
+        isinstance(claimed, str) and claimed.isascii() and hmac.compare_digest(claimed.encode(), expected.encode())
+    )
+
+
+def copy_json(value: Any) -> Any:
+    """A deep copy of JSON data (dicts, lists, scalars), several times faster than :func:`copy.deepcopy`."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) for v in value]
+    return value
