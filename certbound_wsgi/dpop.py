@@ -223,8 +223,10 @@ class DPoPVerifier:
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
         return f"{scheme}://{host}{path}"
 
-    def verify(self, environ: WSGIEnvironment, token: str, jkt: object) -> None:
+    def verify(self, environ: WSGIEnvironment, token: str | None, jkt: object) -> None:
         """Check the request's DPoP proof for ``token``, bound to ``jkt`` (RFC 9449 sections 4.3 and 7.1).
+
+        ``token`` is ``None`` for a DPoP-bound session, whose proof has no ``ath`` to check.
 
         :raises DPoPError: the proof is missing or invalid.
         :raises NonceRequired: nonces are on and the proof lacks a valid one.
@@ -283,9 +285,9 @@ class DPoPVerifier:
         if not self._replay.first_use(self._key_name("dpop", claims["htu"], jti), lifetime):
             raise DPoPError("the DPoP proof has already been used")
 
-    def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str) -> None:
+    def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> None:
         # 4.3 (3): the required claims.
-        for name in ("jti", "htm", "htu", "ath"):
+        for name in ("jti", "htm", "htu", "ath") if token is not None else ("jti", "htm", "htu"):
             value = claims.get(name)
             if not isinstance(value, str) or not value or len(value) > 2048:
                 raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
@@ -310,5 +312,5 @@ class DPoPVerifier:
         if iat > now + leeway or iat < now - self._settings.dpop_proof_lifetime - leeway:
             raise DPoPError("the DPoP proof's iat is outside the accepted window")
         # 4.3 (12) / 7.1: the proof is for this access token.
-        if not equal_ascii(claims["ath"], ath_of(token)):
+        if token is not None and not equal_ascii(claims["ath"], ath_of(token)):
             raise DPoPError("the DPoP proof's ath does not match the access token")

@@ -102,6 +102,17 @@ class JWTValidator:
     # -- the cold path --------------------------------------------------------
 
     def _verify(self, token: str, now: float) -> Claims:
+        claims = self.signed_claims(token, _ACCEPTED_TYP)
+        self._check_claims(claims, now)
+        return claims
+
+    def signed_claims(self, token: str, accepted_typ: frozenset[str]) -> Claims:
+        """The claims of a JWT signed by the issuer, before any claim is checked.
+
+        :param accepted_typ: lower-cased ``typ`` values accepted besides none at all.
+        :raises InvalidToken: malformed, or not signed by one of the issuer's keys.
+        :raises TemporarilyUnavailable: the issuer's keys cannot be fetched.
+        """
         if len(token) > MAX_JWT_LENGTH or not looks_like_jwt(token):
             raise InvalidToken("the access token is not a JWT")
         header = _b64json(token.split(".", 1)[0], "header")
@@ -110,7 +121,7 @@ class JWTValidator:
         if not isinstance(alg, str) or alg not in self._allowed_algs():
             raise InvalidToken("the token's signature algorithm is not accepted")
         typ = header.get("typ")
-        if typ is not None and (not isinstance(typ, str) or typ.lower() not in _ACCEPTED_TYP):
+        if typ is not None and (not isinstance(typ, str) or typ.lower() not in accepted_typ):
             raise InvalidToken("the token's typ is not an access token's")
         if "crit" in header:
             # RFC 7515 section 4.1.11: we understand no extensions, so must refuse.
@@ -127,10 +138,7 @@ class JWTValidator:
             raise TemporarilyUnavailable(
                 "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
             ) from None
-        payload = self._signed_payload(token, keys, alg)
-        claims = _b64json_bytes(payload)
-        self._check_claims(claims, now)
-        return claims
+        return _b64json_bytes(self._signed_payload(token, keys, alg))
 
     def _allowed_algs(self) -> frozenset[str]:
         algs = self._discovery.algorithms

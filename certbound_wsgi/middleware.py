@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .binding import check_mtls
+from .binding import check_mtls, x5t_s256
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
@@ -25,6 +25,8 @@ from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
 from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, challenge
 from .introspection import IntrospectionClient, IntrospectionValidator
 from .jwt_tokens import JWTValidator, looks_like_jwt
+from .oidc_login import BrowserLogin, wants_html
+from .sessions import Session, Sessions, token_expiry
 from .settings import Settings
 from .stats import Stats
 from .types import Claims, StartResponse, WSGIApplication, WSGIEnvironment
@@ -41,13 +43,15 @@ class Identity:
     :param claims: the validated claims.
     :param token: the access token.
     :param thumbprint: the presented certificate's x5t#S256, if any.
-    :param method: the auth method that validated it (``bearer`` or ``introspection``).
+    :param method: the auth method that validated it (``bearer``, ``introspection`` or ``session``).
+    :param set_cookie: a session cookie to send with the response (a new or renewed session).
     """
 
     claims: Claims
-    token: str
+    token: str | None
     thumbprint: str | None
     method: str
+    set_cookie: str | None = None
 
 
 def token_scopes(claims: Claims, claim: str) -> frozenset[str]:
@@ -90,12 +94,28 @@ class CertBoundMiddleware:
         self.jwt = JWTValidator(settings, self.discovery) if "bearer" in methods else None
         self.introspection = self._make_introspection(secret) if "introspection" in methods else None
         self.dpop = self._make_dpop(secret) if settings.proof_of_possession_dpop != "off" else None
+        self.sessions = Sessions(settings, self._redis) if "session" in methods else None
+        self.login = (
+            BrowserLogin(settings, self.discovery, self.sessions)
+            if self.sessions is not None and "authorization_code" in methods
+            else None
+        )
         self._scopes_required = frozenset(settings.scopes_required)
         self._schemes = self._offered_schemes()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self.sessions is not None:
+            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+            if path == self.settings.logout_path:
+                return self._logout(self.sessions, environ, start_response)
+            if self.login is not None and path == self.login.callback_path:
+                return self._login_callback(self.login, environ, start_response)
         try:
             identity = self.authenticate(environ)
+        except MissingToken as error:
+            if self.login is not None and wants_html(environ):
+                return self._start_login(self.login, environ, start_response)
+            return self.refuse(error, start_response)
         except AuthError as error:
             log.info("certbound: %s %s refused: %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                      error.status, error.description or error.error)
@@ -112,10 +132,15 @@ class CertBoundMiddleware:
         sub = identity.claims.get("sub")
         if isinstance(sub, str):
             environ["REMOTE_USER"] = sub
+        extra = []
+        if identity.set_cookie is not None:
+            extra.append(("Set-Cookie", identity.set_cookie))
         if self.dpop is not None and self.settings.dpop_use_nonce:
             nonce = self.dpop.nonce_for_response(environ)
             if nonce is not None:
-                return self.app(environ, _adding_header(start_response, ("DPoP-Nonce", nonce)))
+                extra.append(("DPoP-Nonce", nonce))
+        if extra:
+            return self.app(environ, _adding_headers(start_response, extra))
         return self.app(environ, start_response)
 
     def refuse(self, error: AuthError, start_response: StartResponse) -> list[bytes]:
@@ -134,9 +159,12 @@ class CertBoundMiddleware:
         :raises AuthError: the request may not pass; the error says how to answer.
         """
         credential = self.credentials.read(environ)
-        if credential is None:
-            raise MissingToken("an access token is required")
         thumbprint = self.certificates.thumbprint(environ)
+        if credential is None:
+            session = self.sessions.load(environ) if self.sessions is not None else None
+            if session is None:
+                raise MissingToken("an access token is required")
+            return self._session_identity(environ, session, thumbprint)
         scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
         try:
             claims, method = self._validate(credential.token)
@@ -154,7 +182,74 @@ class CertBoundMiddleware:
             raise InsufficientScope(
                 "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
             )
-        return Identity(claims, credential.token, thumbprint, method)
+        set_cookie = None
+        if self.sessions is not None and self.sessions.unsigned(environ) is None:
+            # RFC-free but Kong-compatible: a successful token login opens a session that
+            # remembers the token's bindings, and demands them on every later use.
+            jkt = jkt_of(claims)
+            bound = x5t_s256(claims)
+            session = self.sessions.create(
+                method, claims, x5t=bound if isinstance(bound, str) else None,
+                jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=token_expiry(claims),
+            )
+            set_cookie = session.set_cookie
+        return Identity(claims, credential.token, thumbprint, method, set_cookie)
+
+    def _session_identity(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> Identity:
+        record = session.record
+        if record.pop:
+            # The session demands the same proofs as the token that made it.
+            check_mtls(
+                self.settings.proof_of_possession_mtls, {"cnf": {"x5t#S256": record.x5t}} if record.x5t else {},
+                thumbprint,
+            )
+            if record.jkt is not None:
+                if self.dpop is None:
+                    raise InvalidToken("the session is DPoP-bound but DPoP is off")
+                self.dpop.verify(environ, None, record.jkt)
+        if self._scopes_required and not self._scopes_required <= token_scopes(
+            record.claims, self.settings.scopes_claim
+        ):
+            raise InsufficientScope("the session lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
+        return Identity(record.claims, None, thumbprint, "session", session.set_cookie)
+
+    # -- the session endpoints ------------------------------------------------------
+
+    def _start_login(self, login: BrowserLogin, environ: WSGIEnvironment,
+                     start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            status, headers = login.start(environ)
+        except AuthError as error:
+            return self.refuse(error, start_response)
+        start_response(status, headers)
+        return [b""]
+
+    def _login_callback(self, login: BrowserLogin, environ: WSGIEnvironment,
+                        start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            session, location = login.callback(environ)
+        except AuthError as error:
+            log.info("certbound: login refused: %s", error.description or error.error)
+            error.headers.append(("Set-Cookie", login.clear_state_cookie))
+            return self.refuse(error, start_response)
+        headers = [("Location", location), ("Set-Cookie", login.clear_state_cookie), ("Cache-Control", "no-store")]
+        if session.set_cookie:
+            headers.append(("Set-Cookie", session.set_cookie))
+        start_response("302 Found", headers)
+        return [b""]
+
+    def _logout(self, sessions: Sessions, environ: WSGIEnvironment,
+                start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            sessions.destroy(environ)
+        except AuthError as error:
+            return self.refuse(error, start_response)
+        headers = [("Set-Cookie", sessions.clear_cookie()), ("Cache-Control", "no-store")]
+        if self.settings.logout_redirect_uri:
+            start_response("302 Found", [("Location", self.settings.logout_redirect_uri), *headers])
+        else:
+            start_response("204 No Content", headers)
+        return [b""]
 
     def _validate(self, token: str) -> tuple[Claims, str]:
         if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
@@ -216,8 +311,8 @@ class CertBoundMiddleware:
         return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name)
 
 
-def _adding_header(start_response: StartResponse, header: tuple[str, str]) -> Any:
+def _adding_headers(start_response: StartResponse, extra: list[tuple[str, str]]) -> Any:
     def wrapped(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
-        return start_response(status, [*headers, header], exc_info)
+        return start_response(status, [*headers, *extra], exc_info)
 
     return wrapped

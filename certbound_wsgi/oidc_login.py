@@ -1,0 +1,181 @@
+"""The browser login: OpenID Connect authorization code flow with PKCE (``authorization_code``).
+
+A browser without a session is redirected to the issuer with ``state``,
+``nonce`` and a PKCE S256 challenge (RFC 7636). The issuer sends it back to
+``redirect_uri``, which this module handles: it checks ``state`` against a
+cookie bound to the browser, exchanges the code with the verifier, validates
+the ID token (OpenID Connect Core section 3.1.3.7) and creates a session.
+Sessions made here carry no proof-of-possession binding.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+import requests
+
+from .claims import equal_ascii, number
+from .discovery import Discovery, DiscoveryError
+from .errors import InvalidRequest, InvalidToken, TemporarilyUnavailable
+from .jwt_tokens import JWTValidator
+from .sessions import Session, Sessions
+from .settings import Settings
+from .types import Claims, WSGIEnvironment
+
+__all__ = ["BrowserLogin", "wants_html"]
+
+log = logging.getLogger("certbound_wsgi")
+
+LOGIN_TTL = 600
+_ID_TOKEN_TYP = frozenset({"jwt"})
+
+
+def wants_html(environ: WSGIEnvironment) -> bool:
+    """A browser navigation (a GET or HEAD accepting HTML), not an API call."""
+    return environ.get("REQUEST_METHOD") in ("GET", "HEAD") and "text/html" in environ.get("HTTP_ACCEPT", "")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class BrowserLogin:
+    """Starts logins and handles the issuer's redirect back.
+
+    :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``.
+    :param discovery: the issuer's endpoints and keys.
+    :param sessions: where logins and sessions are kept.
+    """
+
+    def __init__(self, settings: Settings, discovery: Discovery, sessions: Sessions,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._settings = settings
+        self._discovery = discovery
+        self._sessions = sessions
+        self._tokens = JWTValidator(settings, discovery)
+        self._clock = clock
+        self._session = requests.Session()
+        self._verify: str | bool = settings.ca_file or True
+        self.callback_path = urlsplit(settings.redirect_uri).path or "/"
+        self._state_cookie = settings.session_cookie_name + "_login"
+
+    def _endpoint(self, name: str) -> str:
+        try:
+            value = self._discovery.metadata().get(name)
+        except DiscoveryError:
+            raise TemporarilyUnavailable("the issuer cannot be reached to log in", retry_after=5) from None
+        if not isinstance(value, str):
+            raise TemporarilyUnavailable(f"the issuer's metadata has no {name}", retry_after=60)
+        return value
+
+    def start(self, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]]]:
+        """Redirect to the issuer: the status line and headers of the answer."""
+        s = self._settings
+        state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
+        # One leading slash: "//evil.example" would be an open redirect after the login.
+        path = "/" + quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).lstrip("/")
+        query = environ.get("QUERY_STRING", "")
+        self._sessions.put_once(
+            state, {"nonce": nonce, "verifier": verifier, "return_to": path + (f"?{query}" if query else "")},
+            LOGIN_TTL,
+        )
+        params = {
+            "response_type": "code",
+            "client_id": s.client_id,
+            "redirect_uri": s.redirect_uri,
+            "scope": " ".join(s.scopes),
+            "state": state,
+            "nonce": nonce,
+            # RFC 7636 section 4.2: S256.
+            "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest()),
+            "code_challenge_method": "S256",
+        }
+        location = self._endpoint("authorization_endpoint")
+        location += ("&" if "?" in location else "?") + urlencode(params)
+        state_cookie = self._sessions.cookie(self._sessions.signed(state), max_age=LOGIN_TTL, name=self._state_cookie)
+        return "302 Found", [("Location", location), ("Set-Cookie", state_cookie), ("Cache-Control", "no-store")]
+
+    def callback(self, environ: WSGIEnvironment) -> tuple[Session, str]:
+        """Finish a login: the new session and where to send the browser.
+
+        :raises AuthError: the login failed (the browser gets 401 with the reason).
+        """
+        params = dict(parse_qsl(environ.get("QUERY_STRING", ""), max_num_fields=20))
+        if "error" in params:
+            raise InvalidToken(f"the login failed at the issuer: {params['error'][:64]}", error="access_denied")
+        code, state = params.get("code"), params.get("state")
+        if not code or not state:
+            raise InvalidRequest("the login callback lacks code or state")
+        # The state must be the one this browser was given (CSRF, OAuth 2.0 Security BCP section 4.7).
+        expected = self._sessions.unsigned(environ, self._state_cookie)
+        if expected is None or not equal_ascii(state, expected):
+            raise InvalidRequest("the login state does not match this browser")
+        login = self._sessions.take_once(expected)
+        if login is None:
+            raise InvalidRequest("the login has expired or was already used")
+        tokens = self._exchange(code, str(login["verifier"]))
+        claims = self._id_token_claims(tokens.get("id_token"), str(login["nonce"]))
+        expires_in = number(tokens.get("expires_in"))
+        token_exp = self._clock() + expires_in if expires_in else number(claims.get("exp"))
+        session = self._sessions.create("authorization_code", claims, x5t=None, jkt=None, pop=False,
+                                        token_exp=token_exp)
+        return session, self._settings.login_redirect_uri or str(login["return_to"])
+
+    @property
+    def clear_state_cookie(self) -> str:
+        return self._sessions.clear_cookie(self._state_cookie)
+
+    def _exchange(self, code: str, verifier: str) -> dict[str, Any]:
+        s = self._settings
+        try:
+            response = self._session.post(
+                self._endpoint("token_endpoint"),
+                data={"grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
+                      "code_verifier": verifier},
+                auth=(quote(s.client_id, safe=""), quote(s.client_secret, safe="")),
+                verify=self._verify, timeout=s.http_timeout, allow_redirects=False,
+            )
+        except requests.RequestException as exc:
+            raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({type(exc).__name__})") from None
+        if response.status_code >= 500:
+            raise TemporarilyUnavailable("the token endpoint failed")
+        try:
+            body = response.json()
+        except (ValueError, RecursionError):
+            body = None
+        if response.status_code != 200 or not isinstance(body, dict):
+            error = body.get("error") if isinstance(body, dict) else None
+            raise InvalidToken(f"the code exchange failed: {str(error)[:64] or response.status_code}")
+        return body
+
+    def _id_token_claims(self, id_token: object, nonce: str) -> Claims:
+        """OpenID Connect Core section 3.1.3.7."""
+        if not isinstance(id_token, str):
+            raise InvalidToken("the issuer sent no ID token")
+        claims = self._tokens.signed_claims(id_token, _ID_TOKEN_TYP)
+        s = self._settings
+        now = self._clock()
+        if claims.get("iss") != s.issuer:
+            raise InvalidToken("the ID token was issued by another issuer")
+        aud = claims.get("aud")
+        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if s.client_id not in audiences or (len(audiences) > 1 and claims.get("azp") != s.client_id):
+            raise InvalidToken("the ID token is not meant for this client")
+        exp = number(claims.get("exp"))
+        if exp is None or now >= exp + s.leeway:
+            raise InvalidToken("the ID token has expired")
+        iat = number(claims.get("iat"))
+        if iat is None or iat > now + s.leeway:
+            raise InvalidToken("the ID token's iat is invalid")
+        if not equal_ascii(claims.get("nonce"), nonce):
+            raise InvalidToken("the ID token's nonce does not match the login")
+        if not isinstance(claims.get("sub"), str):
+            raise InvalidToken("the ID token has no subject")
+        return claims
