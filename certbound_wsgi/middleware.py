@@ -9,7 +9,8 @@ with 401 or 503, never passed on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +71,7 @@ class CertBoundMiddleware:
     :param app: the WSGI application to protect.
     :param settings: the configuration; :meth:`Settings.from_env` when omitted.
     :param discovery: the issuer's keys; made from ``settings`` when omitted.
+    :param clock: wall-clock seconds for expiry decisions; injectable for tests.
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class CertBoundMiddleware:
         settings: Settings | None = None,
         *,
         discovery: Discovery | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
+        self._clock = clock
         self.settings = settings = settings if settings is not None else Settings.from_env()
         self.discovery = discovery or Discovery(settings)
         self.certificates = CertificateReader(settings)
@@ -91,12 +95,12 @@ class CertBoundMiddleware:
             sealer = Sealer(secret, "intro")
             self._redis = RedisCache(make_client(settings), sealer, self._stats, lock_ttl=2 * settings.http_timeout + 1)
         methods = settings.auth_methods
-        self.jwt = JWTValidator(settings, self.discovery) if "bearer" in methods else None
+        self.jwt = JWTValidator(settings, self.discovery, clock) if "bearer" in methods else None
         self.introspection = self._make_introspection(secret) if "introspection" in methods else None
         self.dpop = self._make_dpop(secret) if settings.proof_of_possession_dpop != "off" else None
-        self.sessions = Sessions(settings, self._redis) if "session" in methods else None
+        self.sessions = Sessions(settings, self._redis, clock) if "session" in methods else None
         self.login = (
-            BrowserLogin(settings, self.discovery, self.sessions)
+            BrowserLogin(settings, self.discovery, self.sessions, clock)
             if self.sessions is not None and "authorization_code" in methods
             else None
         )
@@ -294,7 +298,8 @@ class CertBoundMiddleware:
 
     def _make_introspection(self, secret: str | None) -> IntrospectionValidator:
         settings = self.settings
-        l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if self._redis is not None else None)
+        l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if self._redis is not None else None,
+                         clock=self._clock)
         sealer = Sealer(secret, "intro")
         endpoint_id = settings.introspection_endpoint or settings.issuer
         return IntrospectionValidator(
@@ -304,11 +309,13 @@ class CertBoundMiddleware:
             self._redis,
             lambda token: sealer.key_name(endpoint_id, token),
             self._stats,
+            self._clock,
         )
 
     def _make_dpop(self, secret: str | None) -> DPoPVerifier:
         replay = ReplayCache(self._redis, fail_open=self.settings.dpop_replay_fail_open)
-        return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name)
+        return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name,
+                            self._clock)
 
 
 def _adding_headers(start_response: StartResponse, extra: list[tuple[str, str]]) -> Any:
