@@ -22,10 +22,18 @@ def _parser() -> argparse.ArgumentParser:
     thumb = commands.add_parser("thumbprint", help="print the RFC 8705 x5t#S256 thumbprint of a PEM certificate")
     thumb.add_argument("cert", help="path to a PEM certificate ('-' for standard input)")
 
-    commands.add_parser(
+    check = commands.add_parser(
         "check-config",
-        help="load the CERTBOUND_* environment, run discovery, print the effective settings (secrets masked)",
+        help="load the CERTBOUND_* environment, run discovery, print the effective settings (secrets masked) "
+        "and warn about unsafe ones",
     )
+    check.add_argument(
+        "--bind",
+        default=None,
+        help="the address gunicorn binds to (default: --bind/-b in GUNICORN_CMD_ARGS), to check that only "
+        "trusted proxies can reach it",
+    )
+    check.add_argument("--no-discovery", action="store_true", help="do not contact the issuer")
 
     nginx = commands.add_parser("nginx-config", help="render the shipped nginx configuration")
     nginx.add_argument("--upstream", choices=("gunicorn", "uwsgi"), default="gunicorn")
@@ -57,9 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return thumbprint_command(args.cert)
     if args.command == "check-config":
-        from .settings import check_config_command
+        from .check import check_config_command
 
-        return check_config_command()
+        return check_config_command(bind=args.bind, discover=not args.no_discovery)
     from .nginx_config import nginx_config_command
 
     return nginx_config_command(args)

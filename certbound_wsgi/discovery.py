@@ -60,7 +60,7 @@ class Discovery:
         self._session = session or requests.Session()
         # requests lets REQUESTS_CA_BUNDLE override Session.verify, but not a
         # verify= passed on the call: our ca_file always wins.
-        self._verify: str | bool = settings.ca_file or True
+        self._verify: str | bool = settings.tls_verify
         self._clock = clock
         self._lock = threading.Lock()
         self._inflight: threading.Event | None = None
@@ -137,9 +137,8 @@ class Discovery:
 
     def check(self) -> tuple[dict[str, Any], list[str]]:
         """Fetch everything now (for ``check-config``); return the metadata and the key ids."""
-        self._fetch()
-        assert self._metadata is not None  # set by _fetch
-        return self._metadata, sorted(str(kid) for kid in self._keys)
+        metadata = self._fetch()
+        return metadata, sorted(str(kid) for kid in self._keys)
 
     # -- fetching ------------------------------------------------------------
 
@@ -187,7 +186,7 @@ class Discovery:
             return metadata
         raise DiscoveryError("; ".join(errors))
 
-    def _fetch(self) -> None:
+    def _fetch(self) -> dict[str, Any]:
         metadata = self._metadata or self._discover()
         jwks = self._get_json(metadata["jwks_uri"])
         keys = jwks.get("keys")
@@ -218,6 +217,7 @@ class Discovery:
             self._metadata = metadata
             self._keys = parsed
             self._algs = algs
+        return metadata
 
 
 def _import_public(item: object) -> PublicKey | None:

@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 import requests
 from joserfc import jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from .cache import Entry
@@ -50,11 +51,11 @@ def _load_client_key(path: str) -> ECKey | RSAKey | OKPKey:
         data = fh.read()
     for key_type in (ECKey, RSAKey, OKPKey):
         try:
-            if data.lstrip().startswith(b"{"):
-                return key_type.import_key(json.loads(data))
-            return key_type.import_key(data)
-        except Exception:
-            continue
+            key = key_type.import_key(json.loads(data) if data.lstrip().startswith(b"{") else data)
+        except (JoseError, ValueError, TypeError, KeyError):
+            key = None
+        if key is not None and key.is_private:
+            return key
     raise ConfigurationError("client_jwk", f"{path!r} holds no usable private key")
 
 
@@ -71,7 +72,7 @@ class IntrospectionClient:
         self._settings = settings
         self._discovery = discovery
         self._session = session or requests.Session()
-        self._verify: str | bool = settings.ca_file or True
+        self._verify: str | bool = settings.tls_verify
         method = settings.introspection_endpoint_auth_method
         self._key = _load_client_key(settings.client_jwk) if method == "private_key_jwt" else None
         self._cert = (

@@ -62,7 +62,7 @@ class BrowserLogin:
         self._tokens = JWTValidator(settings, discovery)
         self._clock = clock
         self._session = requests.Session()
-        self._verify: str | bool = settings.ca_file or True
+        self._verify: str | bool = settings.tls_verify
         self.callback_path = urlsplit(settings.redirect_uri).path or "/"
         self._state_cookie = settings.session_cookie_name + "_login"
 

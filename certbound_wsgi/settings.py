@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import math
 import os
-import sys
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -22,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .errors import ConfigurationError
 
-__all__ = ["ENV_PREFIX", "Settings", "check_config_command"]
+__all__ = ["ENV_PREFIX", "Settings"]
 
 ENV_PREFIX = "CERTBOUND_"
 
@@ -129,6 +127,11 @@ class Settings:
         "",
         "CA bundle for verifying the issuer's TLS certificate. Always wins over ``REQUESTS_CA_BUNDLE`` and the "
         "like; empty means the system trust store.",
+    )
+    ssl_verify: bool = _option(
+        True,
+        "Verify the issuer's TLS certificate (against ``ca_file`` or the system store). Turning this off "
+        "lets anyone on the network path impersonate the issuer; ``check-config`` warns about it.",
     )
     http_timeout: float = _option(5.0, "Seconds before a request to the issuer is abandoned.")
     realm: str = _option("api", "The ``realm`` in ``WWW-Authenticate`` challenges.")
@@ -369,6 +372,11 @@ class Settings:
             raise ConfigurationError("cache_secret", "at least 16 characters (it keys the sealed Redis entries)")
 
     @property
+    def tls_verify(self) -> str | bool:
+        """The ``verify=`` for every request to the issuer: ``ca_file`` always wins over the environment."""
+        return (self.ca_file or True) if self.ssl_verify else False
+
+    @property
     def pop_enabled(self) -> bool:
         """Whether any proof of possession (mTLS or DPoP) is on."""
         return self.proof_of_possession_mtls != "off" or self.proof_of_possession_dpop != "off"
@@ -543,25 +551,3 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return int(value)
         return float(value)
     raise ConfigurationError(name, f"unsupported type {hint!r}")  # pragma: no cover
-
-
-def check_config_command() -> int:
-    """``certbound-wsgi check-config``: validate, discover and print the effective settings."""
-    from .discovery import Discovery, DiscoveryError
-
-    try:
-        settings = Settings.from_env()
-    except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(settings.masked(), indent=2))
-    if "bearer" not in settings.auth_methods:
-        return 0
-    try:
-        metadata, keys = Discovery(settings).check()
-    except DiscoveryError as exc:
-        print(f"discovery failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"issuer metadata: {metadata.get('issuer')} (jwks_uri {metadata.get('jwks_uri')})")
-    print(f"signing keys: {', '.join(keys) or 'none'}")
-    return 0
