@@ -229,30 +229,34 @@ class IntrospectionValidator:
             return entry
         self._stats.incr("l2_misses")
         stale = _newer(stale, entry)
+        deadline = time.monotonic() + self._wait
         lock = l2.lock(key)
-        if lock is False:
-            # Another worker, here or on another host, is asking: wait for its answer.
-            deadline = time.monotonic() + self._wait
-            while time.monotonic() < deadline and l2.available:
-                time.sleep(POLL_SECONDS)
-                entry = l2.get(key)
-                if entry is not None and self._clock() < entry.fresh_until:
-                    self._stats.incr("l2_hits")
-                    self._l1.set(key, entry)
-                    return entry
-            return self._ask(token, stale, self._clock(), key)
+        while lock is False and time.monotonic() < deadline and l2.available:
+            # Another worker, here or on another host, is asking: wait for its answer, or
+            # for its lock to go (it failed), and then try to take the lock ourselves.
+            time.sleep(POLL_SECONDS)
+            entry = self._fresh_from_l2(l2, key)
+            if entry is not None:
+                return entry
+            lock = l2.lock(key)
         try:
-            if lock is not None:
+            if isinstance(lock, str):
                 # Double-check: the previous holder may have written just before we locked.
-                entry = l2.get(key)
-                if entry is not None and self._clock() < entry.fresh_until:
-                    self._stats.incr("l2_hits")
-                    self._l1.set(key, entry)
+                entry = self._fresh_from_l2(l2, key)
+                if entry is not None:
                     return entry
             return self._ask(token, stale, self._clock(), key)
         finally:
             if isinstance(lock, str):
                 l2.unlock(key, lock)
+
+    def _fresh_from_l2(self, l2: RedisCache, key: str) -> Entry | None:
+        entry = l2.get(key)
+        if entry is None or self._clock() >= entry.fresh_until:
+            return None
+        self._stats.incr("l2_hits")
+        self._l1.set(key, entry)
+        return entry
 
     # -- asking the issuer --------------------------------------------------------
 
