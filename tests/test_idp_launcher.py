@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
 import socket
+import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from joserfc import jwt
@@ -16,7 +21,16 @@ from joserfc.jwk import ECKey, KeySet
 
 from certbound_wsgi.devpki import self_signed_client
 from tests.support import idp_fixtures
-from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, OidcProvider, decode_jwt, x5t_s256
+from tests.support.browser import Browser, parse_forms
+from tests.support.idp import (
+    API_RESOURCE,
+    OPAQUE_RESOURCE,
+    WEB_CLIENT,
+    AuthorizationRequest,
+    OidcProvider,
+    decode_jwt,
+    x5t_s256,
+)
 from tests.support.idp_fixtures import Pki
 
 pytestmark = pytest.mark.e2e
@@ -250,3 +264,331 @@ def test_launcher_is_quiet_and_stops_promptly_on_sigterm(own_idp: OidcProvider) 
     own_idp.start()
     assert own_idp.port == port
     assert own_idp.stats()["tokens"] == 0
+
+
+# ----- the browser login: authorization code + PKCE, without the middleware ------
+
+# Nothing listens there: the login stops at the redirect to it (Browser.login's stop_at).
+CALLBACK = "https://127.0.0.1:9/callback"
+
+
+@pytest.fixture(scope="module")
+def login_idp(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    with OidcProvider(tmp_path_factory.mktemp("login-idp"), ca=pki.ca, redirect_uris=[CALLBACK]) as provider:
+        yield provider
+
+
+def authorize(
+    provider: OidcProvider, request: AuthorizationRequest, browser: Browser | None = None, username: str = "alice"
+) -> dict[str, str]:
+    """Log in through the IdP's pages; the query the IdP sends the browser back to the redirect_uri with."""
+    browser = browser or Browser(provider.ca_file)
+    response = browser.login(request.url, username, stop_at=request.redirect_uri)
+    location = browser.location(response)
+    assert location is not None and location.startswith(request.redirect_uri + "?"), (response.status_code, location)
+    return {key: values[0] for key, values in parse_qs(urlsplit(location).query).items()}
+
+
+def code_for(provider: OidcProvider, request: AuthorizationRequest, **kwargs: Any) -> str:
+    query = authorize(provider, request, **kwargs)
+    assert query["state"] == request.state
+    return query["code"]
+
+
+def test_code_flow_with_pkce_gives_an_es256_id_token_and_a_jwt_access_token_for_the_api(
+    login_idp: OidcProvider,
+) -> None:
+    request = login_idp.authorization_request(CALLBACK)
+    query = authorize(login_idp, request)
+    assert query["state"] == request.state
+    assert query["iss"] == login_idp.issuer  # RFC 9207
+    response = login_idp.code_token_response(query["code"], CALLBACK, request.code_verifier)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 600
+    assert "refresh_token" not in body
+
+    header, _ = decode_jwt(body["id_token"])
+    assert header == {"alg": "ES256", "kid": login_idp.kid}
+    id_token = verified_claims(login_idp, body["id_token"])
+    assert id_token["iss"] == login_idp.issuer
+    assert id_token["aud"] == WEB_CLIENT
+    assert id_token["nonce"] == request.nonce
+    assert id_token["sub"] == "alice"
+    assert id_token["email"] == "alice@example.test"
+    assert id_token["email_verified"] is True
+    assert id_token["name"] == "Alice"
+    assert id_token["preferred_username"] == "alice"
+    assert id_token["exp"] > id_token["iat"] >= int(time.time()) - 60
+
+    assert decode_jwt(body["access_token"])[0]["typ"] == "at+jwt"
+    access = verified_claims(login_idp, body["access_token"])
+    assert access["aud"] == API_RESOURCE
+    assert access["client_id"] == WEB_CLIENT
+    assert access["sub"] == "alice"
+    assert "cnf" not in access
+    introspected = login_idp.introspect(body["access_token"])
+    assert introspected["active"] is True
+    assert introspected["sub"] == "alice"
+    assert introspected["client_id"] == WEB_CLIENT
+    login_idp.revoke(body["access_token"])
+    assert login_idp.introspect(body["access_token"]) == {"active": False}
+
+
+def test_code_flow_access_token_carries_the_api_scopes_asked_for_or_is_opaque_for_the_opaque_resource(
+    login_idp: OidcProvider,
+) -> None:
+    request = login_idp.authorization_request(CALLBACK, scope="openid email read")
+    body = login_idp.code_token_response(code_for(login_idp, request), CALLBACK, request.code_verifier).json()
+    assert body["scope"] == "read"
+    assert decode_jwt(body["access_token"])[1]["scope"] == "read"
+    assert "name" not in decode_jwt(body["id_token"])[1]  # no profile scope
+
+    request = login_idp.authorization_request(CALLBACK, resource=OPAQUE_RESOURCE)
+    body = login_idp.code_token_response(code_for(login_idp, request), CALLBACK, request.code_verifier).json()
+    assert body["access_token"].count(".") == 0
+    assert login_idp.introspect(body["access_token"])["aud"] == OPAQUE_RESOURCE
+
+
+def test_code_exchange_needs_the_code_verifier_the_redirect_uri_and_works_once(login_idp: OidcProvider) -> None:
+    request = login_idp.authorization_request(CALLBACK)
+    code = code_for(login_idp, request)
+    assert request.code_verifier is not None
+    for verifier, redirect_uri in (
+        ("wrong-" + request.code_verifier[6:], CALLBACK),
+        (None, CALLBACK),
+        (request.code_verifier, CALLBACK + "/other"),
+    ):
+        response = login_idp.code_token_response(code, redirect_uri, verifier)
+        assert response.status_code == 400
+        assert response.json()["error"] == "invalid_grant"
+    assert login_idp.code_token_response(code, CALLBACK, request.code_verifier).status_code == 200
+    replay = login_idp.code_token_response(code, CALLBACK, request.code_verifier)
+    assert replay.status_code == 400
+    assert replay.json()["error"] == "invalid_grant"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"code_challenge": "x" * 43, "code_challenge_method": "plain"}],
+    ids=["no-pkce", "plain"],
+)
+def test_authorization_request_without_s256_pkce_is_refused(login_idp: OidcProvider, params: dict[str, str]) -> None:
+    request = login_idp.authorization_request(CALLBACK, pkce=False, **params)
+    browser = Browser(login_idp.ca_file)
+    query = authorize(login_idp, request, browser)
+    assert query["error"] == "invalid_request"
+    assert query["state"] == request.state
+    assert "code" not in query
+    assert len(browser.history) == 1  # refused before any login page
+
+
+def test_code_client_must_authenticate(login_idp: OidcProvider) -> None:
+    request = login_idp.authorization_request(CALLBACK)
+    code = code_for(login_idp, request)
+    response = login_idp._post(
+        "/token",
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": CALLBACK,
+            "code_verifier": request.code_verifier or "",
+            "client_id": WEB_CLIENT,
+        },
+    )
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_client"
+
+
+def test_redirect_uris_change_at_once_without_a_restart(login_idp: OidcProvider) -> None:
+    other = "https://127.0.0.1:10/oidc/callback"
+    token = login_idp.token("unbound")
+    port = login_idp.port
+    browser = Browser(login_idp.ca_file)
+    refused = browser.login(login_idp.authorization_request(other).url, stop_at=other)
+    assert refused.status_code == 400  # an error page at the IdP: no redirect to an unregistered URI
+    assert "redirect_uri did not match" in refused.text
+    try:
+        login_idp.set_redirect_uris([CALLBACK, other])
+        assert login_idp.port == port
+        assert login_idp.introspect(token)["active"] is True  # the same process: nothing forgotten
+        assert "code" in authorize(login_idp, login_idp.authorization_request(other), browser)
+        login_idp.set_redirect_uris([other])
+        assert browser.login(login_idp.authorization_request(CALLBACK).url, stop_at=CALLBACK).status_code == 400
+        with pytest.raises(ValueError, match="fragment"):
+            login_idp.set_redirect_uris(["https://127.0.0.1:10/cb#x"])
+        login_idp.restart()  # the URIs set survive a restart
+        assert "code" in authorize(login_idp, login_idp.authorization_request(other))
+    finally:
+        login_idp.set_redirect_uris([CALLBACK])
+    assert "code" in authorize(login_idp, login_idp.authorization_request(CALLBACK))
+
+
+def test_the_idp_session_skips_login_and_consent_until_prompt_login(login_idp: OidcProvider) -> None:
+    browser = Browser(login_idp.ca_file)
+    authorize(login_idp, login_idp.authorization_request(CALLBACK), browser)
+    assert [hop[2] for hop in browser.history] == [303, 200, 303, 303, 200, 303, 303]  # login, then consent
+    assert "_session" in browser.cookies
+
+    del browser.history[:]
+    authorize(login_idp, login_idp.authorization_request(CALLBACK), browser)
+    assert [hop[2] for hop in browser.history] == [303]  # straight back with a code
+
+    del browser.history[:]
+    request = login_idp.authorization_request(CALLBACK, prompt="login")
+    code = code_for(login_idp, request, browser=browser, username="bob")
+    paths = [urlsplit(url).path for _, url, _ in browser.history]
+    assert "/session/end/confirm" in paths  # another account: alice's session is ended first
+    id_token = decode_jwt(login_idp.code_token_response(code, CALLBACK, request.code_verifier).json()["id_token"])[1]
+    assert (id_token["sub"], id_token["email"]) == ("bob", "bob@example.test")
+    assert "auth_time" in id_token  # prompt=login asks for it
+
+
+def test_login_page_form_as_parsed(login_idp: OidcProvider) -> None:
+    browser = Browser(login_idp.ca_file)
+    page = browser.follow(browser.get(login_idp.authorization_request(CALLBACK).url))
+    assert page.status_code == 200
+    assert urlsplit(page.url).path.startswith("/interaction/")
+    [form] = parse_forms(page)
+    assert form.method == "POST"
+    assert form.action == page.url
+    assert [(name, kind) for name, kind, _ in form.inputs] == [
+        ("prompt", "hidden"),
+        ("login", "text"),
+        ("password", "password"),
+    ]
+    assert form.values()["prompt"] == "login"
+
+
+def test_discovery_advertises_the_code_flow(login_idp: OidcProvider) -> None:
+    metadata = login_idp.discovery()
+    assert metadata["authorization_endpoint"] == login_idp.authorization_endpoint
+    assert metadata["userinfo_endpoint"] == login_idp.userinfo_endpoint
+    assert metadata["code_challenge_methods_supported"] == ["S256"]
+    assert metadata["id_token_signing_alg_values_supported"] == ["ES256"]
+    assert {"openid", "profile", "email"} <= set(metadata["scopes_supported"])
+    assert "code" in metadata["response_types_supported"]
+    assert metadata["authorization_response_iss_parameter_supported"] is True
+
+
+# ----- Browser.login against a relying party of a few lines ------------------------
+
+
+class RelyingParty:
+    """A relying party in a thread, on HTTPS: ``/private`` needs its session; ``/callback`` makes one.
+
+    The session cookie is ``rp_session`` (Secure, HttpOnly); ``/private`` answers
+    ``<sub> <email> <CN of the client certificate or ->``. It asks for (and does
+    not require) a client certificate.
+    """
+
+    def __init__(self, provider: OidcProvider, pki: Pki) -> None:
+        self.provider = provider
+        self.pending: dict[str, AuthorizationRequest] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}
+        rp = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def reply(self, status: int, body: str = "", **headers: str) -> None:
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name.replace("_", "-"), value)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body.encode())))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def do_GET(self) -> None:
+                url = urlsplit(self.path)
+                cookie = self.headers.get("Cookie", "")
+                cookies = dict(part.strip().split("=", 1) for part in cookie.split(";") if "=" in part)
+                if url.path == "/private":
+                    claims = rp.sessions.get(cookies.get("rp_session", ""))
+                    if claims is None:
+                        request = rp.provider.authorization_request(rp.url + "/callback")
+                        rp.pending[request.state] = request
+                        return self.reply(302, Location=request.url)
+                    peer = self.connection.getpeercert()
+                    cn = dict(item[0] for item in peer["subject"])["commonName"] if peer else "-"
+                    return self.reply(200, f"{claims['sub']} {claims['email']} {cn}")
+                if url.path == "/callback":
+                    query = {key: values[0] for key, values in parse_qs(url.query).items()}
+                    state = query.get("state", "")
+                    sent = rp.pending.pop(state) if state in rp.pending else None
+                    if sent is None or "code" not in query:
+                        return self.reply(400, "bad callback")
+                    tokens = rp.provider.code_token_response(query["code"], sent.redirect_uri, sent.code_verifier)
+                    claims = verified_claims(rp.provider, tokens.json()["id_token"])
+                    if claims["nonce"] != sent.nonce or claims["aud"] != WEB_CLIENT:
+                        return self.reply(400, "bad id token")
+                    session = secrets.token_urlsafe(16)
+                    rp.sessions[session] = claims
+                    return self.reply(
+                        302,
+                        Location="/private",
+                        Set_Cookie=f"rp_session={session}; Path=/; Secure; HttpOnly; SameSite=Lax",
+                    )
+                return self.reply(404)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server.cert_path, pki.server.key_path)
+        context.load_verify_locations(pki.ca_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.url = f"https://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def relying_party(login_idp: OidcProvider, pki: Pki) -> Iterator[RelyingParty]:
+    rp = RelyingParty(login_idp, pki)
+    login_idp.set_redirect_uris([CALLBACK, rp.url + "/callback"])
+    try:
+        yield rp
+    finally:
+        login_idp.set_redirect_uris([CALLBACK])
+        rp.close()
+
+
+def test_browser_logs_in_to_a_relying_party_hop_by_hop(
+    relying_party: RelyingParty, login_idp: OidcProvider, pki: Pki
+) -> None:
+    browser = Browser(pki.ca_file, cert=pki.alice)
+    final = browser.login(relying_party.url + "/private", "carol", "secret")
+    assert final.status_code == 200
+    assert final.text == "carol carol@example.test alice"
+
+    def where(url: str) -> str:
+        """``app`` or ``idp``, and the first segment of the path (no interaction uids)."""
+        parts = urlsplit(url)
+        server = {relying_party.url: "app", login_idp.issuer: "idp"}[f"{parts.scheme}://{parts.netloc}"]
+        return f"{server} /{parts.path.split('/')[1]}"
+
+    assert [(method, where(url), status) for method, url, status in browser.history] == [
+        ("GET", "app /private", 302),
+        ("GET", "idp /auth", 303),  # the authorization request
+        ("GET", "idp /interaction", 200),  # the login page
+        ("POST", "idp /interaction", 303),
+        ("GET", "idp /auth", 303),  # /auth/<uid>: resumed
+        ("GET", "idp /interaction", 200),  # the consent page
+        ("POST", "idp /interaction", 303),
+        ("GET", "idp /auth", 303),
+        ("GET", "app /callback", 302),
+        ("GET", "app /private", 200),
+    ]
+    assert browser.get(relying_party.url + "/private").text.startswith("carol ")  # the session cookie holds
+    assert browser.cookies.get("rp_session") in relying_party.sessions
+
+    # Without a certificate, and a second browser: a login of its own.
+    with Browser(pki.ca_file) as other:
+        assert other.login(relying_party.url + "/private", "dave").text == "dave dave@example.test -"

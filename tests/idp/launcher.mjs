@@ -1,7 +1,8 @@
 // A real OAuth 2.0 authorization server for the end-to-end tests: panva's
 // oidc-provider, configured to issue RFC 8705 certificate-bound (and unbound)
 // ES256 JWT access tokens with the client_credentials grant, plus opaque
-// tokens, introspection, revocation and DPoP.
+// tokens, introspection, revocation and DPoP; and an OpenID Provider for a
+// relying party's browser login (authorization code flow, PKCE S256 required).
 //
 // Usage: node launcher.mjs CONFIG   (CONFIG: a JSON file path, or inline JSON)
 //
@@ -15,7 +16,9 @@
 //       {"client_id": "bound", "auth": "self_signed_tls_client_auth", "certificates": ["a.pem"], "bound": true},
 //       {"client_id": "bound-dn", "auth": "tls_client_auth", "subject_dn": "CN=alice", "bound": true},
 //       {"client_id": "unbound", "auth": "client_secret_basic", "secret": "..."},
-//       {"client_id": "rs-client", "auth": "client_secret_basic", "secret": "...", "introspect": true}
+//       {"client_id": "rs-client", "auth": "client_secret_basic", "secret": "...", "introspect": true},
+//       {"client_id": "web-client", "auth": "client_secret_basic", "secret": "...", "code": true,
+//        "redirect_uris": ["https://127.0.0.1:8443/callback"]}
 //     ],
 //     "verbose": false
 //   }
@@ -23,9 +26,19 @@
 // Prints exactly one line, "READY <port>", on stdout once it serves requests.
 // Everything it listens on is the given loopback address; it makes no outgoing
 // requests. Besides the provider's own routes it serves GET /__stats
-// ({"tokens", "introspections", "revocations"}: requests received) and
-// POST /__stats/reset, and answers /.well-known/oauth-authorization-server
-// with the provider's discovery document.
+// ({"tokens", "introspections", "revocations"}: requests received),
+// POST /__stats/reset and PUT /__clients/<client_id>/redirect_uris (a JSON
+// array: the client's redirect URIs from now on, no restart), and answers
+// /.well-known/oauth-authorization-server with the provider's discovery document.
+//
+// The browser login: a "code" client gets grant_types [authorization_code] and
+// response_types [code]; every authorization request needs PKCE (S256). The
+// provider's own development interactions ask for any login name and any
+// password (the account is that name, its e-mail <name>@example.test), then
+// for consent. Access tokens from the code flow are ES256 JWTs for the
+// resource granted (https://api.test unless the request names another), so
+// the ID token carries the profile and email claims (userinfo is not usable
+// with such a token).
 //
 // oidc-provider neither stores nor introspects JWT access tokens
 // ("Structured JWT Tokens cannot be introspected"). So that a resource server
@@ -86,14 +99,18 @@ function certificateJwk(pemPath) {
   return { ...cert.publicKey.export({ format: 'jwk' }), x5c: [cert.raw.toString('base64')] };
 }
 
+// oidc-provider wants at least one redirect URI for a client of the code
+// flow: until it is given its real ones, it has this one, which goes nowhere.
+const NO_REDIRECT_URI = 'https://redirect-uri-not-set.invalid/';
+
 function clientMetadata(spec) {
   const auth = spec.auth ?? 'client_secret_basic';
   const metadata = {
     client_id: spec.client_id,
     token_endpoint_auth_method: auth,
-    grant_types: ['client_credentials'],
-    response_types: [],
-    redirect_uris: [],
+    grant_types: spec.code ? ['authorization_code'] : ['client_credentials'],
+    response_types: spec.code ? ['code'] : [],
+    redirect_uris: spec.code && !spec.redirect_uris?.length ? [NO_REDIRECT_URI] : (spec.redirect_uris ?? []),
     tls_client_certificate_bound_access_tokens: !!spec.bound,
   };
   if (spec.secret) metadata.client_secret = spec.secret;
@@ -143,13 +160,37 @@ function resourceServerInfo(resource) {
   throw new errors.InvalidTarget(`unknown resource ${resource}`);
 }
 
+// ----- accounts ---------------------------------------------------------------
+
+// Any login name is an account; the development login form takes any password.
+async function findAccount(ctx, id) {
+  return {
+    accountId: id,
+    claims: async () => ({
+      sub: id,
+      name: id.charAt(0).toUpperCase() + id.slice(1),
+      preferred_username: id,
+      email: `${id}@example.test`,
+      email_verified: true,
+    }),
+  };
+}
+
 // ----- the provider ---------------------------------------------------------
 
 function providerFor(issuer) {
   const provider = new Provider(issuer, {
     jwks: loadKeys(config.keys),
     clients,
+    findAccount,
+    // openid, profile and email come from the claims below.
     scopes: ['read', 'write'],
+    claims: {
+      openid: ['sub'],
+      profile: ['name', 'preferred_username'],
+      email: ['email', 'email_verified'],
+    },
+    pkce: { required: () => true },
     clientAuthMethods: [
       'client_secret_basic', 'client_secret_post', 'private_key_jwt', 'self_signed_tls_client_auth', 'tls_client_auth',
     ],
@@ -160,14 +201,18 @@ function providerFor(issuer) {
       id_token_signed_response_alg: 'ES256',
     },
     enabledJWA: {
-      // No ID tokens are issued here, but clients default to RS256 ones: with
-      // ES256 the provider needs no RSA key besides the EC signing key.
+      // ID tokens (and everything else) are ES256: the provider needs no RSA
+      // key besides the EC signing key.
       idTokenSigningAlgValues: ['ES256'],
     },
     clientBasedCORS: () => false,
-    ttl: { ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ttl },
+    ttl: {
+      ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ttl,
+      AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ttl,
+    },
     features: {
-      devInteractions: { enabled: false },
+      // The provider's own login and consent pages, at /interaction/<uid>.
+      devInteractions: { enabled: true },
       clientCredentials: { enabled: true },
       introspection: {
         enabled: true,
@@ -195,6 +240,9 @@ function providerFor(issuer) {
         enabled: true,
         defaultResource: (ctx, client, oneOf) => oneOf ?? 'https://api.test',
         getResourceServerInfo: (ctx, resource) => resourceServerInfo(resource),
+        // The code flow's access token is for the resource granted (a JWT for
+        // https://api.test by default), not an opaque one for userinfo.
+        useGrantedResource: () => true,
       },
     },
   });
@@ -230,23 +278,24 @@ function providerFor(issuer) {
     await next();
 
     if (ctx.method === 'POST' && path === ROUTES.token && ctx.status === 200) {
-      const token = ctx.oidc?.entities?.ClientCredentials;
+      // ClientCredentials: client_credentials; AccessToken: authorization_code.
+      const token = ctx.oidc?.entities?.ClientCredentials ?? ctx.oidc?.entities?.AccessToken;
       const value = ctx.body?.access_token;
       if (token?.format === 'jwt' && typeof value === 'string') {
         const claims = JSON.parse(Buffer.from(value.split('.')[1], 'base64url').toString('utf8'));
         issuedJwts.set(token.jti, digest(value));
-        // A plain stored copy of the token, which the provider can introspect and revoke.
-        await provider.ClientCredentials.adapter.upsert(token.jti, {
+        // A plain stored copy of the token (its model's fields but the
+        // format), which the provider can introspect and revoke.
+        const copy = {};
+        for (const key of token.constructor.IN_PAYLOAD) {
+          if (key !== 'format' && token[key] !== undefined) copy[key] = token[key];
+        }
+        await token.constructor.adapter.upsert(token.jti, {
+          ...copy,
           iat: claims.iat,
           exp: claims.exp,
           jti: token.jti,
-          kind: 'ClientCredentials',
-          clientId: token.clientId,
-          aud: token.aud,
-          scope: token.scope,
-          'x5t#S256': token['x5t#S256'],
-          jkt: token.jkt,
-          extra: token.extra,
+          kind: token.kind,
         }, Math.max(1, claims.exp - Math.floor(Date.now() / 1000)));
       }
     }
@@ -259,11 +308,44 @@ function providerFor(issuer) {
 // ----- the HTTPS server -----------------------------------------------------
 
 const tls = config.tls ?? {};
-let handle; // the provider's request handler, once it exists
+let provider; // the provider, once it exists
+let handle; // its request handler
 
 function json(res, status, body) {
   res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store' });
   res.end(JSON.stringify(body));
+}
+
+async function readJson(req) {
+  const chunks = [];
+  for await (const chunk of req) chunks.push(chunk);
+  return JSON.parse(Buffer.concat(chunks).toString('utf8'));
+}
+
+// PUT /__clients/<client_id>/redirect_uris: replaces the redirect URIs of a
+// configured client, checked as at registration. oidc-provider keeps one
+// instance of each configured client and reads its redirectUris on every
+// request, so the change holds from the next request on.
+async function setRedirectUris(req, res, clientId) {
+  let uris;
+  try {
+    uris = await readJson(req);
+  } catch {
+    return json(res, 400, { error: 'invalid_request', error_description: 'a JSON array of URIs is expected' });
+  }
+  if (!Array.isArray(uris) || !uris.every((uri) => typeof uri === 'string')) {
+    return json(res, 400, { error: 'invalid_request', error_description: 'a JSON array of URIs is expected' });
+  }
+  const client = await provider.Client.find(clientId);
+  if (!client) return json(res, 404, { error: 'invalid_client', error_description: `no client ${clientId}` });
+  const redirectUris = uris.length || !client.responseTypes.length ? uris : [NO_REDIRECT_URI];
+  try {
+    await provider.Client.validate({ ...client.metadata(), redirect_uris: redirectUris });
+  } catch (err) {
+    return json(res, 400, { error: err.message, error_description: err.error_description });
+  }
+  client.redirectUris = redirectUris;
+  return json(res, 200, { client_id: clientId, redirect_uris: redirectUris });
 }
 
 const server = https.createServer({
@@ -278,6 +360,13 @@ const server = https.createServer({
   if (url.pathname === '/__stats/reset' && req.method === 'POST') {
     for (const key of Object.keys(stats)) stats[key] = 0;
     return json(res, 200, stats);
+  }
+  const admin = url.pathname.match(/^\/__clients\/([^/]+)\/redirect_uris$/);
+  if (admin && req.method === 'PUT' && provider) {
+    return setRedirectUris(req, res, decodeURIComponent(admin[1])).catch((err) => {
+      console.error('redirect_uris', err);
+      json(res, 500, { error: 'server_error' });
+    });
   }
   if (req.method === 'POST') {
     if (url.pathname === ROUTES.token) stats.tokens += 1;
@@ -303,6 +392,14 @@ process.on('SIGINT', shutdown);
 server.listen(config.port ?? 0, host, () => {
   const { port } = server.address();
   const issuer = config.issuer ?? `https://${host.includes(':') ? `[${host}]` : host}:${port}`;
-  handle = providerFor(issuer).callback();
-  process.stdout.write(`READY ${port}\n`);
+  provider = providerFor(issuer);
+  handle = provider.callback();
+  // Configured clients are checked on first use: check them all now, so that
+  // a bad one stops the launcher before READY rather than failing a request.
+  Promise.all(clients.map((c) => provider.Client.find(c.client_id))).then(() => {
+    process.stdout.write(`READY ${port}\n`);
+  }, (err) => {
+    console.error('invalid client metadata:', err.message, err.error_description ?? '');
+    process.exit(1);
+  });
 });

@@ -15,7 +15,18 @@ unbound    ``client_secret_basic``         unbound bearer tokens (DPoP-bound if 
                                            DPoP proof is sent)
 rs-client  ``client_secret_basic``         none: the resource server, which may
                                            introspect and revoke any token
+web-client ``client_secret_basic``         a relying party's browser login: the
+                                           authorization code flow, PKCE S256
+                                           required; ES256 ID tokens, JWT access
+                                           tokens for ``https://api.test``
 ========== =============================== ==========================================
+
+The login and consent pages are oidc-provider's development interactions
+(``/interaction/<uid>``): any login name with any password is an account, whose
+e-mail is ``<name>@example.test``; :class:`tests.support.browser.Browser` fills
+them in. web-client's redirect URIs are given when the provider is made
+(``redirect_uris=[...]``) or later with :meth:`OidcProvider.set_redirect_uris`,
+which takes effect at once, without a restart.
 
 Which certificate a bound client holds is given when the provider is made
 (``bound={"bound": alice, "bound2": mallory}``). Every request here goes to
@@ -32,12 +43,16 @@ forgets every token issued before it (they introspect as inactive).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import requests
@@ -52,8 +67,11 @@ __all__ = [
     "API_RESOURCE",
     "OPAQUE_RESOURCE",
     "SECRETS",
+    "WEB_CLIENT",
+    "AuthorizationRequest",
     "OidcProvider",
     "decode_jwt",
+    "pkce_pair",
     "require_oidc_provider",
     "x5t_s256",
 ]
@@ -64,11 +82,18 @@ LAUNCHER = IDP_DIR / "launcher.mjs"
 API_RESOURCE = "https://api.test"
 OPAQUE_RESOURCE = "https://opaque.test"
 
+#: The confidential client of the browser login (authorization code flow).
+WEB_CLIENT = "web-client"
+
 #: client_secret_basic secrets of the clients that have one.
 SECRETS: dict[str, str] = {
     "unbound": "unbound-secret-0123456789abcdef",
     "rs-client": "rs-client-secret-0123456789abcdef",
+    WEB_CLIENT: "web-client-secret-0123456789abcdef",
 }
+
+#: What a relying party asks for at login; oidc-provider also knows ``read`` and ``write``.
+LOGIN_SCOPE = "openid profile email"
 
 
 def require_oidc_provider() -> str:
@@ -101,6 +126,24 @@ def x5t_s256(cert: Issued | str) -> str:
     return base64.urlsafe_b64encode(digest.finalize()).rstrip(b"=").decode("ascii")
 
 
+def pkce_pair() -> tuple[str, str]:
+    """A fresh PKCE ``(code_verifier, code_challenge)``, S256 (RFC 7636)."""
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode("ascii")).digest()).rstrip(b"=")
+    return verifier, challenge.decode("ascii")
+
+
+@dataclass(frozen=True)
+class AuthorizationRequest:
+    """An authorization code request as a relying party makes it, with the secrets it keeps."""
+
+    url: str
+    redirect_uri: str
+    state: str
+    nonce: str
+    code_verifier: str | None
+
+
 def new_signing_key() -> dict[str, Any]:
     """A fresh private ES256 JWK with its thumbprint as ``kid``."""
     key = ECKey.generate_key("P-256", parameters={"alg": "ES256", "use": "sig"}, private=True, auto_kid=True)
@@ -113,7 +156,8 @@ class OidcProvider:
     ``directory`` holds its configuration, keys, TLS files and log (``idp.log``).
     ``ca`` issues its server certificate (a new :class:`DevCA` in ``directory``
     if not given); ``bound`` maps client ids to the certificate each holds;
-    ``extra_clients`` are further launcher client specs (see launcher.mjs).
+    ``extra_clients`` are further launcher client specs (see launcher.mjs);
+    ``redirect_uris`` are web-client's (see :meth:`set_redirect_uris`).
     """
 
     def __init__(
@@ -125,12 +169,14 @@ class OidcProvider:
         extra_clients: Sequence[Mapping[str, Any]] = (),
         access_token_ttl: int = 600,
         startup_timeout: float = 30.0,
+        redirect_uris: Sequence[str] = (),
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ca = ca if ca is not None else DevCA(self.directory / "ca")
         self.bound: dict[str, Issued] = dict(bound or {})
         self.extra_clients = [dict(c) for c in extra_clients]
+        self.redirect_uris: list[str] = list(redirect_uris)
         self.access_token_ttl = access_token_ttl
         self.startup_timeout = startup_timeout
         self.keys_path = self.directory / "keys.json"
@@ -206,6 +252,13 @@ class OidcProvider:
                 "secret": SECRETS["rs-client"],
                 "introspect": True,
             },
+            {
+                "client_id": WEB_CLIENT,
+                "auth": "client_secret_basic",
+                "secret": SECRETS[WEB_CLIENT],
+                "code": True,
+                "redirect_uris": self.redirect_uris,
+            },
             *self.extra_clients,
         ]
         return {
@@ -264,6 +317,14 @@ class OidcProvider:
     @property
     def token_endpoint(self) -> str:
         return f"{self.issuer}/token"
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self.issuer}/auth"
+
+    @property
+    def userinfo_endpoint(self) -> str:
+        return f"{self.issuer}/me"
 
     @property
     def introspection_endpoint(self) -> str:
@@ -363,6 +424,76 @@ class OidcProvider:
         """RFC 7009 revocation; a revoked token (JWT or opaque) introspects as inactive."""
         response = self._post("/token/revocation", data={"token": token}, auth=(client, SECRETS[client]))
         response.raise_for_status()
+
+    # ----- the browser login: authorization code + PKCE -----------------------
+
+    def set_redirect_uris(self, redirect_uris: Sequence[str], client: str = WEB_CLIENT) -> None:
+        """Make ``redirect_uris`` the only redirect URIs of web-client, at once and for later restarts.
+
+        A running provider takes them without a restart (tokens and login
+        sessions survive); URIs it would refuse at registration raise
+        :class:`ValueError`. With none, no redirect URI is accepted.
+        """
+        uris = list(redirect_uris)
+        if self.running:
+            response = self._http.put(
+                f"{self.issuer}/__clients/{client}/redirect_uris", json=uris, verify=self.ca_file, timeout=10
+            )
+            if response.status_code != 200:
+                raise ValueError(f"redirect URIs {uris} refused: {response.status_code} {response.text}")
+        if client == WEB_CLIENT:
+            self.redirect_uris = uris
+        else:
+            for spec in self.extra_clients:
+                if spec.get("client_id") == client:
+                    spec["redirect_uris"] = uris
+
+    def authorization_request(
+        self,
+        redirect_uri: str,
+        *,
+        scope: str = LOGIN_SCOPE,
+        client: str = WEB_CLIENT,
+        pkce: bool = True,
+        **params: str,
+    ) -> AuthorizationRequest:
+        """A code flow request with fresh ``state``, ``nonce`` and (unless ``pkce=False``) S256 PKCE.
+
+        ``params`` are added to the query (``prompt``, ``resource``, ``login_hint``...;
+        ``state=``/``nonce=`` override the fresh ones).
+        """
+        state = params.pop("state", None) or secrets.token_urlsafe(16)
+        nonce = params.pop("nonce", None) or secrets.token_urlsafe(16)
+        query = {
+            "client_id": client,
+            "response_type": "code",
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": state,
+            "nonce": nonce,
+        }
+        verifier = None
+        if pkce:
+            verifier, challenge = pkce_pair()
+            query.update(code_challenge=challenge, code_challenge_method="S256")
+        query.update(params)
+        return AuthorizationRequest(
+            f"{self.authorization_endpoint}?{urlencode(query)}", redirect_uri, state, nonce, verifier
+        )
+
+    def code_token_response(
+        self,
+        code: str,
+        redirect_uri: str,
+        code_verifier: str | None,
+        client: str = WEB_CLIENT,
+        **data: str,
+    ) -> requests.Response:
+        """The raw token response for an authorization code (client_secret_basic)."""
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, **data}
+        if code_verifier is not None:
+            form["code_verifier"] = code_verifier
+        return self._post("/token", data=form, auth=(client, SECRETS[client]))
 
     # ----- HTTP ------------------------------------------------------------
 
