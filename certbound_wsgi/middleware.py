@@ -187,7 +187,7 @@ class CertBoundMiddleware:
                 "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
             )
         set_cookie = None
-        if self.sessions is not None and self.sessions.unsigned(environ) is None:
+        if self.sessions is not None and not self.sessions.is_live(environ):
             # RFC-free but Kong-compatible: a successful token login opens a session that
             # remembers the token's bindings, and demands them on every later use.
             jkt = jkt_of(claims)
@@ -215,6 +215,9 @@ class CertBoundMiddleware:
             record.claims, self.settings.scopes_claim
         ):
             raise InsufficientScope("the session lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
+        # Only now, with every proof checked, may the use renew or touch the session.
+        if self.sessions is not None:
+            session = self.sessions.touch(session)
         return Identity(record.claims, None, thumbprint, "session", session.set_cookie)
 
     # -- the session endpoints ------------------------------------------------------

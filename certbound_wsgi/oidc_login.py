@@ -99,7 +99,9 @@ class BrowserLogin:
         }
         location = self._endpoint("authorization_endpoint")
         location += ("&" if "?" in location else "?") + urlencode(params)
-        state_cookie = self._sessions.cookie(self._sessions.signed(state), max_age=LOGIN_TTL, name=self._state_cookie)
+        # Lax, and scoped to the callback: the issuer's redirect back is a cross-site top-level GET.
+        state_cookie = self._sessions.cookie(self._sessions.signed(state), max_age=LOGIN_TTL, name=self._state_cookie,
+                                             path=self.callback_path, same_site="Lax")
         return "302 Found", [("Location", location), ("Set-Cookie", state_cookie), ("Cache-Control", "no-store")]
 
     def callback(self, environ: WSGIEnvironment) -> tuple[Session, str]:
@@ -107,7 +109,10 @@ class BrowserLogin:
 
         :raises AuthError: the login failed (the browser gets 401 with the reason).
         """
-        params = dict(parse_qsl(environ.get("QUERY_STRING", ""), max_num_fields=20))
+        try:
+            params = dict(parse_qsl(environ.get("QUERY_STRING", ""), max_num_fields=20))
+        except ValueError:
+            raise InvalidRequest("the login callback has too many parameters") from None
         if "error" in params:
             raise InvalidToken(f"the login failed at the issuer: {params['error'][:64]}", error="access_denied")
         code, state = params.get("code"), params.get("state")
@@ -130,7 +135,7 @@ class BrowserLogin:
 
     @property
     def clear_state_cookie(self) -> str:
-        return self._sessions.clear_cookie(self._state_cookie)
+        return self._sessions.clear_cookie(self._state_cookie, path=self.callback_path)
 
     def _exchange(self, code: str, verifier: str) -> dict[str, Any]:
         s = self._settings

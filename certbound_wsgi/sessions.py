@@ -132,7 +132,10 @@ class _RedisStore:
             raise TemporarilyUnavailable("the session store is unavailable", retry_after=2) from None
 
     def delete(self, key: str) -> None:
-        self._redis.delete(key)
+        try:
+            self._redis.delete(key)
+        except RedisUnavailable:
+            raise TemporarilyUnavailable("the session store is unavailable", retry_after=2) from None
 
 
 class Sessions:
@@ -171,10 +174,11 @@ class Sessions:
 
     # -- cookies ----------------------------------------------------------------------
 
-    def cookie(self, value: str, max_age: int | None = None, name: str | None = None) -> str:
-        """A ``Set-Cookie`` value with the configured attributes."""
+    def cookie(self, value: str, max_age: int | None = None, name: str | None = None, *,
+               path: str | None = None, same_site: str | None = None) -> str:
+        """A ``Set-Cookie`` value with the configured attributes (``path`` and ``same_site`` override them)."""
         s = self._settings
-        parts = [f"{name or self._cookie}={value}", f"Path={s.session_cookie_path or '/'}"]
+        parts = [f"{name or self._cookie}={value}", f"Path={path or s.session_cookie_path or '/'}"]
         if s.session_cookie_domain:
             parts.append(f"Domain={s.session_cookie_domain}")
         if max_age is not None:
@@ -183,11 +187,11 @@ class Sessions:
             parts.append("Secure")
         if s.session_cookie_http_only:
             parts.append("HttpOnly")
-        parts.append(f"SameSite={s.session_cookie_same_site}")
+        parts.append(f"SameSite={same_site or s.session_cookie_same_site}")
         return "; ".join(parts)
 
-    def clear_cookie(self, name: str | None = None) -> str:
-        return self.cookie("", max_age=0, name=name)
+    def clear_cookie(self, name: str | None = None, *, path: str | None = None) -> str:
+        return self.cookie("", max_age=0, name=name, path=path)
 
     def signed(self, value: str) -> str:
         """``value.mac``: what a cookie carries."""
@@ -225,7 +229,10 @@ class Sessions:
         return Session(sid, record, self.cookie(self.signed(sid)))
 
     def load(self, environ: WSGIEnvironment) -> Session | None:
-        """The request's live session, renewed when due; ``None`` when there is no valid cookie.
+        """The request's live session; ``None`` when there is no valid cookie or no such session.
+
+        Nothing is written: the caller checks the session's proofs first, then calls :meth:`touch`,
+        so that a refused request (a stolen cookie) can neither renew nor end the owner's session.
 
         :raises InvalidToken: the session has expired (its cookie is cleared).
         :raises TemporarilyUnavailable: the session store cannot be asked.
@@ -233,8 +240,7 @@ class Sessions:
         sid = self.unsigned(environ)
         if sid is None:
             return None
-        key = self._sealer.key_name("sid", sid)
-        data = self._fetch(key)
+        data = self._fetch(self._sealer.key_name("sid", sid))
         record = SessionRecord.from_bytes(data) if data is not None else None
         if record is None:
             return None
@@ -245,21 +251,48 @@ class Sessions:
             or (s.session_idling_timeout and now - record.seen > s.session_idling_timeout)
             or (s.session_rolling_timeout and now - record.rolled > s.session_rolling_timeout)
         ):
-            self._delete(key)
+            # Expired for everyone, so there is nothing to protect by proof first.
+            try:
+                self._delete(self._sealer.key_name("sid", sid))
+            except TemporarilyUnavailable:
+                pass  # the record expires in the store by itself
             raise InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())])
+        return Session(sid, record)
+
+    def touch(self, session: Session) -> Session:
+        """After a successful use: renew the id when due, or record the use.
+
+        :returns: the session to go on with; its ``set_cookie`` is set when the id changed.
+        """
+        s = self._settings
+        record = session.record
+        now = self._clock()
         if s.session_rolling_timeout and now - record.rolled > s.session_rolling_timeout / 2:
             # Renew: a new id for the same record; the old id stops working.
             renewed = replace(record, rolled=now, seen=now)
             new_sid = secrets.token_urlsafe(32)
             self._put(new_sid, renewed)
-            self._delete(key)
+            self._delete(self._sealer.key_name("sid", session.sid))
             return Session(new_sid, renewed, self.cookie(self.signed(new_sid)))
         if now - record.seen > min(60.0, (s.session_idling_timeout or 600) / 10):
             record = replace(record, seen=now)
-            self._put(sid, record)
-        return Session(sid, record)
+            self._put(session.sid, record)
+            return Session(session.sid, record)
+        return session
+
+    def is_live(self, environ: WSGIEnvironment) -> bool:
+        """Whether the request carries the cookie of a session that still exists."""
+        try:
+            return self.load(environ) is not None
+        except InvalidToken:
+            return False
 
     def destroy(self, environ: WSGIEnvironment) -> None:
+        """End the request's session.
+
+        :raises TemporarilyUnavailable: the store cannot be asked; the session may live on, so do not
+            tell the user they are logged out.
+        """
         sid = self.unsigned(environ)
         if sid is not None:
             self._delete(self._sealer.key_name("sid", sid))

@@ -148,13 +148,17 @@ class RedisCache:
             raise RedisUnavailable() from None
 
     def delete(self, key: str) -> None:
-        """Remove ``key``; Redis trouble is logged and counted, not raised."""
+        """Remove ``key``.
+
+        :raises RedisUnavailable: Redis cannot be asked now, so the key may still be there.
+        """
         if not self.available:
-            return
+            raise RedisUnavailable()
         try:
             self._client.delete(key)
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
+            raise RedisUnavailable() from None
 
     def add_once(self, key: str, ttl: float) -> bool | None:
         """``SET key NX`` with a TTL: True if it was new, False if it existed, None if Redis cannot be asked."""
