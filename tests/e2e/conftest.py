@@ -22,6 +22,7 @@ from joserfc.jwk import ECKey, KeySet
 from certbound_wsgi.devpki import Issued
 from tests.support import idp_fixtures
 from tests.support.idp import API_RESOURCE, OidcProvider
+from tests.support.procs import free_port
 from tests.support.servers import UWSGI, Gunicorn, Nginx, start_gunicorn, start_nginx, start_uwsgi
 
 pki = idp_fixtures.pki
@@ -76,8 +77,18 @@ class StackFactory:
         self._stacks: dict[tuple[Any, ...], Stack] = {}
 
     def __call__(self, provider: OidcProvider, upstream: str = "gunicorn", workers: int = 2, **options: str) -> Stack:
+        """The stack for this configuration (started once, then cached).
+
+        ``{nginx_url}`` in an option's value becomes the stack's public URL
+        (``https://127.0.0.1:<nginx port>``, the port reserved before the app starts),
+        e.g. ``redirect_uri="{nginx_url}/callback"``.
+        """
         key = (id(provider), upstream, workers, tuple(sorted(options.items())))
         if key not in self._stacks:
+            nginx_port = free_port() if any("{nginx_url}" in value for value in options.values()) else None
+            if nginx_port is not None:
+                url = f"https://127.0.0.1:{nginx_port}"
+                options = {name: value.replace("{nginx_url}", url) for name, value in options.items()}
             env = app_env(provider, **options)
             logs = self._tmp.mktemp(f"{upstream}-logs")
             server: Gunicorn | UWSGI
@@ -89,7 +100,7 @@ class StackFactory:
                 backend = f"127.0.0.1:{server.port}"
             try:
                 nginx = start_nginx(self._tmp.mktemp(f"nginx-{upstream}"), upstream, backend,  # type: ignore[arg-type]
-                                    self._pki.server)
+                                    self._pki.server, port=nginx_port)
             except BaseException:
                 server.stop()
                 raise

@@ -62,13 +62,13 @@ class Nginx:
     :ivar prefix: nginx's ``-p`` directory: configuration, pid, logs and temporary files.
     """
 
-    def __init__(self, binary: str, prefix: Path, render_args: dict[str, Any]) -> None:
+    def __init__(self, binary: str, prefix: Path, render_args: dict[str, Any], port: int | None = None) -> None:
         self.binary = binary
         self.prefix = prefix
         self.conf = prefix / "nginx.conf"
         self.error_log = prefix / "error.log"
         self.access_log = prefix / "access.log"
-        self.port = free_port()
+        self.port = port if port is not None else free_port()
         self._render_args = {**render_args, "listen": f"127.0.0.1:{self.port}"}
         self._write_and_test()
         self.process = Process(self._argv(), prefix / "nginx.out")
@@ -130,6 +130,8 @@ def start_nginx(
     backend: str,
     server_cert: Issued,
     client_ca: Path | str | None = None,
+    *,
+    port: int | None = None,
     **render_args: Any,
 ) -> Nginx:
     """Render the shipped configuration for ``upstream`` in front of ``backend``, check it with
@@ -140,6 +142,8 @@ def start_nginx(
     :param backend: ``127.0.0.1:<port>`` of the application server.
     :param server_cert: nginx's certificate and key.
     :param client_ca: require client certificates from this CA (``ssl_verify_client on``).
+    :param port: the port to listen on (e.g. one reserved with ``free_port`` so that the app can be told
+        its public URL before nginx starts); default: a free port.
     :param render_args: further keyword arguments of ``render`` (e.g. ``server_name``).
     """
     binary = require_binary("nginx", "/usr/sbin/nginx")
@@ -155,6 +159,7 @@ def start_nginx(
             "client_ca": client_ca,
             **render_args,
         },
+        port,
     )
 
 
