@@ -1,0 +1,202 @@
+"""``python -m bench.profile``: where the time of each request path goes.
+
+Two views of each path (warm JWT, cold JWT, cold JWT with a full memo, L1 and
+L2 introspection hits): cProfile's functions by own time, and a stage-by-stage
+timing of the warm path, each stage timed alone in a loop, so that what a
+change would save can be read off directly. Not part of ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import hmac
+import io
+import pstats
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from certbound_wsgi.binding import check_mtls
+from certbound_wsgi.claims import copy_json
+from certbound_wsgi.jwt_tokens import looks_like_jwt
+from certbound_wsgi.middleware import CertBoundMiddleware, Identity
+
+from .fixtures import ISSUER, FakeIntrospection, Workspace, environ_factory, hello_app, opaque_tokens, start_response
+from .timing import loop_us, median
+
+__all__ = ["main"]
+
+
+def _profile(label: str, run: Callable[[], Any], top: int, out: io.TextIOBase) -> None:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream).strip_dirs().sort_stats("tottime")
+    stats.print_stats(top)
+    text = stream.getvalue()
+    body = text[text.find("   ncalls"):]
+    print(f"\n=== {label}: cProfile, top {top} by own time ===\n{body}", file=out)
+
+
+def _per_call_ns(fn: Callable[[], Any], iterations: int = 100_000, rounds: int = 5) -> float:
+    samples = []
+    for _ in range(rounds):
+        begin = time.perf_counter_ns()
+        for _ in range(iterations):
+            fn()
+        samples.append((time.perf_counter_ns() - begin) / iterations)
+    return median(samples)
+
+
+@contextlib.contextmanager
+def _redis(ws: Workspace) -> Iterator[str]:
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer(ws.directory / "profile-redis")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def warm_stages(ws: Workspace, out: io.TextIOBase) -> None:
+    """The warm JWT path, one stage at a time (each on a fresh ``str``, as a server would pass it)."""
+    settings = ws.settings()
+    mw = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    token = ws.tokens(1)[0]
+    make = environ_factory([token], ws.cert_value)
+    mw(make(0), start_response)
+    environ = make(0)
+    header = ("Bearer " + token).encode()
+    cert = ws.cert_value.encode()
+    assert mw.jwt is not None
+    claims = mw.jwt.validate(token)
+    thumbprint = mw.certificates.thumbprint(environ)
+    credential = mw.credentials.read(environ)
+    assert credential is not None
+
+    def fresh_env() -> dict[str, Any]:
+        env = dict(environ)
+        env["HTTP_AUTHORIZATION"] = header.decode("latin-1")
+        env["SSL_CLIENT_CERT"] = cert.decode("latin-1")
+        return env
+
+    def fresh_token() -> str:
+        return header.decode("latin-1")[7:]
+
+    # (stage, what to time, what part of that is the server's work and is subtracted)
+    stages: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
+        ("credentials.read (partition, strip, b64token regex)", lambda: mw.credentials.read(fresh_env()), fresh_env),
+        ("certificates.thumbprint (lru_cache keyed by the PEM text)",
+         lambda: mw.certificates.thumbprint(fresh_env()), fresh_env),
+        ("looks_like_jwt (str.count over the token)", lambda: looks_like_jwt(fresh_token()), fresh_token),
+        ("jwt.validate, memo hit (hash of the token, clock)",
+         lambda: mw.jwt.validate(fresh_token()), fresh_token),  # type: ignore[union-attr]
+        ("check_mtls (two encode() and hmac.compare_digest)", lambda: check_mtls("strict", claims, thumbprint), None),
+        ("Identity(...)", lambda: Identity(claims, token, thumbprint, "bearer"), None),
+        ("copy_json(claims): the deep copy put in the environ", lambda: copy_json(claims), None),
+        ("  for scale: dict(claims), a shallow copy", lambda: dict(claims), None),
+        ("= middleware.authenticate, whole", lambda: mw.authenticate(fresh_env()), fresh_env),
+        ("= middleware __call__ + hello app, whole", lambda: mw(fresh_env(), start_response), fresh_env),
+        ("  hello app alone", lambda: hello_app(fresh_env(), start_response), fresh_env),
+    ]
+    print("\n=== warm JWT path, stage by stage (ns per call, median of 5 x 100,000) ===", file=out)
+    for name, fn, server in stages:
+        ns = _per_call_ns(fn) - (_per_call_ns(server) if server is not None else 0)
+        print(f"  {ns:8.0f} ns  {name}", file=out)
+
+    # The certificate memo: a hit still hashes the whole PEM text (a new str per request).
+    pem = cert.decode("latin-1")
+    print(f"  (hash of a fresh {len(pem)}-char certificate string: "
+          f"{_per_call_ns(lambda: hash(cert.decode('latin-1'))) - _per_call_ns(lambda: cert.decode('latin-1')):.0f} ns;"
+          f" of a fresh {len(token)}-char token: "
+          f"{_per_call_ns(lambda: hash(fresh_token())) - _per_call_ns(fresh_token):.0f} ns)", file=out)
+    key = b"k" * 32
+    print(f"  (for scale: hmac.new(...).hexdigest() of the token: "
+          f"{_per_call_ns(lambda: hmac.new(key, token.encode(), 'sha256').hexdigest(), 20000):.0f} ns)", file=out)
+
+
+def cold_memo(ws: Workspace, out: io.TextIOBase, fill: int) -> None:
+    """The cold path with an empty memo and with a full one (every insert evicts the oldest)."""
+    settings = ws.settings()
+    print(f"\n=== cold JWT path: empty memo vs full memo ({settings.token_cache_size:,} entries) ===", file=out)
+    empty = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    full = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    assert full.jwt is not None
+    for token in ws.tokens(fill):
+        full.jwt.validate(token)
+    print(f"  filled the memo with {full.jwt.memo_size():,} tokens", file=out)
+    results: dict[str, list[float]] = {"empty": [], "full": []}
+    for _ in range(5):
+        for name, mw in (("empty", empty), ("full", full)):
+            results[name].append(loop_us(mw, environ_factory(ws.tokens(300), ws.cert_value), 300))
+    for name, samples in results.items():
+        print(f"  {median(samples):7.1f} µs/request, memo {name}  (samples {', '.join(f'{s:.0f}' for s in samples)})",
+              file=out)
+    # The eviction alone: pop the oldest of a dict kept at a fixed size, as JWTValidator._remember does.
+    memo = {f"k{i}": i for i in range(settings.token_cache_size)}
+    counter = iter(range(10**9))
+
+    def evict_and_insert() -> None:
+        while len(memo) >= settings.token_cache_size:
+            memo.pop(next(iter(memo)), None)
+        memo[f"x{next(counter)}"] = 0
+
+    print(f"  eviction + insert alone: {_per_call_ns(evict_and_insert, 20000):.0f} ns per insert "
+          "(next(iter(dict)) skips the slots of every entry evicted since the dict was last resized)", file=out)
+
+    cold_env = environ_factory(ws.tokens(1500), ws.cert_value)  # minted before the profiler starts
+
+    def cold_run() -> None:
+        loop_us(full, cold_env, 1500)
+
+    _profile("cold JWT path, full memo", cold_run, 25, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
+    parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--fill", type=int, default=10_000, help="tokens to fill the memo with (default 10000)")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    out: io.TextIOBase = sys.stdout  # type: ignore[assignment]
+    ws = Workspace()
+
+    settings = ws.settings()
+    warm = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    warm_env = environ_factory(ws.tokens(1), ws.cert_value)
+    loop_us(warm, warm_env, 1000)
+    _profile("warm JWT path (memo hit)", lambda: loop_us(warm, warm_env, 200_000), args.top, out)
+    warm_stages(ws, out)
+    cold_memo(ws, out, args.fill)
+
+    intro = ws.settings(auth_methods=("introspection",), client_id="bench", client_secret="bench-secret",
+                        introspection_endpoint=ISSUER + "/token/introspection")
+    l1 = CertBoundMiddleware(hello_app, intro, discovery=ws.discovery(intro))
+    l1.introspection._client = FakeIntrospection(ws.introspection_answer())  # type: ignore[union-attr]
+    opaque = environ_factory(opaque_tokens(1), ws.cert_value)
+    loop_us(l1, opaque, 1000)
+    _profile("introspection, L1 hit", lambda: loop_us(l1, opaque, 100_000), args.top, out)
+
+    with _redis(ws) as url:
+        shared = ws.settings(auth_methods=("introspection",), client_id="bench", client_secret="bench-secret",
+                             introspection_endpoint=ISSUER + "/token/introspection", redis_url=url,
+                             cache_secret="bench-cache-secret-0123456789", cache_l1_ttl=0)
+        l2 = CertBoundMiddleware(hello_app, shared, discovery=ws.discovery(shared))
+        l2.introspection._client = FakeIntrospection(ws.introspection_answer())  # type: ignore[union-attr]
+        assert l2.introspection is not None
+        key_name = l2.introspection._key_name
+        opaque_token = opaque(0)["HTTP_AUTHORIZATION"][7:]
+        print(f"\n  introspection cache key per request (HMAC-SHA256 of endpoint and token): "
+              f"{_per_call_ns(lambda: key_name(opaque_token), 20000):.0f} ns", file=out)
+        loop_us(l2, opaque, 100)
+        _profile("introspection, L2 (Redis) hit", lambda: loop_us(l2, opaque, 10_000), args.top, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
