@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from joserfc import jws
+from joserfc.jwk import ECKey, OKPKey
 from werkzeug.test import Client, TestResponse
 
 from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING, THUMBPRINT_MISMATCH
@@ -259,6 +261,26 @@ def test_rsa_key(alg: str, make_client: MakeClient, issuer: TestIssuer) -> None:
     token = issuer.token(cnf={"jkt": rsa.jkt})
     proof = rsa.proof("GET", HTU, token, header={"alg": alg})
     assert_passed(send(make_client(**ON), token, proof), rsa.jkt)
+
+
+@pytest.mark.parametrize(
+    ("alg", "make_key"),
+    [
+        pytest.param("ES384", lambda: ECKey.generate_key("P-384", private=True), id="es384-p384"),
+        pytest.param("ES512", lambda: ECKey.generate_key("P-521", private=True), id="es512-p521"),
+        pytest.param("EdDSA", lambda: OKPKey.generate_key("Ed25519", private=True), id="eddsa-ed25519"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
+def test_other_key_types(alg: str, make_key: Callable[[], Any], make_client: MakeClient, issuer: TestIssuer) -> None:
+    private = make_key()
+    token = issuer.token(cnf={"jkt": private.thumbprint()})
+    header = {"typ": "dpop+jwt", "alg": alg, "jwk": private.as_dict(private=False)}
+    claims = {"jti": uuid.uuid4().hex, "htm": "GET", "htu": HTU, "iat": int(time.time()), "ath": ath(token)}
+    proof = jws.serialize_compact(header, json.dumps(claims).encode(), private, algorithms=[alg])
+    client = make_client(**ON)
+    assert_passed(send(client, token, proof), private.thumbprint())
+    assert_refused(send(client, token, proof), REPLAYED)
 
 
 # -- every check of RFC 9449 section 4.3 -------------------------------------------------
@@ -1140,6 +1162,7 @@ _CLAIMS = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
 @settings(max_examples=300, deadline=None)
 @given(header=_HEADER, claims=_CLAIMS, signer=st.sampled_from(["own", "other"]))
 def test_fuzz_signed_random_header_and_claims(fuzz: Fuzz, header: dict[str, Any], claims: dict[str, Any],
