@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 from typing import Any
 
-__all__ = ["copy_json", "equal_ascii", "number"]
+from joserfc.jws import JWSRegistry
+
+__all__ = ["copy_json", "equal_ascii", "jws_registry", "number"]
+
+#: The largest protected JWS header accepted, in bytes (a 4096-bit RSA JWK fits easily).
+MAX_HEADER_LENGTH = 4096
 
 
 def number(value: object) -> float | None:
@@ -37,3 +43,15 @@ def copy_json(value: Any) -> Any:
     if isinstance(value, list):
         return [copy_json(v) for v in value]
     return value
+
+
+@functools.lru_cache(maxsize=32)
+def jws_registry(alg: str) -> JWSRegistry:
+    """A joserfc registry allowing only ``alg``, with room for large headers.
+
+    joserfc's default caps a protected header at 512 bytes; a DPoP proof carries its
+    public key in the header, and a 2048-bit RSA JWK alone is larger than that.
+    """
+    registry = JWSRegistry(algorithms=[alg])
+    registry.max_header_length = MAX_HEADER_LENGTH
+    return registry

@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import json
 import os
+import re
+import string
 import struct
 import threading
 import time
@@ -29,7 +31,7 @@ from joserfc import jws
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from .claims import equal_ascii, number
+from .claims import equal_ascii, jws_registry, number
 from .errors import AuthError, InvalidRequest
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
@@ -40,6 +42,8 @@ MAX_PROOF_LENGTH = 8 * 1024
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _KEY_TYPES: dict[str, type[ECKey] | type[RSAKey] | type[OKPKey]] = {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 #: How long a server nonce stays valid; a fresh one is sent once a third of it is left.
 NONCE_LIFETIME = 300
 
@@ -90,7 +94,13 @@ def _normalize_uri(uri: str) -> str | None:
     if ":" in host:
         host = f"[{host}]"
     netloc = host if port in (None, _DEFAULT_PORTS[scheme]) else f"{host}:{port}"
-    return urlunsplit((scheme, netloc, parts.path or "/", "", ""))
+    return urlunsplit((scheme, netloc, _PERCENT.sub(_normalize_escape, parts.path) or "/", "", ""))
+
+
+def _normalize_escape(match: re.Match[str]) -> str:
+    """RFC 3986 section 6.2.2.1 and 6.2.2.2: upper-case escapes, and decode the unreserved ones."""
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
 def _json_segment(segment: str) -> dict[str, Any]:
@@ -133,6 +143,9 @@ class ReplayCache:
         :raises DPoPError: Redis cannot be asked and failing open is not allowed.
         """
         if self._redis is not None:
+            if self._seen and self._seen_here(key):
+                # Accepted here while Redis was down (fail open): still a replay now.
+                return False
             added = self._redis.add_once(key, ttl)
             if added is not None:
                 return bool(added)
@@ -151,6 +164,12 @@ class ReplayCache:
                     break
                 del self._seen[oldest]
         return True
+
+
+    def _seen_here(self, key: str) -> bool:
+        with self._lock:
+            expires = self._seen.get(key)
+        return expires is not None and expires > self._clock()
 
 
 class DPoPVerifier:
@@ -212,7 +231,12 @@ class DPoPVerifier:
 
     def htu(self, environ: WSGIEnvironment) -> str:
         """The request's URI without query and fragment, as the client addressed it."""
-        path = quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""), safe="/;=,:@!$&'()*+~")
+        # PEP 3333: the path arrives as latin-1-decoded bytes; quote those bytes, not their UTF-8.
+        raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        try:
+            path = quote(raw.encode("latin-1"), safe="/;=,:@!$&'()*+~")
+        except UnicodeEncodeError:
+            path = quote(raw, safe="/;=,:@!$&'()*+~")
         if self._base:
             return self._base + path
         scheme = str(environ.get("wsgi.url_scheme", "http"))
@@ -266,7 +290,7 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's jwk is not a valid key") from None
         # 4.3 (6): the signature, with the embedded key.
         try:
-            payload = jws.deserialize_compact(proof, key, algorithms=[alg]).payload
+            payload = jws.deserialize_compact(proof, key, registry=jws_registry(alg)).payload
         except (JoseError, ValueError, TypeError):
             raise DPoPError("the DPoP proof's signature is invalid") from None
         try:

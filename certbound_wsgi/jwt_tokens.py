@@ -19,7 +19,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from .claims import number
+from .claims import jws_registry, number
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -152,7 +152,7 @@ class JWTValidator:
     def _signed_payload(token: str, keys: list[Any], alg: str) -> bytes:
         for key in keys:
             try:
-                return bytes(jws.deserialize_compact(token, key, algorithms=[alg]).payload)
+                return bytes(jws.deserialize_compact(token, key, registry=jws_registry(alg)).payload)
             except (JoseError, ValueError, TypeError):
                 continue
         raise InvalidToken("the token's signature is invalid")

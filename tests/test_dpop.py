@@ -253,9 +253,6 @@ def test_accepted(overrides: dict[str, Any], build: Callable[[Ctx], dict[str, An
 
 
 @pytest.mark.parametrize("alg", [pytest.param("PS256", id="ps256"), pytest.param("RS256", id="rs256")])
-@pytest.mark.xfail(strict=True, reason="BUG: every RSA proof is refused as 'signature is invalid': "
-                   "jws.deserialize_compact uses joserfc's default JWSRegistry, whose max_header_length (512) is "
-                   "smaller than a protected header carrying a 2048-bit RSA jwk, although RS*/PS* are advertised")
 def test_rsa_key(alg: str, make_client: MakeClient, issuer: TestIssuer) -> None:
     rsa = DPoPKey("RSA")
     token = issuer.token(cnf={"jkt": rsa.jkt})
@@ -489,17 +486,11 @@ def test_public_base_url_governs_htu(base: str, htu: str, request_base: str, sta
         assert_refused(response, P + "htu does not match the request URI")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: htu is rebuilt by quote()-ing the PEP 3333 latin-1 PATH_INFO as UTF-8, "
-                   "so a non-ASCII path is double-encoded (/caf%C3%A9 -> /caf%C3%83%C2%A9) and the client's "
-                   "correct proof is refused with 401")
 def test_non_ascii_path_htu(make_client: MakeClient, ctx: Ctx) -> None:
     response = send(make_client(**ON), ctx.token, ctx.proof(htu="http://localhost/caf%C3%A9"), path="/caf%C3%A9")
     assert_passed(response, ctx.key.jkt)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (SHOULD of RFC 9449 section 4.3): no percent-encoding normalization "
-                   "(RFC 3986 section 6.2.2.2): a proof whose htu is the exact request URI /%7Euser is refused, "
-                   "since the server rebuilds /~user")
 def test_percent_encoded_unreserved_htu(make_client: MakeClient, ctx: Ctx) -> None:
     response = send(make_client(**ON), ctx.token, ctx.proof(htu="http://localhost/%7Euser"), path="/%7Euser")
     assert_passed(response, ctx.key.jkt)
@@ -894,9 +885,6 @@ def test_fail_open_falls_back_to_memory() -> None:
     assert opened.first_use("k", 10) is False
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with dpop_replay_fail_open, a proof accepted from memory while Redis "
-                   "was down is accepted again by the same process once Redis answers: first_use asks Redis only "
-                   "and never consults (or uploads) the memory entries")
 def test_fail_open_remembers_across_the_outage() -> None:
     redis = FlakyRedis()
     cache = ReplayCache(redis, fail_open=True)
@@ -1005,8 +993,6 @@ def test_middleware_with_redis_down(fail_open: bool, passes: bool, make_client: 
         redis_server.start()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: with dpop_replay_fail_open=true, a proof accepted while Redis was down "
-                   "is accepted a second time by the same worker once Redis is back (the memory entry is ignored)")
 def test_middleware_fail_open_replay_after_redis_returns(make_client: MakeClient, ctx: Ctx,
                                                          redis_server: RedisServer) -> None:
     client = make_client(**ON, redis_url=redis_server.url, cache_secret=SECRET, redis_timeout=0.5,
