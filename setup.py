@@ -36,7 +36,7 @@ setup(
         "flask": ["flask>=3.0"],
         "test": TEST + ["redis>=5"],
         "lint": ["ruff>=0.6", "mypy>=1.10", "types-requests", "flask>=3.0", "redis>=5", "pytest>=8"],
-        "docs": ["sphinx>=7", "myst-parser>=2"],
+        "docs": ["sphinx>=7", "myst-parser>=2", "flask>=3.0"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["certbound-wsgi = certbound_wsgi.cli:main"]},

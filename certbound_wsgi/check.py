@@ -56,7 +56,7 @@ def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
             warnings.append(
                 f"gunicorn binds to {bind}, which is not loopback and not in trusted_proxies: anyone who can "
                 f"reach it directly can send a forged {settings.client_cert_header} header. Bind to 127.0.0.1 "
-                "or a unix socket behind nginx."
+                "behind nginx (a unix socket has no peer address, so the header would never be believed)."
             )
     if settings.proof_of_possession_mtls == "off":
         warnings.append("proof_of_possession_mtls=off: certificate-bound tokens are not checked; a stolen one works.")

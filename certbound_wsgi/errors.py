@@ -78,6 +78,8 @@ class AuthError(Exception):
     :param description: a human-readable ``error_description``.
     :param status: the HTTP status.
     :param headers: extra response headers, such as ``Retry-After``.
+    :param scope: the ``scope`` auth-param, for ``insufficient_scope``.
+    :param scheme: the scheme (``Bearer`` or ``DPoP``) whose challenge carries the error.
     """
 
     status = 401

@@ -40,6 +40,7 @@ class CertBound:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
+        """Wrap ``app.wsgi_app`` in the middleware and register the extension."""
         settings = self._settings or Settings.from_mapping(app.config)
         self.middleware = CertBoundMiddleware(app.wsgi_app, settings, discovery=self._discovery)
         app.wsgi_app = self.middleware  # type: ignore[method-assign]

@@ -154,6 +154,16 @@ def _expiry(claims: Claims) -> float | None:
     return number(claims.get("exp"))
 
 
+class _Flight:
+    """One in-process introspection that other threads wait for."""
+
+    __slots__ = ("done", "entry")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.entry: Entry | None = None
+
+
 class IntrospectionValidator:
     """Validates tokens by introspection, through the L1 and L2 caches.
 
@@ -174,7 +184,7 @@ class IntrospectionValidator:
         self._stats = stats
         self._clock = clock
         self._audience = frozenset(settings.audience)
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[str, _Flight] = {}
         self._inflight_lock = threading.Lock()
         self._wait = settings.http_timeout + 0.5
 
@@ -198,25 +208,25 @@ class IntrospectionValidator:
 
     def _single_flight(self, key: str, token: str, stale: Entry | None) -> Entry:
         with self._inflight_lock:
-            running = self._inflight.get(key)
-            if running is None:
-                mine = self._inflight[key] = threading.Event()
-        if running is not None:
-            # Another thread of this process is asking: wait for its answer.
-            running.wait(self._wait)
-            entry = self._l1.get(key)
-            if entry is not None and self._clock() < entry.fresh_until:
-                return entry
-            stale = entry or stale
-            with self._inflight_lock:
-                mine = self._inflight.setdefault(key, threading.Event())
+            flight = self._inflight.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[key] = _Flight()
+        if not leader:
+            # Another thread of this process is asking: share its answer, or its failure,
+            # so that an outage costs the issuer one call per process, not one per thread.
+            if flight.done.wait(self._wait):
+                if flight.entry is not None:
+                    return flight.entry
+                raise TemporarilyUnavailable("the token cannot be introspected now", retry_after=5)
+            return self._shared(key, token, stale)  # the leader is stuck: don't wait forever
         try:
-            return self._shared(key, token, stale)
+            flight.entry = self._shared(key, token, stale)
+            return flight.entry
         finally:
             with self._inflight_lock:
-                if self._inflight.get(key) is mine:
-                    del self._inflight[key]
-            mine.set()
+                del self._inflight[key]
+            flight.done.set()
 
     def _shared(self, key: str, token: str, stale: Entry | None) -> Entry:
         l2 = self._l2

@@ -219,6 +219,31 @@ def test_single_flight_in_process() -> None:
     assert stats.snapshot()["introspections"] == 1
 
 
+def test_single_flight_shares_a_failure() -> None:
+    """An outage costs the issuer one call per process, not one per waiting thread."""
+    client = FakeClient(IntrospectionError("introspection answered 500"), delay=0.3)
+    v, stats = validator(client)
+    barrier = threading.Barrier(16)
+    results: list[Any] = []
+
+    def run() -> None:
+        barrier.wait(5)
+        try:
+            results.append(v.validate("one-token"))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 16
+    assert all(isinstance(r, TemporarilyUnavailable) and r.status == 503 for r in results)
+    assert client.calls == 1
+    assert stats.snapshot()["idp_errors"] == 1
+
+
 def test_inactive_token() -> None:
     client = FakeClient({"active": False})
     v, _ = validator(client)
