@@ -3,7 +3,10 @@
 Two views of each path (warm JWT, cold JWT, cold JWT with a full memo, L1 and
 L2 introspection hits): cProfile's functions by own time, and a stage-by-stage
 timing of the warm path, each stage timed alone in a loop, so that what a
-change would save can be read off directly. Not part of ``python -m bench``.
+change would save can be read off directly. With ``--gunicorn``, also py-spy
+(``pip install py-spy``) on a real gunicorn worker behind nginx under load: the
+middleware's share of each request where caches are not as warm as in a loop.
+Not part of ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pstats
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from certbound_wsgi.binding import check_mtls
@@ -158,10 +162,71 @@ def cold_memo(ws: Workspace, out: io.TextIOBase, fill: int) -> None:
     _profile("cold JWT path, full memo", cold_run, 25, out)
 
 
+def _spy_stacks(path: str) -> Iterator[tuple[list[str], int]]:
+    with open(path) as fh:
+        for line in fh:
+            stack, _, count = line.rstrip().rpartition(" ")
+            yield stack.split(";"), int(count)
+
+
+def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> None:
+    """py-spy on the one sync worker of a protected stack (hello app) under load, with alice's bound JWT."""
+    import collections
+    import shutil
+    import subprocess
+
+    from .e2e import _context, _stack, _tree, started_idp
+    from .loadgen import request_bytes, run_load, send_once
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("\n=== gunicorn worker: skipped, py-spy is not installed (pip install py-spy) ===", file=out)
+        return
+    with started_idp(ws) as provider:
+        request = request_bytes("/anything", "127.0.0.1", provider.token("bound"))
+        context = _context(ws)
+        stack = _stack(ws, provider, ws.ca.server(), "spy", worker_class="sync", protected=True, app="hello",
+                       workers=1)
+        try:
+            for _ in range(20):
+                send_once(stack.nginx.port, context, request)
+            worker = next(p for p in _tree(stack.gunicorn.process.pid) if p != stack.gunicorn.process.pid)
+            raw = ws.directory / "spy.txt"
+            recorder = subprocess.Popen([spy, "record", "-p", str(worker), "-d", str(int(seconds)), "-r", "1000",
+                                         "-f", "raw", "-o", str(raw)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)
+            load = run_load(stack.nginx.port, context, request, connections=4, duration=seconds, warmup=0)
+            recorder.wait(60)
+        finally:
+            stack.stop()
+    requests = load.requests
+    inside = collections.Counter()
+    app = 0
+    for frames, count in _spy_stacks(str(raw)):
+        calls = [i for i, frame in enumerate(frames) if "CertBoundMiddleware.__call__" in frame]
+        if not calls:
+            continue
+        if any("hello_app" in frame for frame in frames[calls[-1]:]):
+            app += count
+            continue
+        inside[frames[-1]] += count
+    total = sum(inside.values())
+    print(f"\n=== gunicorn sync worker behind nginx, py-spy at 1 kHz for {seconds:g} s, {requests} requests ===",
+          file=out)
+    # py-spy stops the worker for each sample: absolute times are inflated, shares are what to read.
+    print(f"  {total * 1000 / requests:6.1f} µs/request sampled in the middleware, app excluded (the hello app: "
+          f"{app * 1000 / requests:.1f} µs/request; sampling stops inflate both). Share by innermost frame:",
+          file=out)
+    for frame, count in inside.most_common(15):
+        print(f"  {count / total:6.1%}  {frame}", file=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--fill", type=int, default=10_000, help="tokens to fill the memo with (default 10000)")
+    parser.add_argument("--gunicorn", action="store_true", help="also py-spy a real gunicorn worker under load")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out: io.TextIOBase = sys.stdout  # type: ignore[assignment]
     ws = Workspace()
@@ -195,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{_per_call_ns(lambda: key_name(opaque_token), 20000):.0f} ns", file=out)
         loop_us(l2, opaque, 100)
         _profile("introspection, L2 (Redis) hit", lambda: loop_us(l2, opaque, 10_000), args.top, out)
+    if args.gunicorn:
+        gunicorn_spy(ws, out)
     return 0
 
 
