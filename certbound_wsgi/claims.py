@@ -9,7 +9,7 @@ from typing import Any
 
 from joserfc.jws import JWSRegistry
 
-__all__ = ["copy_json", "equal_ascii", "jws_registry", "number"]
+__all__ = ["copy_claims", "copy_json", "equal_ascii", "jws_registry", "number"]
 
 #: The largest protected JWS header accepted, in bytes (a 4096-bit RSA JWK fits easily).
 MAX_HEADER_LENGTH = 4096
@@ -34,6 +34,15 @@ def equal_ascii(claimed: object, expected: str) -> bool:
     return (
         isinstance(claimed, str) and claimed.isascii() and hmac.compare_digest(claimed.encode(), expected.encode())
     )
+
+
+def copy_claims(claims: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of a claims object: a C-speed shallow copy, then only the nested values copied."""
+    out = dict(claims)
+    for name, value in out.items():
+        if type(value) is dict or type(value) is list:
+            out[name] = copy_json(value)
+    return out
 
 
 def copy_json(value: Any) -> Any:

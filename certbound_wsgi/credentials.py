@@ -8,8 +8,8 @@ A token may arrive in the ``Authorization`` header (section 2.1), a form body
 from __future__ import annotations
 
 import io
-import re
-from dataclasses import dataclass
+import string
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_cookie
@@ -20,15 +20,13 @@ from .types import WSGIEnvironment
 
 __all__ = ["Credential", "CredentialReader"]
 
-# RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_B64CHARS = string.ascii_letters + string.digits + "-._~+/"
 MAX_TOKEN_LENGTH = 16 * 1024
 MAX_FORM_BODY = 1024 * 1024
 _FORM_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-@dataclass(frozen=True, slots=True)
-class Credential:
+class Credential(NamedTuple):
     """An access token and where it came from.
 
     :param token: the token text.
@@ -56,7 +54,10 @@ def read_cookie(header: str, name: str) -> str | None:
 def _check(token: str, source: str) -> str:
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidRequest(f"the access token in the {source} is too long")
-    if not _B64TOKEN.fullmatch(token):
+    # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=".
+    # Two C-speed strips instead of a regex: this runs on every request.
+    body = token.rstrip("=")
+    if not body or body.strip(_B64CHARS):
         raise InvalidRequest(f"the access token in the {source} is malformed")
     return token
 

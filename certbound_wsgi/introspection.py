@@ -196,22 +196,23 @@ class IntrospectionValidator:
         """
         if not self._settings.cache_introspection:
             return self._decide(self._ask(token, None, self._clock()), token)
-        key = self._key_name(token)
-        entry = self._l1.get(key)
+        # L1 never leaves the process, so it is keyed by the token itself; the HMAC key
+        # name, which Redis sees, is computed on a miss only.
+        entry = self._l1.get(token)
         if entry is not None and self._clock() < entry.fresh_until:
             self._stats.incr("l1_hits")
             return self._decide(entry, token)
         self._stats.incr("l1_misses")
-        return self._decide(self._single_flight(key, token, entry), token)
+        return self._decide(self._single_flight(token, entry), token)
 
     # -- single flight ----------------------------------------------------------
 
-    def _single_flight(self, key: str, token: str, stale: Entry | None) -> Entry:
+    def _single_flight(self, token: str, stale: Entry | None) -> Entry:
         with self._inflight_lock:
-            flight = self._inflight.get(key)
+            flight = self._inflight.get(token)
             leader = flight is None
             if flight is None:
-                flight = self._inflight[key] = _Flight()
+                flight = self._inflight[token] = _Flight()
         if not leader:
             # Another thread of this process is asking: share its answer, or its failure,
             # so that an outage costs the issuer one call per process, not one per thread.
@@ -219,23 +220,24 @@ class IntrospectionValidator:
                 if flight.entry is not None:
                     return flight.entry
                 raise TemporarilyUnavailable("the token cannot be introspected now", retry_after=5)
-            return self._shared(key, token, stale)  # the leader is stuck: don't wait forever
+            return self._shared(token, stale)  # the leader is stuck: don't wait forever
         try:
-            flight.entry = self._shared(key, token, stale)
+            flight.entry = self._shared(token, stale)
             return flight.entry
         finally:
             with self._inflight_lock:
-                del self._inflight[key]
+                del self._inflight[token]
             flight.done.set()
 
-    def _shared(self, key: str, token: str, stale: Entry | None) -> Entry:
+    def _shared(self, token: str, stale: Entry | None) -> Entry:
         l2 = self._l2
         if l2 is None:
-            return self._ask(token, stale, self._clock(), key)
+            return self._ask(token, stale, self._clock(), cache=True)
+        key = self._key_name(token)
         entry = l2.get(key)
         if entry is not None and self._clock() < entry.fresh_until:
             self._stats.incr("l2_hits")
-            self._l1.set(key, entry)
+            self._l1.set(token, entry)
             return entry
         self._stats.incr("l2_misses")
         stale = _newer(stale, entry)
@@ -245,32 +247,33 @@ class IntrospectionValidator:
             # Another worker, here or on another host, is asking: wait for its answer, or
             # for its lock to go (it failed), and then try to take the lock ourselves.
             time.sleep(POLL_SECONDS)
-            entry = self._fresh_from_l2(l2, key)
+            entry = self._fresh_from_l2(l2, key, token)
             if entry is not None:
                 return entry
             lock = l2.lock(key)
         try:
             if isinstance(lock, str):
                 # Double-check: the previous holder may have written just before we locked.
-                entry = self._fresh_from_l2(l2, key)
+                entry = self._fresh_from_l2(l2, key, token)
                 if entry is not None:
                     return entry
-            return self._ask(token, stale, self._clock(), key)
+            return self._ask(token, stale, self._clock(), cache=True, key=key)
         finally:
             if isinstance(lock, str):
                 l2.unlock(key, lock)
 
-    def _fresh_from_l2(self, l2: RedisCache, key: str) -> Entry | None:
+    def _fresh_from_l2(self, l2: RedisCache, key: str, token: str) -> Entry | None:
         entry = l2.get(key)
         if entry is None or self._clock() >= entry.fresh_until:
             return None
         self._stats.incr("l2_hits")
-        self._l1.set(key, entry)
+        self._l1.set(token, entry)
         return entry
 
     # -- asking the issuer --------------------------------------------------------
 
-    def _ask(self, token: str, stale: Entry | None, now: float, key: str | None = None) -> Entry:
+    def _ask(self, token: str, stale: Entry | None, now: float, *, cache: bool = False,
+             key: str | None = None) -> Entry:
         try:
             answer = self._client.introspect(token)
         except IntrospectionError as exc:
@@ -283,10 +286,13 @@ class IntrospectionValidator:
             raise TemporarilyUnavailable("the token cannot be introspected now", retry_after=5) from None
         self._stats.incr("introspections")
         entry = self._entry(answer, now)
-        if key is not None and entry.stale_until > now:
-            self._l1.set(key, entry)
-            if self._l2 is not None:
-                self._l2.set(key, entry)
+        if cache and entry.stale_until > now:
+            l2 = self._l2
+            # With Redis down, L1 keeps the answer its whole life: each worker would otherwise
+            # ask the issuer again every cache_l1_ttl, and lose what it could resurrect.
+            if l2 is not None and key is not None:
+                l2.set(key, entry)
+            self._l1.set(token, entry, alone=l2 is None or not l2.available)
         return entry
 
     def _entry(self, answer: dict[str, Any], now: float) -> Entry:

@@ -13,6 +13,7 @@ import binascii
 import json
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +79,7 @@ class JWTValidator:
         self._discovery = discovery
         self._clock = clock
         self._audience = frozenset(settings.audience)
-        self._memo: dict[str, tuple[Claims, float]] = {}
+        self._memo: OrderedDict[str, tuple[Claims, float]] = OrderedDict()
         self._memo_size = settings.token_cache_size
         self._memo_lock = threading.Lock()
 
@@ -186,8 +187,7 @@ class JWTValidator:
         expires = float(claims["exp"]) + self._settings.leeway
         with self._memo_lock:
             while len(self._memo) >= self._memo_size:
-                # Oldest first: dicts keep insertion order.
-                self._memo.pop(next(iter(self._memo)), None)
+                self._memo.popitem(last=False)  # oldest first
             self._memo[token] = (claims, expires)
 
     def _forget(self, token: str) -> None:

@@ -11,19 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .binding import check_mtls, x5t_s256
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
-from .claims import copy_json
+from .claims import copy_claims
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
-from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, challenge
+from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable, challenge
 from .introspection import IntrospectionClient, IntrospectionValidator
 from .jwt_tokens import JWTValidator, looks_like_jwt
 from .oidc_login import BrowserLogin, wants_html
@@ -37,8 +36,7 @@ __all__ = ["CertBoundMiddleware", "Identity"]
 log = logging.getLogger("certbound_wsgi")
 
 
-@dataclass(frozen=True, slots=True)
-class Identity:
+class Identity(NamedTuple):
     """What a successful authentication established.
 
     :param claims: the validated claims.
@@ -110,7 +108,7 @@ class CertBoundMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self.sessions is not None:
             path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
-            if path == self.settings.logout_path:
+            if path == self.settings.logout_path and environ.get("REQUEST_METHOD") in self.settings.logout_methods:
                 return self._logout(self.sessions, environ, start_response)
             if self.login is not None and path == self.login.callback_path:
                 return self._login_callback(self.login, environ, start_response)
@@ -129,7 +127,7 @@ class CertBoundMiddleware:
             log.exception("certbound: internal error while authenticating")
             return self.refuse(AuthError("internal error", error="server_error", status=500), start_response)
         # A deep copy: the claims are memoized, and the app must not be able to change them.
-        environ["certbound.claims"] = copy_json(identity.claims)
+        environ["certbound.claims"] = copy_claims(identity.claims)
         environ["certbound.token"] = identity.token
         environ["certbound.thumbprint"] = identity.thumbprint
         environ["certbound.method"] = identity.method
@@ -186,20 +184,42 @@ class CertBoundMiddleware:
             raise InsufficientScope(
                 "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
             )
-        set_cookie = None
-        if self.sessions is not None and not self.sessions.is_live(environ):
-            # RFC-free but Kong-compatible: a successful token login opens a session that
-            # remembers the token's bindings, and demands them on every later use.
+        set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
+        return Identity(claims, credential.token, thumbprint, method, set_cookie)
+
+    def _open_session(self, environ: WSGIEnvironment, method: str, claims: Claims) -> str | None:
+        """As in Kong, a successful token login opens a session; it remembers the token's
+        bindings and demands them on every later use. The ``Set-Cookie`` value, if any."""
+        sessions = self.sessions
+        if sessions is None:
+            return None
+        try:
+            if sessions.is_live(environ):
+                return None
             jkt = jkt_of(claims)
             bound = x5t_s256(claims)
-            session = self.sessions.create(
+            session = sessions.create(
                 method, claims, x5t=bound if isinstance(bound, str) else None,
                 jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=token_expiry(claims),
             )
-            set_cookie = session.set_cookie
-        return Identity(claims, credential.token, thumbprint, method, set_cookie)
+        except TemporarilyUnavailable:
+            # The token is valid; the session is a convenience: serve the request without one.
+            return None
+        return session.set_cookie
 
     def _session_identity(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> Identity:
+        self._check_session_proofs(environ, session, thumbprint)
+        record = session.record
+        if self._scopes_required and not self._scopes_required <= token_scopes(
+            record.claims, self.settings.scopes_claim
+        ):
+            raise InsufficientScope("the session lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
+        # Only now, with every proof checked, may the use renew or touch the session.
+        if self.sessions is not None:
+            session = self.sessions.touch(session)
+        return Identity(record.claims, None, thumbprint, "session", session.set_cookie)
+
+    def _check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> None:
         record = session.record
         if record.pop:
             # The session demands the same proofs as the token that made it.
@@ -211,14 +231,8 @@ class CertBoundMiddleware:
                 if self.dpop is None:
                     raise InvalidToken("the session is DPoP-bound but DPoP is off")
                 self.dpop.verify(environ, None, record.jkt)
-        if self._scopes_required and not self._scopes_required <= token_scopes(
-            record.claims, self.settings.scopes_claim
-        ):
-            raise InsufficientScope("the session lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
-        # Only now, with every proof checked, may the use renew or touch the session.
-        if self.sessions is not None:
-            session = self.sessions.touch(session)
-        return Identity(record.claims, None, thumbprint, "session", session.set_cookie)
+            elif self.settings.proof_of_possession_dpop == "strict":
+                raise DPoPError("a DPoP-bound session and proof are required")
 
     # -- the session endpoints ------------------------------------------------------
 
@@ -248,7 +262,11 @@ class CertBoundMiddleware:
     def _logout(self, sessions: Sessions, environ: WSGIEnvironment,
                 start_response: StartResponse) -> Iterable[bytes]:
         try:
-            sessions.destroy(environ)
+            # Only the session's owner may end it: the same proofs as for using it.
+            session = sessions.load(environ)
+            if session is not None:
+                self._check_session_proofs(environ, session, self.certificates.thumbprint(environ))
+                sessions.destroy(environ)
         except AuthError as error:
             return self.refuse(error, start_response)
         headers = [("Set-Cookie", sessions.clear_cookie()), ("Cache-Control", "no-store")]

@@ -127,6 +127,9 @@ class BrowserLogin:
             raise InvalidRequest("the login has expired or was already used")
         tokens = self._exchange(code, str(login["verifier"]))
         claims = self._id_token_claims(tokens.get("id_token"), str(login["nonce"]))
+        if "scope" not in claims and isinstance(tokens.get("scope"), str):
+            # ID tokens rarely say what was granted; the token response does (RFC 6749 section 5.1).
+            claims["scope"] = tokens["scope"]
         expires_in = number(tokens.get("expires_in"))
         token_exp = self._clock() + expires_in if expires_in else number(claims.get("exp"))
         session = self._sessions.create("authorization_code", claims, x5t=None, jkt=None, pop=False,

@@ -170,7 +170,12 @@ class Sessions:
         self._store_impl.delete(key)
 
     def _put(self, sid: str, record: SessionRecord) -> None:
-        self._store(self._sealer.key_name("sid", sid), record.to_bytes(), record.expires - self._clock())
+        ttl = record.expires - self._clock()
+        idle = self._settings.session_idling_timeout
+        if idle:
+            # An idle session is dead: the store need not keep it past that (touch() extends it).
+            ttl = min(ttl, record.seen - self._clock() + idle + 60)
+        self._store(self._sealer.key_name("sid", sid), record.to_bytes(), ttl)
 
     # -- cookies ----------------------------------------------------------------------
 

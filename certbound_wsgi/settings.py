@@ -171,6 +171,12 @@ class Settings:
         86400, "Seconds a session may exist at all; never beyond its token's ``exp``. 0: only the token's ``exp``."
     )
     logout_path: str = _option("", "A path that ends the session (server side and cookie). Empty: none.")
+    logout_methods: tuple[str, ...] = _option(
+        ("POST", "DELETE"),
+        "The methods that log out at ``logout_path``; others pass on to the app. Not GET by default, so "
+        "that a cross-site link cannot end a session.",
+        choices=("GET", "POST", "DELETE"),
+    )
     logout_redirect_uri: str = _option("", "Where to send the browser after logout (empty: 204 No Content).")
 
     # -- the browser login (authorization_code) --------------------------------------

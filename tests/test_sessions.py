@@ -84,13 +84,14 @@ def app_of(client: Client) -> CountingApp:
 
 def get(client: Client, *, token: str | None = None, cookie: str | None = None, cert: Issued | None = None,
         path: str = "/anything", headers: dict[str, str] | None = None, cookie_name: str = "session",
-        scheme: str = "Bearer") -> TestResponse:
+        scheme: str = "Bearer", method: str = "GET") -> TestResponse:
     all_headers = dict(headers or {})
     if token is not None:
         all_headers["Authorization"] = f"{scheme} {token}"
     if cookie is not None:
         all_headers["Cookie"] = f"{cookie_name}={cookie}"
-    return client.get(path, headers=all_headers, environ_overrides=cert_env(cert.cert_pem if cert else None))
+    return client.open(path, method=method, headers=all_headers,
+                       environ_overrides=cert_env(cert.cert_pem if cert else None))
 
 
 def set_cookie_values(response: TestResponse, name: str = "session") -> list[str]:
@@ -521,7 +522,7 @@ def test_cookie_attributes_follow_the_settings(
     assert cookie is not None
     assert get(client, cookie=cookie, cert=alice, cookie_name=name).status_code == 200
     # The clearing cookie carries the same attributes, so that the browser replaces the right one.
-    logout = get(client, cookie=cookie, path="/logout", cookie_name=name)
+    logout = get(client, cookie=cookie, cert=alice, path="/logout", cookie_name=name, method="POST")
     assert logout.status_code == 204
     assert set_cookie_values(logout, name) == [""]
     assert attributes(logout, name) == expected | {"Max-Age=0"}
@@ -686,7 +687,7 @@ def test_logout_removes_the_redis_record(
     client = on_redis(issuer, redis_server, logout_path="/logout")
     cookie = login(client, alice_token, alice)
     assert len(session_keys(redis_db, SECRET)) == 1
-    assert get(client, cookie=cookie, path="/logout").status_code == 204
+    assert get(client, cookie=cookie, cert=alice, path="/logout", method="POST").status_code == 204
     assert session_keys(redis_db, SECRET) == []
     assert get(client, cookie=cookie, cert=alice).status_code == 401
 
@@ -698,7 +699,7 @@ def test_logout_never_reports_success_when_the_record_survives(
     cookie = login(client, alice_token, alice)
     redis_db.execute_command("CLIENT", "PAUSE", "300", "ALL")
     assert get(client, cookie=cookie, cert=alice).status_code == 503  # times out: the breaker opens
-    logout = get(client, cookie=cookie, path="/logout")
+    logout = get(client, cookie=cookie, cert=alice, path="/logout", method="POST")
     time.sleep(1.2)  # the pause and the breaker are over
     after = get(client, cookie=cookie, cert=alice)
     assert logout.status_code >= 500 or after.status_code == 401, (logout.status_code, after.status_code)
@@ -1047,7 +1048,7 @@ def test_logout_ends_the_session(
     client = build(issuer, logout_path="/logout", **overrides)
     cookie = login(client, alice_token, alice)
     assert get(client, cookie=cookie, cert=alice).status_code == 200
-    response = get(client, cookie=cookie, path="/logout")
+    response = get(client, cookie=cookie, cert=alice, path="/logout", method="DELETE")
     assert response.status_code == status
     assert response.headers.get("Location") == location
     assert clears(response)
@@ -1062,10 +1063,39 @@ def test_logout_without_a_session_is_harmless(issuer: TestIssuer, alice: Issued,
     client = build(issuer, logout_path="/logout")
     cookie = login(client, alice_token, alice)
     for headers in ({}, {"Cookie": "session=garbage"}, {"Cookie": f"session={sid_of(cookie)}.bad-mac"}):
-        response = client.get("/logout", headers=headers)
+        response = client.post("/logout", headers=headers)
         assert response.status_code == 204
         assert clears(response)
     assert get(client, cookie=cookie, cert=alice).status_code == 200  # someone else's logout did not end it
+
+
+@pytest.mark.parametrize(("cert_name", "status"), [
+    pytest.param(None, 401, id="no-certificate"),
+    pytest.param("mallory", 401, id="another-certificate"),
+])
+def test_a_stolen_cookie_cannot_log_the_owner_out(
+    issuer: TestIssuer, alice: Issued, mallory: Issued, alice_token: str, cert_name: str | None, status: int
+) -> None:
+    client = build(issuer, logout_path="/logout")
+    cookie = login(client, alice_token, alice)
+    thief = {"mallory": mallory}.get(cert_name or "")
+    response = get(client, cookie=cookie, cert=thief, path="/logout", method="POST")
+    assert response.status_code == status
+    assert not clears(response)
+    assert get(client, cookie=cookie, cert=alice).status_code == 200  # the owner is still logged in
+
+
+def test_get_does_not_log_out_by_default(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
+    """logout_methods defaults to POST and DELETE: a cross-site link cannot end a session."""
+    client = build(issuer, logout_path="/logout")
+    cookie = login(client, alice_token, alice)
+    response = get(client, cookie=cookie, cert=alice, path="/logout")
+    assert response.status_code == 200  # an ordinary request, answered by the app
+    assert not clears(response)
+    assert get(client, cookie=cookie, cert=alice).status_code == 200
+    allowed = build(issuer, logout_path="/logout", logout_methods="GET")
+    cookie = login(allowed, alice_token, alice)
+    assert get(allowed, cookie=cookie, cert=alice, path="/logout").status_code == 204
 
 
 # -- hypothesis: no Cookie header is a way in ---------------------------------------------------------------------

@@ -41,9 +41,10 @@ class MemoryCache:
             self._data.move_to_end(key)
             return entry
 
-    def set(self, key: str, entry: Entry) -> None:
+    def set(self, key: str, entry: Entry, *, alone: bool = False) -> None:
+        """Keep ``entry``; ``alone``: the shared L2 is unavailable, so keep it its whole life, not ``max_age``."""
         drop_at = entry.stale_until
-        if self._max_age is not None:
+        if self._max_age is not None and not alone:
             drop_at = min(drop_at, self._clock() + self._max_age)
         with self._lock:
             self._data[key] = (entry, drop_at)

@@ -44,13 +44,13 @@ class Stack:
     ca_file: str
 
     def call(self, token: str | None = None, cert: Issued | None = None, path: str = "/anything",
-             headers: dict[str, str] | None = None, **kwargs: Any) -> requests.Response:
+             headers: dict[str, str] | None = None, method: str = "GET", **kwargs: Any) -> requests.Response:
         sent = dict(headers or {})
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
         # verify= on the call: the machine's REQUESTS_CA_BUNDLE must not win.
-        return requests.get(self.nginx.url + path, headers=sent, cert=cert.pair if cert else None,
-                            verify=self.ca_file, timeout=15, **kwargs)
+        return requests.request(method, self.nginx.url + path, headers=sent, cert=cert.pair if cert else None,
+                                verify=self.ca_file, timeout=15, **kwargs)
 
     def direct(self, token: str, headers: dict[str, str]) -> requests.Response:
         """Straight to gunicorn, bypassing nginx (as an attacker on the network might)."""

@@ -83,12 +83,12 @@ def cookie_of(response: requests.Response, name: str = "session") -> tuple[str, 
 
 
 def call(stack: Stack, cookie: str | None = None, cert: Issued | None = None, path: str = "/anything",
-         **headers: str) -> requests.Response:
+         method: str = "GET", **headers: str) -> requests.Response:
     """A request on a fresh connection carrying exactly the ``session`` cookie given (no cookie jar)."""
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
     if cookie is not None:
         sent["Cookie"] = f"session={cookie}"
-    return stack.call(None, cert, path=path, headers=sent, allow_redirects=False)
+    return stack.call(None, cert, path=path, headers=sent, allow_redirects=False, method=method)
 
 
 def assert_bare_401(response: requests.Response) -> None:
@@ -276,7 +276,13 @@ def test_logout(stack_a: Stack, pki: Pki, alice_token: str, redis_client: Any) -
     assert redis_client.exists(redis_key(SECRET_A, sid)) == 1
     assert call(stack_a, value, pki.alice).status_code == 200
 
-    response = call(stack_a, value, pki.alice, path=LOGOUT)
+    # GET does not log out (logout_methods: POST, DELETE): a cross-site link cannot end a session.
+    assert call(stack_a, value, pki.alice, path=LOGOUT).status_code == 200
+    # Nor can a thief holding only the cookie.
+    assert_invalid_token(call(stack_a, value, pki.mallory, path=LOGOUT, method="POST"), THUMBPRINT_MISMATCH)
+    assert redis_client.exists(redis_key(SECRET_A, sid)) == 1
+
+    response = call(stack_a, value, pki.alice, path=LOGOUT, method="POST")
     assert response.status_code == 204, response.text
     assert response.content == b""
     assert response.headers["Cache-Control"] == "no-store"
@@ -371,7 +377,7 @@ def test_login_session_needs_no_certificate_but_token_session_does(
     assert call(login_stack, login_cookie).json()["claims"]["sub"] == "alice"
 
     # Logging out ends the login's session; the browser is sent to log in again.
-    out = browser.get(f"{login_url}{LOGOUT}")
+    out = browser.post(f"{login_url}{LOGOUT}")
     assert out.status_code == 204
     assert "session" not in browser.cookies
     assert_bare_401(call(login_stack, login_cookie, Accept="application/json"))
