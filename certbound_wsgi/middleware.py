@@ -91,7 +91,7 @@ class CertBoundMiddleware:
         self._redis = None
         if settings.uses_redis:
             sealer = Sealer(secret, "intro")
-            self._redis = RedisCache(make_client(settings), sealer, self._stats, lock_ttl=2 * settings.http_timeout + 1)
+            self._redis = RedisCache(make_client(settings), sealer, self._stats)
         methods = settings.auth_methods
         self.jwt = JWTValidator(settings, self.discovery, clock) if "bearer" in methods else None
         self.introspection = self._make_introspection(secret) if "introspection" in methods else None

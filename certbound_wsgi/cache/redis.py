@@ -31,6 +31,8 @@ log = logging.getLogger("certbound_wsgi")
 
 #: Seconds Redis is left alone after an error.
 BREAKER_SECONDS = 1.0
+#: Seconds a single-flight lock lives unless released.
+LOCK_SECONDS = 1.0
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -68,10 +70,12 @@ class RedisCache:
     :param client: a redis-py client (see :func:`make_client`).
     :param sealer: seals entries and names keys.
     :param stats: where errors are counted.
-    :param lock_ttl: seconds a lock lives if its holder dies.
+    :param lock_ttl: seconds a lock lives unless released. Short on purpose: a lock orphaned by a
+        Redis stall (its release timed out, or its SET ran late) then holds others up at most this
+        long, and an introspection slower than this merely costs a second call, not a wrong answer.
     """
 
-    def __init__(self, client: Any, sealer: Sealer, stats: Stats, *, lock_ttl: float = 10.0,
+    def __init__(self, client: Any, sealer: Sealer, stats: Stats, *, lock_ttl: float = LOCK_SECONDS,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._sealer = sealer

@@ -80,14 +80,6 @@ class _Introspection:
         return {"active": True, "aud": "https://opaque.test", "exp": int(time.time()) + 300}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG certbound_wsgi/cache/redis.py: RedisCache.unlock() returns at once while the breaker is open, so when "
-    "Redis stalls during an introspection (the answer's SET times out and opens the breaker) the worker never "
-    "releases its single-flight lock. The lock lives lock_ttl = 2*http_timeout+1 s (11 s by default), and "
-    "IntrospectionValidator._shared() on every other worker that needs the token meanwhile polls for "
-    "http_timeout+0.5 s (5.5 s by default) before asking the issuer anyway: one Redis hiccup costs later "
-    "requests seconds, against 'Redis trouble must never cost a request more than redis_timeout once'. "
-    "(A lock SET that times out in a stall is also executed late by Redis, with the same effect.)"))
 def test_redis_stall_during_an_introspection_does_not_stall_other_workers(tmp_path: Path) -> None:
     redis_server = RedisServer(tmp_path / "redis")
     admin = redis_server.client()
