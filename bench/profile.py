@@ -1,7 +1,7 @@
 """``python -m bench.profile``: where the time of each request path goes.
 
 Two views of each path (warm JWT, cold JWT, cold JWT with a full memo, L1 and
-L2 introspection hits): cProfile's functions by own time, and a stage-by-stage
+L2 introspection hits, DPoP with a new proof per request): cProfile's functions by own time, and a stage-by-stage
 timing of the warm path, each stage timed alone in a loop, so that what a
 change would save can be read off directly. With ``--gunicorn``, also py-spy
 (``pip install py-spy``) on a real gunicorn worker behind nginx under load: the
@@ -12,6 +12,7 @@ Not part of ``python -m bench``.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import cProfile
 import hmac
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from certbound_wsgi.binding import check_mtls
-from certbound_wsgi.claims import copy_json
+from certbound_wsgi.claims import copy_claims
 from certbound_wsgi.jwt_tokens import looks_like_jwt
 from certbound_wsgi.middleware import CertBoundMiddleware, Identity
 
@@ -95,7 +96,8 @@ def warm_stages(ws: Workspace, out: io.TextIOBase) -> None:
 
     # (stage, what to time, what part of that is the server's work and is subtracted)
     stages: list[tuple[str, Callable[[], Any], Callable[[], Any] | None]] = [
-        ("credentials.read (partition, strip, b64token regex)", lambda: mw.credentials.read(fresh_env()), fresh_env),
+        ("credentials.read (partition, two strips for the b64token syntax)",
+         lambda: mw.credentials.read(fresh_env()), fresh_env),
         ("certificates.thumbprint (lru_cache keyed by the PEM text)",
          lambda: mw.certificates.thumbprint(fresh_env()), fresh_env),
         ("looks_like_jwt (str.count over the token)", lambda: looks_like_jwt(fresh_token()), fresh_token),
@@ -103,7 +105,7 @@ def warm_stages(ws: Workspace, out: io.TextIOBase) -> None:
          lambda: mw.jwt.validate(fresh_token()), fresh_token),  # type: ignore[union-attr]
         ("check_mtls (two encode() and hmac.compare_digest)", lambda: check_mtls("strict", claims, thumbprint), None),
         ("Identity(...)", lambda: Identity(claims, token, thumbprint, "bearer"), None),
-        ("copy_json(claims): the deep copy put in the environ", lambda: copy_json(claims), None),
+        ("copy_claims(claims): the deep copy put in the environ", lambda: copy_claims(claims), None),
         ("  for scale: dict(claims), a shallow copy", lambda: dict(claims), None),
         ("= middleware.authenticate, whole", lambda: mw.authenticate(fresh_env()), fresh_env),
         ("= middleware __call__ + hello app, whole", lambda: mw(fresh_env(), start_response), fresh_env),
@@ -142,17 +144,17 @@ def cold_memo(ws: Workspace, out: io.TextIOBase, fill: int) -> None:
     for name, samples in results.items():
         print(f"  {median(samples):7.1f} µs/request, memo {name}  (samples {', '.join(f'{s:.0f}' for s in samples)})",
               file=out)
-    # The eviction alone: pop the oldest of a dict kept at a fixed size, as JWTValidator._remember does.
-    memo = {f"k{i}": i for i in range(settings.token_cache_size)}
+    # The eviction alone: pop the oldest of an OrderedDict kept at a fixed size, as JWTValidator._remember does.
+    memo = collections.OrderedDict((f"k{i}", i) for i in range(settings.token_cache_size))
     counter = iter(range(10**9))
 
     def evict_and_insert() -> None:
         while len(memo) >= settings.token_cache_size:
-            memo.pop(next(iter(memo)), None)
+            memo.popitem(last=False)
         memo[f"x{next(counter)}"] = 0
 
     print(f"  eviction + insert alone: {_per_call_ns(evict_and_insert, 20000):.0f} ns per insert "
-          "(next(iter(dict)) skips the slots of every entry evicted since the dict was last resized)", file=out)
+          "(OrderedDict.popitem(last=False))", file=out)
 
     cold_env = environ_factory(ws.tokens(1500), ws.cert_value)  # minted before the profiler starts
 
@@ -160,6 +162,26 @@ def cold_memo(ws: Workspace, out: io.TextIOBase, fill: int) -> None:
         loop_us(full, cold_env, 1500)
 
     _profile("cold JWT path, full memo", cold_run, 25, out)
+
+
+def dpop_path(ws: Workspace, out: io.TextIOBase, top: int, count: int = 3000) -> None:
+    """A DPoP-bound token with a new ES256 proof per request (in-process replay cache), beside one
+    bare P-256 verification: the part of the proof check no cache can save."""
+    from tests.support.dpop import DPoPKey
+
+    from .inprocess import _dpop_proofs, _es256_verify_us
+
+    client = DPoPKey("EC")
+    token = ws.issuer.token(cnf={"jkt": client.jkt}, client_id="dpop", exp=int(time.time()) + 3600)
+    settings = ws.settings(proof_of_possession_dpop="optional", proof_of_possession_mtls="optional")
+    mw = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    proofs = _dpop_proofs(ws, client, token, count)
+    loop_us(mw, proofs(-1), 100)
+    timed = median([loop_us(mw, proofs(r), count) for r in range(3)])
+    print(f"\n=== DPoP path: {timed:.1f} µs/request (hello app included); one ES256 verification alone: "
+          f"{_es256_verify_us(5):.1f} µs ===", file=out)
+    env = proofs(99)  # signed before the profiler starts
+    _profile("DPoP path, a new proof per request", lambda: loop_us(mw, env, count), top, out)
 
 
 def _spy_stacks(path: str) -> Iterator[tuple[list[str], int]]:
@@ -171,7 +193,6 @@ def _spy_stacks(path: str) -> Iterator[tuple[list[str], int]]:
 
 def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> None:
     """py-spy on the one sync worker of a protected stack (hello app) under load, with alice's bound JWT."""
-    import collections
     import shutil
     import subprocess
 
@@ -201,7 +222,7 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> Non
         finally:
             stack.stop()
     requests = load.requests
-    inside = collections.Counter()
+    inside: collections.Counter[str] = collections.Counter()
     app = 0
     for frames, count in _spy_stacks(str(raw)):
         calls = [i for i, frame in enumerate(frames) if "CertBoundMiddleware.__call__" in frame]
@@ -260,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{_per_call_ns(lambda: key_name(opaque_token), 20000):.0f} ns", file=out)
         loop_us(l2, opaque, 100)
         _profile("introspection, L2 (Redis) hit", lambda: loop_us(l2, opaque, 10_000), args.top, out)
+    dpop_path(ws, out, args.top)
     if args.gunicorn:
         gunicorn_spy(ws, out)
     return 0
