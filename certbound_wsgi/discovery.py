@@ -37,6 +37,10 @@ class DiscoveryError(Exception):
     """The issuer's metadata or keys could not be fetched or made sense of."""
 
 
+class Unreachable(DiscoveryError):
+    """The issuer did not answer at all (connection refused, timeout, TLS failure)."""
+
+
 class UnknownKey(Exception):
     """The keys were fetched, recently and successfully, and none has this ``kid``."""
 
@@ -68,6 +72,7 @@ class Discovery:
         self._keys: dict[str | None, list[PublicKey]] = {}
         self._algs: frozenset[str] = frozenset()
         self._next_fetch = 0.0
+        self._next_discovery = 0.0
         self._last_ok = False
 
     # -- the request path ----------------------------------------------------
@@ -94,16 +99,21 @@ class Discovery:
             raise DiscoveryError("the issuer's keys cannot be fetched")
         raise UnknownKey(kid)
 
-    def metadata(self) -> dict[str, Any]:
+    def metadata(self, needs: str | None = None) -> dict[str, Any]:
         """The issuer's metadata, discovered on first use.
 
+        :param needs: a member the caller needs; when the cached document lacks it, the
+            issuer is asked again (at most once per ``rediscovery_lifetime``), so that a
+            document fixed at the issuer is picked up without a restart.
         :raises DiscoveryError: it cannot be fetched now.
         """
         metadata = self._metadata
-        if metadata is None:
+        lacking = needs is not None and metadata is not None and not isinstance(metadata.get(needs), str)
+        if metadata is None or (lacking and self._clock() >= self._next_discovery):
+            self._next_discovery = self._clock() + min(self._settings.rediscovery_lifetime, RETRY_AFTER_FAILURE)
             metadata = self._discover()
             with self._lock:
-                self._metadata = self._metadata or metadata
+                self._metadata = metadata
         return metadata
 
     def retry_after(self) -> int:
@@ -156,8 +166,9 @@ class Discovery:
                 if response.status_code != 200:
                     raise DiscoveryError(f"{url} answered {response.status_code}")
                 body = response.raw.read(MAX_DOCUMENT + 1, decode_content=True)
-        except requests.RequestException as exc:
-            raise DiscoveryError(f"{url}: {type(exc).__name__}") from None
+        except (requests.RequestException, ValueError) as exc:
+            # ValueError: urllib3's LocationParseError for a URL it cannot parse.
+            raise Unreachable(f"{url}: {type(exc).__name__}") from None
         if len(body) > MAX_DOCUMENT:
             raise DiscoveryError(f"{url}: document too large")
         try:
@@ -175,6 +186,8 @@ class Discovery:
         for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
             try:
                 metadata = self._get_json(issuer + path)
+            except Unreachable:
+                raise  # the other well-known path is on the same host: don't wait twice
             except DiscoveryError as exc:
                 errors.append(str(exc))
                 continue
@@ -187,7 +200,16 @@ class Discovery:
         raise DiscoveryError("; ".join(errors))
 
     def _fetch(self) -> dict[str, Any]:
-        metadata = self._metadata or self._discover()
+        # Rediscover on every refresh (itself rate-limited): a document fixed at the issuer,
+        # such as a corrected jwks_uri, is picked up without a restart.
+        try:
+            metadata = self._discover()
+        except Unreachable:
+            raise  # the JWKS is on the same issuer: don't wait twice
+        except DiscoveryError:
+            if self._metadata is None:
+                raise
+            metadata = self._metadata
         jwks = self._get_json(metadata["jwks_uri"])
         keys = jwks.get("keys")
         if not isinstance(keys, list):

@@ -87,7 +87,7 @@ class IntrospectionClient:
         if self._discovery is None:
             raise IntrospectionError("no introspection endpoint")
         try:
-            endpoint = self._discovery.metadata().get("introspection_endpoint")
+            endpoint = self._discovery.metadata(needs="introspection_endpoint").get("introspection_endpoint")
         except DiscoveryError as exc:
             raise IntrospectionError(str(exc)) from None
         if not isinstance(endpoint, str):
@@ -133,7 +133,7 @@ class IntrospectionClient:
                 if response.status_code != 200:
                     raise IntrospectionError(f"introspection answered {response.status_code}")
                 body = response.raw.read(MAX_RESPONSE + 1, decode_content=True)
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: an unparseable URL
             raise IntrospectionError(type(exc).__name__) from None
         if len(body) > MAX_RESPONSE:
             raise IntrospectionError("introspection response too large")

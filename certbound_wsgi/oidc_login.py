@@ -68,7 +68,7 @@ class BrowserLogin:
 
     def _endpoint(self, name: str) -> str:
         try:
-            value = self._discovery.metadata().get(name)
+            value = self._discovery.metadata(needs=name).get(name)
         except DiscoveryError:
             raise TemporarilyUnavailable("the issuer cannot be reached to log in", retry_after=5) from None
         if not isinstance(value, str):
@@ -150,7 +150,7 @@ class BrowserLogin:
                 auth=(quote(s.client_id, safe=""), quote(s.client_secret, safe="")),
                 verify=self._verify, timeout=s.http_timeout, allow_redirects=False,
             )
-        except requests.RequestException as exc:
+        except (requests.RequestException, ValueError) as exc:  # ValueError: an unparseable URL
             raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({type(exc).__name__})") from None
         if response.status_code >= 500:
             raise TemporarilyUnavailable("the token endpoint failed")

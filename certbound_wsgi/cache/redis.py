@@ -32,7 +32,7 @@ log = logging.getLogger("certbound_wsgi")
 #: Seconds Redis is left alone after an error.
 BREAKER_SECONDS = 1.0
 #: Seconds a single-flight lock lives unless released.
-LOCK_SECONDS = 1.0
+LOCK_SECONDS = 0.8
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 

@@ -456,16 +456,11 @@ def delaying_proxy(redis_server: RedisServer) -> Iterator[DelayingProxy]:
 
 def lock_stack(stacks: StackFactory, idp: OidcProvider, redis_url: str) -> Stack:
     """One worker sharing the cache of the other stacks made here, ``http_timeout=1`` (so a waiter
-    gives up after 1.5 s and a lock lives 3 s)."""
+    gives up after 1.5 s; a lock lives LOCK_SECONDS unless released)."""
     return stacks(idp, "gunicorn", workers=1, auth_methods="introspection", cache_l1_ttl="1",
                   redis_url=redis_url, cache_secret=CACHE_SECRET_PROXIED, http_timeout="1", **INTROSPECTION)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a lock SET NX that times out client-side (redis_timeout) still runs on Redis; the worker "
-    "introspects without the lock and, its breaker open, never writes the entry nor unlocks; every "
-    "other request for that token then polls the orphaned lock for http_timeout + 0.5 s (5.5 s by "
-    "default) while the lock lives 2 * http_timeout + 1 s"))
 def test_redis_latency_spike_on_the_lock_never_holds_a_request(
         stacks: StackFactory, own_idp: OidcProvider, redis_server: RedisServer, delaying_proxy: DelayingProxy,
         redis_admin: redis.Redis, pki: Pki) -> None:
@@ -808,10 +803,6 @@ def test_issuer_answering_500_or_garbage(stacks: StackFactory, fake_issuer: Fake
     assert call_once(stack, Call("stolen", rotated.token, pki.mallory)).status == 401
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Discovery.metadata() keeps the first metadata document a worker gets for the life of the "
-    "process (and _fetch reuses it), so a document that was wrong once - here without "
-    "introspection_endpoint - makes every introspection 503 until the worker restarts"))
 def test_issuer_metadata_wrong_once_recovers(stacks: StackFactory, fake_issuer: FakeIssuer, pki: Pki) -> None:
     """The issuer's discovery document lacks ``introspection_endpoint`` on a worker's first request.
 
@@ -827,10 +818,6 @@ def test_issuer_metadata_wrong_once_recovers(stacks: StackFactory, fake_issuer: 
     assert recovered, f"still {call_once(stack, Call('legit', token, pki.alice))} with the issuer fixed"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a jwks_uri that urllib3 cannot parse ('https://a..b/jwks') raises LocationParseError, which "
-    "requests does not wrap in RequestException; Discovery._get_json lets it through and the "
-    "middleware answers 500 internal error instead of 503 (IntrospectionClient has the same gap)"))
 def test_issuer_metadata_unparseable_url_is_503(stacks: StackFactory, fake_issuer: FakeIssuer, pki: Pki) -> None:
     """The issuer's discovery document names a ``jwks_uri`` that is not a valid URL.
 
