@@ -230,8 +230,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
                          f"| {m['bytes_per_entry']:.0f} | {m['cache_bytes'] / 1e6:.1f} "
                          f"| {m['rss_growth_bytes'] / 1e6:.1f} |")
 
-    lines += ["", "## Notes", ""]
-    lines += [f"- {note}" for note in results.get("notes", [])]
+    if results.get("notes"):
+        lines += ["", "## Notes", ""]
+        lines += [f"- {note}" for note in results["notes"]]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
