@@ -20,7 +20,7 @@ from .types import WSGIEnvironment
 
 __all__ = ["Credential", "CredentialReader"]
 
-_B64CHARS = string.ascii_letters + string.digits + "-._~+/"
+_B64CHARS = (string.ascii_letters + string.digits + "-._~+/").encode("ascii")
 MAX_TOKEN_LENGTH = 16 * 1024
 MAX_FORM_BODY = 1024 * 1024
 _FORM_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -55,9 +55,9 @@ def _check(token: str, source: str) -> str:
     if len(token) > MAX_TOKEN_LENGTH:
         raise InvalidRequest(f"the access token in the {source} is too long")
     # RFC 6750 section 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"=".
-    # Two C-speed strips instead of a regex: this runs on every request.
+    # bytes.translate deletes the allowed characters at C speed: this runs on every request.
     body = token.rstrip("=")
-    if not body or body.strip(_B64CHARS):
+    if not body or not body.isascii() or body.encode("ascii").translate(None, _B64CHARS):
         raise InvalidRequest(f"the access token in the {source} is malformed")
     return token
 

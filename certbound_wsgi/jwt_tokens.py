@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +79,7 @@ class JWTValidator:
         self._discovery = discovery
         self._clock = clock
         self._audience = frozenset(settings.audience)
-        self._memo: OrderedDict[str, tuple[Claims, float]] = OrderedDict()
+        self._memo: dict[str, tuple[Claims, float]] = {}
         self._memo_size = settings.token_cache_size
         self._memo_lock = threading.Lock()
 
@@ -186,8 +186,11 @@ class JWTValidator:
     def _remember(self, token: str, claims: Claims) -> None:
         expires = float(claims["exp"]) + self._settings.leeway
         with self._memo_lock:
-            while len(self._memo) >= self._memo_size:
-                self._memo.popitem(last=False)  # oldest first
+            if len(self._memo) >= self._memo_size:
+                # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
+                # dict's dead slots per many inserts, and no OrderedDict links per entry.
+                for old in list(itertools.islice(self._memo, max(1, self._memo_size // 10))):
+                    del self._memo[old]
             self._memo[token] = (claims, expires)
 
     def _forget(self, token: str) -> None:
