@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.check import check_config_command
+from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import ASYMMETRIC_ALGS, Settings, env_name
 from tests.support.tokens import AUDIENCE, ISSUER
 

@@ -24,7 +24,8 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 def require_binary(name: str, *candidates: str) -> str:
     """Return the path of ``name`` (or the first of ``candidates`` found); skip, or fail in CI."""
     for candidate in (name, *candidates):
-        found = shutil.which(candidate) or (candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK) else None)
+        executable = os.path.isabs(candidate) and os.access(candidate, os.X_OK)
+        found = shutil.which(candidate) or (candidate if executable else None)
         if found:
             return found
     message = f"{name} is not installed; run tests/install-deps.sh"
@@ -39,8 +40,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
-                  log: Path | None = None) -> None:
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 20.0,
+                  proc: subprocess.Popen[bytes] | None = None, log: Path | None = None) -> None:
     """Wait until something accepts connections on ``host:port``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -72,7 +73,8 @@ def tail(log: Path | None, lines: int = 40) -> str:
 class Process:
     """A child process whose output goes to a log file, stopped with its whole process group."""
 
-    def __init__(self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(self, argv: Sequence[str], log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.argv = list(argv)
         self.log = log
         self._fh = open(log, "ab")
