@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import pytest
@@ -23,6 +23,7 @@ from certbound_wsgi.echo import echo_app
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.types import StartResponse, WSGIApplication, WSGIEnvironment
+from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 
@@ -124,3 +125,13 @@ def make_client(issuer: TestIssuer) -> MakeClient:
 
 
 TokenFactory = Callable[[TestIssuer], str]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the module (skips locally, fails in CI, when it is not installed)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

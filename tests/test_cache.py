@@ -247,15 +247,6 @@ def test_memory_cache_is_thread_safe() -> None:
 # -- RedisCache ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def settings_for(url: str, timeout: float = 0.05) -> Settings:
     return Settings(issuer="https://issuer.test", audience=["https://api.test"], redis_url=url,
                     cache_secret=SECRET, redis_timeout=timeout)

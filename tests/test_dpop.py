@@ -15,7 +15,7 @@ import json
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -892,15 +892,6 @@ def test_fail_open_remembers_across_the_outage() -> None:
     assert cache.first_use("k", 10) is True
     redis.down = False
     assert cache.first_use("k", 10) is False
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-dpop"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def redis_replay(server: RedisServer, fail_open: bool = False) -> ReplayCache:

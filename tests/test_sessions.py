@@ -548,15 +548,6 @@ def test_same_site_none_requires_secure(same_site: str, secure: bool, error: boo
 # -- Redis: instances apart, nothing readable, nothing forgeable ------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-sessions"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture()
 def redis_db(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,15 +37,6 @@ REDIS_DOWN = "DPoP replay protection is unavailable; try again shortly"
 
 
 # -- fixtures and helpers -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-dpop"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def options(redis_server: RedisServer, **extra: str) -> dict[str, str]:

@@ -118,15 +118,6 @@ def tamper(text: str, index: int) -> str:
 # -- fixtures ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-sessions"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def redis_client(redis_server: RedisServer) -> Iterator[Any]:
     client = redis_server.client()
     try:

@@ -1,0 +1,108 @@
+"""``certbound-wsgi check-config``: exit codes and the warnings about unsafe deployments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from certbound_wsgi.check import _bind_host, _gunicorn_bind, check_config_command, unsafe_settings
+from certbound_wsgi.cli import main
+from certbound_wsgi.settings import Settings
+from tests.support.tokens import AUDIENCE, ISSUER
+
+BASE = {"issuer": ISSUER, "audience": (AUDIENCE,)}
+
+
+def settings(**overrides: Any) -> Settings:
+    return Settings(**{**BASE, **overrides})
+
+
+@pytest.mark.parametrize(("bind", "host"), [
+    pytest.param("127.0.0.1:8000", "127.0.0.1", id="ipv4"),
+    pytest.param("[::1]:8000", "::1", id="ipv6"),
+    pytest.param("0.0.0.0:8000", "0.0.0.0", id="any"),
+    pytest.param(":8000", "0.0.0.0", id="port-only"),
+    pytest.param("api.internal:8000", "api.internal", id="name"),
+    pytest.param("unix:/run/gunicorn.sock", None, id="unix"),
+    pytest.param("fd://3", None, id="fd"),
+])
+def test_bind_host(bind: str, host: str | None) -> None:
+    assert _bind_host(bind) == host
+
+
+@pytest.mark.parametrize(("args", "binds"), [
+    pytest.param("", [], id="none"),
+    pytest.param("-w 4 -b 0.0.0.0:8000", ["0.0.0.0:8000"], id="short"),
+    pytest.param("--bind 127.0.0.1:8000 --bind [::1]:8000", ["127.0.0.1:8000", "[::1]:8000"], id="twice"),
+    pytest.param("--bind=10.1.2.3:80", ["10.1.2.3:80"], id="equals"),
+])
+def test_gunicorn_bind_from_environment(args: str, binds: list[str]) -> None:
+    assert _gunicorn_bind({"GUNICORN_CMD_ARGS": args}) == binds
+
+
+@pytest.mark.parametrize(("overrides", "binds", "expected"), [
+    pytest.param({}, ["127.0.0.1:8000"], [], id="safe-defaults"),
+    pytest.param({}, ["0.0.0.0:8000"], ["forged X-SSL-Client-Cert"], id="bind-any"),
+    pytest.param({}, ["10.0.0.5:8000"], ["forged X-SSL-Client-Cert"], id="bind-private-untrusted"),
+    pytest.param({"trusted_proxies": ("10.0.0.0/8",)}, ["10.0.0.5:8000"], [], id="bind-private-trusted"),
+    pytest.param({"trusted_proxies": ("0.0.0.0/0",)}, ["0.0.0.0:8000"], ["forged"], id="bind-any-even-if-trusted"),
+    pytest.param({}, ["unix:/run/g.sock"], [], id="unix-socket"),
+    pytest.param({"proof_of_possession_mtls": "off"}, [], ["proof_of_possession_mtls=off", "every token is a bearer"],
+                 id="mtls-off"),
+    pytest.param({"proof_of_possession_mtls": "off", "proof_of_possession_dpop": "optional"}, [],
+                 ["proof_of_possession_mtls=off", "replay protection is per process"], id="dpop-without-redis"),
+    pytest.param({"ssl_verify": False}, [], ["ssl_verify=false"], id="tls-unverified"),
+    pytest.param({"issuer": "http://127.0.0.1:9000"}, [], ["plain http"], id="http-issuer"),
+    pytest.param({"auth_methods": ("bearer", "session"), "session_secret": "s" * 32, "session_cookie_secure": False},
+                 [], ["session_cookie_secure=false"], id="insecure-cookie"),
+    pytest.param({"auth_methods": ("bearer", "introspection"), "client_id": "rs", "client_secret": "x",
+                  "cache_ttl_max": 0}, [], ["cache_ttl_max=0"], id="no-revocation-bound"),
+])
+def test_unsafe_settings(overrides: dict[str, Any], binds: list[str], expected: list[str]) -> None:
+    warnings = unsafe_settings(settings(**overrides), binds)
+    assert len(warnings) == len(expected), warnings
+    for fragment, warning in zip(expected, warnings, strict=True):
+        assert fragment in warning
+
+
+def test_missing_session_secret_is_an_error_not_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in {"ISSUER": ISSUER, "AUDIENCE": AUDIENCE, "AUTH_METHODS": "bearer,session"}.items():
+        monkeypatch.setenv(f"CERTBOUND_{name}", value)
+    assert check_config_command(discover=False) == 2
+    assert "session_secret" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("env", "argv", "code", "stderr"), [
+    pytest.param({}, ["--no-discovery"], 0, "", id="clean"),
+    pytest.param({"CERTBOUND_PROOF_OF_POSSESSION_MTLS": "off"}, ["--no-discovery"], 3, "warning:", id="warns"),
+    pytest.param({}, ["--no-discovery", "--bind", "0.0.0.0:8000"], 3, "forged", id="bind-flag"),
+    pytest.param({"GUNICORN_CMD_ARGS": "-b 0.0.0.0:8000"}, ["--no-discovery"], 3, "forged", id="bind-env"),
+    pytest.param({"CERTBOUND_LEEWAY": "x"}, ["--no-discovery"], 2, "leeway", id="invalid"),
+    pytest.param({"CERTBOUND_ISSUER": "https://127.0.0.1:9"}, [], 1, "discovery failed", id="issuer-down"),
+])
+def test_command_exit_codes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                            env: dict[str, str], argv: list[str], code: int, stderr: str) -> None:
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    monkeypatch.setenv("CERTBOUND_ISSUER", ISSUER)
+    monkeypatch.setenv("CERTBOUND_AUDIENCE", AUDIENCE)
+    monkeypatch.setenv("CERTBOUND_HTTP_TIMEOUT", "1")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["check-config", *argv]) == code
+    out = capsys.readouterr()
+    assert stderr in out.err
+    if code != 2:
+        assert '"issuer"' in out.out  # the effective settings are printed
+        assert "Traceback" not in out.err
+
+
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    for name, value in {"ISSUER": ISSUER, "AUDIENCE": AUDIENCE, "AUTH_METHODS": "bearer,session",
+                        "SESSION_SECRET": "a-very-secret-session-secret-0123456789"}.items():
+        monkeypatch.setenv(f"CERTBOUND_{name}", value)
+    assert check_config_command(discover=False) in (0, 3)
+    out = capsys.readouterr().out
+    assert "a-very-secret" not in out
+    assert '"session_secret": "********"' in out
