@@ -17,11 +17,17 @@
 //       {"client_id": "bound-dn", "auth": "tls_client_auth", "subject_dn": "CN=alice", "bound": true},
 //       {"client_id": "unbound", "auth": "client_secret_basic", "secret": "..."},
 //       {"client_id": "rs-client", "auth": "client_secret_basic", "secret": "...", "introspect": true},
+//       {"client_id": "rs-jwt", "auth": "private_key_jwt", "jwks": {"keys": [...]}, "introspect": true},
+//       {"client_id": "rs-mtls", "auth": "tls_client_auth", "subject_dn": "CN=rs-mtls", "introspect": true},
 //       {"client_id": "web-client", "auth": "client_secret_basic", "secret": "...", "code": true,
 //        "redirect_uris": ["https://127.0.0.1:8443/callback"]}
 //     ],
 //     "verbose": false
 //   }
+//
+// A private_key_jwt client's "jwks" is its JWKS, inline or as a file path;
+// only the public members of its keys are registered. Its client assertions
+// may name as "aud" the endpoint's URL, the issuer or the token endpoint.
 //
 // Prints exactly one line, "READY <port>", on stdout once it serves requests.
 // Everything it listens on is the given loopback address; it makes no outgoing
@@ -103,6 +109,19 @@ function certificateJwk(pemPath) {
 // flow: until it is given its real ones, it has this one, which goes nowhere.
 const NO_REDIRECT_URI = 'https://redirect-uri-not-set.invalid/';
 
+// The public part of a client's JWKS (inline, or a file path): a private
+// member given by mistake is never registered.
+const PRIVATE_JWK_MEMBERS = new Set(['d', 'p', 'q', 'dp', 'dq', 'qi', 'oth', 'k']);
+
+function publicJwks(jwks) {
+  const set = typeof jwks === 'string' ? JSON.parse(fs.readFileSync(jwks, 'utf8')) : jwks;
+  const keys = set?.keys ?? (set?.kty ? [set] : []);
+  if (!keys.length) throw new Error('a private_key_jwt client needs "jwks" with at least one key');
+  return {
+    keys: keys.map((key) => Object.fromEntries(Object.entries(key).filter(([name]) => !PRIVATE_JWK_MEMBERS.has(name)))),
+  };
+}
+
 function clientMetadata(spec) {
   const auth = spec.auth ?? 'client_secret_basic';
   const metadata = {
@@ -118,6 +137,7 @@ function clientMetadata(spec) {
     metadata.jwks = { keys: (spec.certificates ?? []).map(certificateJwk) };
   }
   if (auth === 'tls_client_auth') metadata.tls_client_auth_subject_dn = spec.subject_dn;
+  if (auth === 'private_key_jwt') metadata.jwks = publicJwks(spec.jwks);
   if (spec.dpop) metadata.dpop_bound_access_tokens = true;
   return { ...metadata, ...spec.metadata };
 }

@@ -15,6 +15,12 @@ unbound    ``client_secret_basic``         unbound bearer tokens (DPoP-bound if 
                                            DPoP proof is sent)
 rs-client  ``client_secret_basic``         none: the resource server, which may
                                            introspect and revoke any token
+rs-jwt     ``private_key_jwt`` (ES256; the none: a resource server like rs-client
+           private JWK in                  (its public key is registered)
+           :attr:`~OidcProvider.rs_jwt_key_path`)
+rs-mtls    ``tls_client_auth`` (subject    none: a resource server like rs-client
+           DN ``CN=rs-mtls``,
+           :attr:`~OidcProvider.rs_mtls_cert`, issued by ``ca``)
 web-client ``client_secret_basic``         a relying party's browser login: the
                                            authorization code flow, PKCE S256
                                            required; ES256 ID tokens, JWT access
@@ -66,6 +72,8 @@ from tests.support.procs import IN_CI, Process, require_binary, tail
 __all__ = [
     "API_RESOURCE",
     "OPAQUE_RESOURCE",
+    "RS_JWT_CLIENT",
+    "RS_MTLS_CLIENT",
     "SECRETS",
     "WEB_CLIENT",
     "AuthorizationRequest",
@@ -84,6 +92,11 @@ OPAQUE_RESOURCE = "https://opaque.test"
 
 #: The confidential client of the browser login (authorization code flow).
 WEB_CLIENT = "web-client"
+
+#: Resource servers that may introspect and revoke any token, like rs-client, but that authenticate
+#: with ``private_key_jwt`` (ES256) and with ``tls_client_auth`` (subject DN ``CN=rs-mtls``).
+RS_JWT_CLIENT = "rs-jwt"
+RS_MTLS_CLIENT = "rs-mtls"
 
 #: client_secret_basic secrets of the clients that have one.
 SECRETS: dict[str, str] = {
@@ -182,6 +195,9 @@ class OidcProvider:
         self.keys_path = self.directory / "keys.json"
         self.config_path = self.directory / "config.json"
         self.log = self.directory / "idp.log"
+        #: rs-jwt's private ES256 JWK (JSON), made at the first start; its public part is registered.
+        self.rs_jwt_key_path = self.directory / "rs-jwt.jwk.json"
+        self._rs_mtls_cert: Issued | None = None
         self._server_cert: Issued | None = None
         self._proc: Process | None = None
         self._port: int | None = None
@@ -199,6 +215,10 @@ class OidcProvider:
             self._server_cert = self.ca.server("idp", hosts=("127.0.0.1", "localhost"))
         if not self.keys_path.exists():
             self._write_keys([new_signing_key()])
+        if not self.rs_jwt_key_path.exists():
+            self._write_private(self.rs_jwt_key_path, new_signing_key())
+        if self._rs_mtls_cert is None:
+            self._rs_mtls_cert = self._client_cert(RS_MTLS_CLIENT)
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         offset = self.log.stat().st_size if self.log.exists() else 0
         self._proc = Process([node, str(LAUNCHER), str(self.config_path)], self.log, cwd=IDP_DIR)
@@ -253,6 +273,18 @@ class OidcProvider:
                 "introspect": True,
             },
             {
+                "client_id": RS_JWT_CLIENT,
+                "auth": "private_key_jwt",
+                "jwks": {"keys": [self.rs_jwt_public_jwk()]},
+                "introspect": True,
+            },
+            {
+                "client_id": RS_MTLS_CLIENT,
+                "auth": "tls_client_auth",
+                "subject_dn": f"CN={RS_MTLS_CLIENT}",
+                "introspect": True,
+            },
+            {
                 "client_id": WEB_CLIENT,
                 "auth": "client_secret_basic",
                 "secret": SECRETS[WEB_CLIENT],
@@ -292,10 +324,21 @@ class OidcProvider:
         raise TimeoutError(f"oidc-provider not ready after {self.startup_timeout}s:\n{tail(self.log)}")
 
     def _write_keys(self, keys: list[dict[str, Any]]) -> None:
-        tmp = self.keys_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"keys": keys}, indent=2))
+        self._write_private(self.keys_path, {"keys": keys})
+
+    @staticmethod
+    def _write_private(path: Path, value: dict[str, Any]) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value, indent=2))
         os.chmod(tmp, 0o600)
-        tmp.replace(self.keys_path)
+        tmp.replace(path)
+
+    def _client_cert(self, name: str) -> Issued:
+        """``CN=name`` from ``ca``, issued once per CA: providers sharing a CA share the certificate."""
+        cert_path, key_path = self.ca.directory / f"{name}.pem", self.ca.directory / f"{name}.key"
+        if cert_path.is_file() and key_path.is_file():
+            return Issued(cert_path, key_path, cert_path.read_text())
+        return self.ca.client(name)
 
     # ----- where it is -----------------------------------------------------
 
@@ -348,6 +391,18 @@ class OidcProvider:
     def private_jwks(self) -> dict[str, Any]:
         """The signing keys, private parts included, as the provider reads them at start."""
         return dict(json.loads(self.keys_path.read_text()))
+
+    def rs_jwt_public_jwk(self) -> dict[str, Any]:
+        """rs-jwt's registered public key (the JWK at :attr:`rs_jwt_key_path` without ``d``)."""
+        key = ECKey.import_key(json.loads(self.rs_jwt_key_path.read_text()))
+        return dict(key.as_dict(private=False))
+
+    @property
+    def rs_mtls_cert(self) -> Issued:
+        """rs-mtls's client certificate (subject ``CN=rs-mtls``, from ``ca``), for ``tls_client_auth``."""
+        if self._rs_mtls_cert is None:
+            raise RuntimeError("the provider has not been started")
+        return self._rs_mtls_cert
 
     @property
     def kid(self) -> str:
