@@ -75,6 +75,13 @@ class IntrospectionClient:
         self._verify: str | bool = settings.tls_verify
         method = settings.introspection_endpoint_auth_method
         self._key = _load_client_key(settings.client_jwk) if method == "private_key_jwt" else None
+        if self._key is not None:
+            try:  # at start-up, not on every request: the key must be able to sign with client_alg
+                jwt.encode({"alg": settings.client_alg}, {"probe": True}, self._key, algorithms=[settings.client_alg])
+            except (JoseError, ValueError, TypeError) as exc:
+                raise ConfigurationError(
+                    "client_alg", f"{settings.client_alg} cannot sign with the client_jwk key ({type(exc).__name__})"
+                ) from None
         self._cert = (
             (settings.tls_client_auth_cert_file, settings.tls_client_auth_key_file)
             if method == "tls_client_auth"

@@ -264,10 +264,6 @@ def test_configuration_errors(tmp_path: Path, case: str) -> None:
     assert info.value.option == option
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: client_alg is not checked against client_jwk's key type at start-up: with the default ES256 and an "
-    "RSA key, every introspection raises joserfc's InvalidKeyTypeError (not IntrospectionError), which the "
-    "middleware turns into a 500 on every request"))
 def test_client_alg_that_cannot_sign_with_the_key_is_a_configuration_error(tmp_path: Path) -> None:
     key = rsa.generate_private_key(65537, 2048)
     pem = tmp_path / "rsa.pem"
