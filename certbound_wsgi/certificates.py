@@ -132,7 +132,9 @@ class CertificateReader:
         value = self.raw(environ)
         if value is None:
             return None
-        if len(value) > MAX_CERT_VALUE:
+        if len(value) > MAX_CERT_VALUE or "," in value:
+            # A comma never occurs in a (URL-escaped) PEM: it means two header values joined,
+            # e.g. a forged one ahead of the proxy's. Refuse rather than pick one.
             raise InvalidToken(_MALFORMED)
         thumbprint = self._thumbprint(value)
         if thumbprint is None:

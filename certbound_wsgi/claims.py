@@ -9,7 +9,11 @@ from typing import Any
 
 from joserfc.jws import JWSRegistry
 
-__all__ = ["copy_claims", "copy_json", "equal_ascii", "jws_registry", "number"]
+__all__ = ["MAX_DEPTH", "copy_claims", "copy_json", "equal_ascii", "jws_registry", "number", "too_deep"]
+
+#: The deepest nesting accepted in claims. json.loads takes ~1,000 levels; anything walking the
+#: claims recursively (the copy handed to the app, the app itself) would not.
+MAX_DEPTH = 32
 
 #: The largest protected JWS header accepted, in bytes (a 4096-bit RSA JWK fits easily).
 MAX_HEADER_LENGTH = 4096
@@ -34,6 +38,23 @@ def equal_ascii(claimed: object, expected: str) -> bool:
     return (
         isinstance(claimed, str) and claimed.isascii() and hmac.compare_digest(claimed.encode(), expected.encode())
     )
+
+
+def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON data nests deeper than ``limit``; iterative, so any depth is safe to ask about."""
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            items: Any = item.values()
+        elif isinstance(item, list):
+            items = item
+        else:
+            continue
+        if depth >= limit:
+            return True
+        stack.extend((child, depth + 1) for child in items)
+    return False
 
 
 def copy_claims(claims: dict[str, Any]) -> dict[str, Any]:

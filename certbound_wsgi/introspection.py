@@ -26,7 +26,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from .cache import Entry
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache
-from .claims import number
+from .claims import number, too_deep
 from .discovery import Discovery, DiscoveryError
 from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -150,6 +150,8 @@ class IntrospectionClient:
             raise IntrospectionError("introspection response is not JSON") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
             raise IntrospectionError("introspection response has no boolean active member")
+        if too_deep(answer):
+            raise IntrospectionError("introspection response is nested too deeply")
         return answer
 
 

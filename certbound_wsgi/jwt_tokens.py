@@ -20,7 +20,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from .claims import jws_registry, number
+from .claims import jws_registry, number, too_deep
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -208,4 +208,6 @@ def _b64json_bytes(payload: bytes) -> Claims:
         raise InvalidToken("the token's claims are not JSON") from None
     if not isinstance(value, dict):
         raise InvalidToken("the token's claims are not a JSON object")
+    if too_deep(value):
+        raise InvalidToken("the token's claims are nested too deeply")
     return value
