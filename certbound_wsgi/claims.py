@@ -9,7 +9,9 @@ from typing import Any
 
 from joserfc.jws import JWSRegistry
 
-__all__ = ["MAX_DEPTH", "copy_claims", "copy_json", "equal_ascii", "jws_registry", "number", "too_deep"]
+__all__ = [
+    "MAX_DEPTH", "audiences", "copy_claims", "copy_json", "equal_ascii", "expiry", "jws_registry", "number", "too_deep",
+]
 
 #: The deepest nesting accepted in claims. json.loads takes ~1,000 levels; anything walking the
 #: claims recursively (the copy handed to the app, the app itself) would not.
@@ -28,6 +30,18 @@ def number(value: object) -> float | None:
     except OverflowError:
         return None
     return result if math.isfinite(result) else None
+
+
+def expiry(claims: dict[str, Any]) -> float | None:
+    """The ``exp`` claim as a number, or ``None`` when it is absent or not a finite number."""
+    return number(claims.get("exp"))
+
+
+def audiences(claims: dict[str, Any]) -> list[str]:
+    """The ``aud`` claim as a list of strings: it may be one string or an array (RFC 7519 section 4.1.3)."""
+    aud = claims.get("aud")
+    values = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+    return [a for a in values if isinstance(a, str)]
 
 
 def equal_ascii(claimed: object, expected: str) -> bool:

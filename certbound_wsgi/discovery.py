@@ -140,8 +140,10 @@ class Discovery:
         finally:
             with self._lock:
                 self._last_ok = ok
-                delay = self._settings.rediscovery_lifetime if ok else RETRY_AFTER_FAILURE
-                self._next_fetch = self._clock() + min(delay, self._settings.rediscovery_lifetime or delay)
+                lifetime = self._settings.rediscovery_lifetime
+                # After a failure retry sooner, but never hammer an issuer that is down.
+                delay = lifetime if ok else min(RETRY_AFTER_FAILURE, lifetime or RETRY_AFTER_FAILURE)
+                self._next_fetch = self._clock() + delay
                 self._inflight = None
             done.set()
 

@@ -26,7 +26,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from .cache import Entry
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache
-from .claims import number, too_deep
+from .claims import audiences, expiry, number, too_deep
 from .discovery import Discovery, DiscoveryError
 from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -157,10 +157,6 @@ class IntrospectionClient:
 
 def _reject(name: str) -> None:
     raise ValueError(name)
-
-
-def _expiry(claims: Claims) -> float | None:
-    return number(claims.get("exp"))
 
 
 class _Flight:
@@ -310,7 +306,7 @@ class IntrospectionValidator:
         if answer.get("active") is not True:
             until = now + s.cache_ttl_neg
             return Entry(False, until, until)
-        exp = _expiry(answer)
+        exp = expiry(answer)
         ttl = float(s.cache_ttl) if exp is None else exp - now
         if s.cache_ttl_max:
             ttl = min(ttl, s.cache_ttl_max)
@@ -329,7 +325,7 @@ class IntrospectionValidator:
         if settings.introspection_check_active and not entry.active:
             raise InvalidToken("the token is not active")
         now = self._clock()
-        exp = _expiry(claims)
+        exp = expiry(claims)
         if exp is not None and now >= exp + settings.leeway:
             raise InvalidToken("the token has expired")
         nbf = number(claims.get("nbf"))
@@ -338,9 +334,7 @@ class IntrospectionValidator:
         iss = claims.get("iss")
         if iss is not None and settings.issuer and iss != settings.issuer:
             raise InvalidToken("the token was issued by another issuer")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if not any(isinstance(a, str) and a in self._audience for a in audiences):
+        if self._audience.isdisjoint(audiences(claims)):
             raise InvalidToken("the token is not meant for this audience")
         return claims
 

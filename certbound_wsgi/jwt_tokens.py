@@ -20,7 +20,7 @@ from typing import Any
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from .claims import jws_registry, number, too_deep
+from .claims import audiences, jws_registry, number, too_deep
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -173,9 +173,7 @@ class JWTValidator:
         iat = _number(claims, "iat")
         if iat is not None and iat > now + leeway:
             raise InvalidToken("the token was issued in the future")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if not any(isinstance(a, str) and a in self._audience for a in audiences):
+        if self._audience.isdisjoint(audiences(claims)):
             raise InvalidToken("the token is not meant for this audience")
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):

@@ -18,7 +18,7 @@ from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
-from .claims import copy_claims
+from .claims import copy_claims, expiry
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
@@ -26,7 +26,7 @@ from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, Te
 from .introspection import IntrospectionClient, IntrospectionValidator
 from .jwt_tokens import JWTValidator, looks_like_jwt
 from .oidc_login import BrowserLogin, wants_html
-from .sessions import Session, Sessions, token_expiry
+from .sessions import Session, Sessions
 from .settings import Settings
 from .stats import Stats
 from .types import Claims, StartResponse, WSGIApplication, WSGIEnvironment
@@ -88,10 +88,11 @@ class CertBoundMiddleware:
         self.credentials = CredentialReader(settings)
         self._stats = Stats()
         secret = settings.cache_secret or settings.client_secret or None
-        self._redis = None
-        if settings.uses_redis:
-            sealer = Sealer(secret, "intro")
-            self._redis = RedisCache(make_client(settings), sealer, self._stats)
+        # One sealer for introspection entries, in Redis and in the key names alike.
+        self._intro_sealer = Sealer(secret, "intro")
+        self._redis = (
+            RedisCache(make_client(settings), self._intro_sealer, self._stats) if settings.uses_redis else None
+        )
         methods = settings.auth_methods
         self.jwt = JWTValidator(settings, self.discovery, clock) if "bearer" in methods else None
         self.introspection = self._make_introspection(secret) if "introspection" in methods else None
@@ -180,10 +181,7 @@ class CertBoundMiddleware:
         except AuthError as error:
             error.scheme = scheme
             raise
-        if self._scopes_required and not self._scopes_required <= token_scopes(claims, self.settings.scopes_claim):
-            raise InsufficientScope(
-                "the token lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
-            )
+        self._check_scopes(claims, "token", scheme)
         set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
         return Identity(claims, credential.token, thumbprint, method, set_cookie)
 
@@ -200,7 +198,7 @@ class CertBoundMiddleware:
             bound = x5t_s256(claims)
             session = sessions.create(
                 method, claims, x5t=bound if isinstance(bound, str) else None,
-                jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=token_expiry(claims),
+                jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=expiry(claims),
             )
         except TemporarilyUnavailable:
             # The token is valid; the session is a convenience: serve the request without one.
@@ -210,14 +208,18 @@ class CertBoundMiddleware:
     def _session_identity(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> Identity:
         self._check_session_proofs(environ, session, thumbprint)
         record = session.record
-        if self._scopes_required and not self._scopes_required <= token_scopes(
-            record.claims, self.settings.scopes_claim
-        ):
-            raise InsufficientScope("the session lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
+        self._check_scopes(record.claims, "session")
         # Only now, with every proof checked, may the use renew or touch the session.
         if self.sessions is not None:
             session = self.sessions.touch(session)
         return Identity(record.claims, None, thumbprint, "session", session.set_cookie)
+
+    def _check_scopes(self, claims: Claims, what: str, scheme: str | None = None) -> None:
+        """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
+        if self._scopes_required and not self._scopes_required <= token_scopes(claims, self.settings.scopes_claim):
+            raise InsufficientScope(
+                f"the {what} lacks a required scope", scope=" ".join(sorted(self._scopes_required)), scheme=scheme
+            )
 
     def _check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> None:
         record = session.record
@@ -321,7 +323,7 @@ class CertBoundMiddleware:
         settings = self.settings
         l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if self._redis is not None else None,
                          clock=self._clock)
-        sealer = Sealer(secret, "intro")
+        sealer = self._intro_sealer
         endpoint_id = settings.introspection_endpoint or settings.issuer
         return IntrospectionValidator(
             settings,

@@ -21,7 +21,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import requests
 
-from .claims import equal_ascii, number
+from .claims import audiences, equal_ascii, number
 from .discovery import Discovery, DiscoveryError
 from .errors import InvalidRequest, InvalidToken, TemporarilyUnavailable
 from .jwt_tokens import JWTValidator
@@ -172,9 +172,8 @@ class BrowserLogin:
         now = self._clock()
         if claims.get("iss") != s.issuer:
             raise InvalidToken("the ID token was issued by another issuer")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if s.client_id not in audiences or (len(audiences) > 1 and claims.get("azp") != s.client_id):
+        aud = audiences(claims)
+        if s.client_id not in aud or (len(aud) > 1 and claims.get("azp") != s.client_id):
             raise InvalidToken("the ID token is not meant for this client")
         exp = number(claims.get("exp"))
         if exp is None or now >= exp + s.leeway:

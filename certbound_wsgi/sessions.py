@@ -20,7 +20,7 @@ from typing import Any
 
 from .cache.redis import RedisCache, RedisUnavailable
 from .cache.seal import Sealer
-from .claims import equal_ascii, number
+from .claims import equal_ascii
 from .credentials import read_cookie
 from .errors import InvalidToken, TemporarilyUnavailable
 from .settings import Settings
@@ -320,6 +320,3 @@ class Sessions:
             return None
         return value if isinstance(value, dict) else None
 
-
-def token_expiry(claims: Claims) -> float | None:
-    return number(claims.get("exp"))
