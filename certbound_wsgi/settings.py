@@ -408,13 +408,15 @@ class Settings:
             if getattr(self, name) < 0:
                 raise ConfigurationError(name, "must not be negative")
         name = self.session_cookie_name
-        if not name or not all(c.isalnum() or c in "-_" for c in name):
-            raise ConfigurationError("session_cookie_name", "letters, digits, '-' and '_' only")
+        if not name or not all(c.isascii() and (c.isalnum() or c in "-_") for c in name):
+            raise ConfigurationError("session_cookie_name", "ASCII letters, digits, '-' and '_' only")
+        if self.session_cookie_domain and not _visible(self.session_cookie_domain, ";,\"="):
+            raise ConfigurationError("session_cookie_domain", "a domain name: visible ASCII without ';', ',' or quotes")
         if self.session_cookie_same_site == "None" and not self.session_cookie_secure:
             raise ConfigurationError("session_cookie_same_site", "None requires session_cookie_secure")
         for name in ("logout_path", "session_cookie_path"):
             path = getattr(self, name)
-            if path and (not path.startswith("/") or any(c in path for c in ';,\r\n "')):
+            if path and (not path.startswith("/") or not _visible(path, ';,"')):
                 raise ConfigurationError(name, "an absolute path without ';', ',', quotes or spaces")
         if "authorization_code" in methods:
             if not self.redirect_uri:
@@ -428,6 +430,8 @@ class Settings:
             value = getattr(self, name)
             if value and not (value.startswith("/") and not value.startswith("//")):
                 _check_https(name, value)
+            elif value and not _visible(value, '"<>\\'):
+                raise ConfigurationError(name, "a path of visible ASCII characters only")
 
     @property
     def uses_redis(self) -> bool:
@@ -509,7 +513,16 @@ def _finite(value: float) -> bool:
         return False
 
 
+def _visible(value: str, forbidden: str = "") -> bool:
+    """Visible ASCII only (no space, no control character) and none of ``forbidden``: safe in a header."""
+    return all("!" <= c <= "~" and c not in forbidden for c in value)
+
+
 def _check_https(option: str, url: str) -> None:
+    # urlsplit silently drops CR, LF and tab, so check the raw text first: these values
+    # reach response headers (Location) and outgoing requests.
+    if not _visible(url, '"<>\\'):
+        raise ConfigurationError(option, "a URL of visible ASCII characters only")
     parts = urlsplit(url)
     loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
     if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
