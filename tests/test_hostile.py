@@ -30,15 +30,14 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from joserfc.jwk import ECKey
-from werkzeug.serving import make_server
 from werkzeug.test import Client, TestResponse
-from werkzeug.wrappers import Request, Response
 
 from certbound_wsgi.binding import THUMBPRINT_MISMATCH
 from certbound_wsgi.devpki import DevCA, Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
 from tests.conftest import CountingApp, independent_thumbprint, make_settings
 from tests.support.dpop import DPoPKey
+from tests.support.raw_http import RawServer
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer, sign_es256
 
 MB = 1024 * 1024
@@ -87,29 +86,6 @@ NOT_OUR_AUDIENCE = "the token is not meant for this audience"
 # -- the world the rows are built from ------------------------------------------------------------------------
 
 
-class TinyServer:
-    """A local HTTP introspection endpoint answering every request with ``body``."""
-
-    def __init__(self) -> None:
-        self.body = b"{}"
-        self.requests = 0
-
-        @Request.application
-        def app(request: Request) -> Response:
-            self.requests += 1
-            return Response(self.body, content_type="application/json")
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/introspect"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -124,7 +100,7 @@ class World:
     ca_pem: str
     alice_x5t: str
     issuer: TestIssuer
-    tiny: TinyServer
+    tiny: RawServer
     port: int
     dpop_key: DPoPKey = field(default_factory=DPoPKey)
     attacker: ECKey = field(default_factory=lambda: ECKey.generate_key("P-256", private=True))
@@ -177,7 +153,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(pki: DevCA, alice: Issued, mallory: Issued) -> Iterator[World]:
-    tiny = TinyServer()
+    tiny = RawServer()
     try:
         yield World(alice.cert_pem, mallory.cert_pem, pki.cert_path.read_text(), independent_thumbprint(alice.cert_pem),
                     TestIssuer(), tiny, closed_port())
@@ -484,7 +460,7 @@ def test_hostile(overrides: dict[str, Any], build: Build, expect: Expect, world:
     method = environ.pop("@method", "GET")
     data = environ.pop("@data", None)
     environ = {key: value for key, value in environ.items() if value is not None}
-    requests_before = world.tiny.requests
+    requests_before = len(world.tiny.requests)
     response, connections, elapsed = run(client, environ, method=method, data=data,
                                          content_type="application/x-www-form-urlencoded" if data else None)
     offered = ["Bearer", "DPoP"] if overrides.get("proof_of_possession_dpop", "off") != "off" else ["Bearer"]
@@ -494,9 +470,9 @@ def test_hostile(overrides: dict[str, Any], build: Build, expect: Expect, world:
     assert all(address == tiny_address for address in connections), connections
     if "introspection_endpoint" in overrides:
         # ... which was asked exactly once (and so the recording above does see connections).
-        assert connections and world.tiny.requests == requests_before + 1
+        assert connections and len(world.tiny.requests) == requests_before + 1
     else:
-        assert connections == [] and world.tiny.requests == requests_before
+        assert connections == [] and len(world.tiny.requests) == requests_before
     assert elapsed < HANG / 2
 
 

@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from certbound_wsgi.cache import Entry
 from certbound_wsgi.cache.memory import MemoryCache
@@ -28,6 +26,7 @@ from certbound_wsgi.stats import Stats
 from tests.support import idp_fixtures
 from tests.support.idp import OPAQUE_RESOURCE, SECRETS, OidcProvider, x5t_s256
 from tests.support.procs import free_port
+from tests.support.raw_http import RawServer
 
 # The real IdP and its PKI (tests/conftest.py's ``pki`` is a bare DevCA).
 pki = idp_fixtures.pki
@@ -496,44 +495,16 @@ def test_ca_file_wins_over_environment(idp: OidcProvider, opaque_token: str, tmp
 # -- the client against a misbehaving server ---------------------------------------
 
 
-class TinyServer:
-    """A local HTTP server answering every request with ``body`` (werkzeug's ``make_server``)."""
-
-    def __init__(self) -> None:
-        self.body: bytes = b"{}"
-        self.status = 200
-        self.gzip = False
-        self.requests: list[dict[str, Any]] = []
-
-        @Request.application
-        def app(request: Request) -> Response:
-            self.requests.append({"form": dict(request.form), "auth": request.headers.get("Authorization")})
-            response = Response(self.body, status=self.status, content_type="application/json")
-            if self.gzip:
-                response.headers["Content-Encoding"] = "gzip"
-            return response
-
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/introspect"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
-def tiny() -> Iterator[TinyServer]:
-    server = TinyServer()
+def tiny() -> Iterator[RawServer]:
+    server = RawServer()
     try:
         yield server
     finally:
         server.close()
 
 
-def tiny_client(tiny: TinyServer, **overrides: Any) -> IntrospectionClient:
+def tiny_client(tiny: RawServer, **overrides: Any) -> IntrospectionClient:
     settings = make_settings(issuer="", introspection_endpoint=tiny.url, **overrides)
     return IntrospectionClient(settings, None)
 
@@ -546,7 +517,7 @@ def tiny_client(tiny: TinyServer, **overrides: Any) -> IntrospectionClient:
         pytest.param(b'{"active": true, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", id="deep-member"),
     ],
 )
-def test_json_bomb(tiny: TinyServer, body: bytes) -> None:
+def test_json_bomb(tiny: RawServer, body: bytes) -> None:
     tiny.body, tiny.status, tiny.gzip = body, 200, False
     with pytest.raises(IntrospectionError):
         tiny_client(tiny).introspect("tok")
@@ -568,20 +539,20 @@ def test_json_bomb(tiny: TinyServer, body: bytes) -> None:
         pytest.param(b'{"active": true, "pad": "' + b"x" * (256 * 1024) + b'"}', id="too-large"),
     ],
 )
-def test_unusable_response(tiny: TinyServer, body: bytes) -> None:
+def test_unusable_response(tiny: RawServer, body: bytes) -> None:
     tiny.body, tiny.status, tiny.gzip = body, 200, False
     with pytest.raises(IntrospectionError):
         tiny_client(tiny).introspect("tok")
 
 
 @pytest.mark.parametrize("status", [201, 301, 400, 401, 500, 503])
-def test_non_200(tiny: TinyServer, status: int) -> None:
+def test_non_200(tiny: RawServer, status: int) -> None:
     tiny.body, tiny.status, tiny.gzip = b'{"active": true}', status, False
     with pytest.raises(IntrospectionError, match=str(status)):
         tiny_client(tiny).introspect("tok")
 
 
-def test_usable_response_and_request_shape(tiny: TinyServer) -> None:
+def test_usable_response_and_request_shape(tiny: RawServer) -> None:
     tiny.body, tiny.status, tiny.gzip = b'{"active": true, "sub": "alice"}', 200, False
     tiny.requests.clear()
     assert tiny_client(tiny).introspect("the-token") == {"active": True, "sub": "alice"}
@@ -594,7 +565,7 @@ def test_usable_response_and_request_shape(tiny: TinyServer) -> None:
                             "client_secret": "rs-secret-0123456789abcdef"}
 
 
-def test_gzip_response(tiny: TinyServer) -> None:
+def test_gzip_response(tiny: RawServer) -> None:
     tiny.body, tiny.status, tiny.gzip = gzip.compress(b'{"active": true, "sub": "alice"}'), 200, True
     try:
         assert tiny_client(tiny).introspect("tok") == {"active": True, "sub": "alice"}

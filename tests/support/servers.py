@@ -163,8 +163,8 @@ def start_nginx(
     )
 
 
-class Gunicorn:
-    """gunicorn started by :func:`start_gunicorn`; ``.port`` serves HTTP on 127.0.0.1."""
+class AppServer:
+    """An application server on a loopback port, started by :func:`start_gunicorn` or :func:`start_uwsgi`."""
 
     def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
         self.port = port
@@ -172,15 +172,23 @@ class Gunicorn:
         self.process = Process(argv, log, env=env, cwd=REPO_ROOT)
         try:
             wait_for_port(port, proc=self.process.proc, log=log)
+            self._wait_ready(argv)
         except BaseException:
             self.stop()
             raise
+
+    def _wait_ready(self, argv: list[str]) -> None:
+        """Listening is ready enough for gunicorn."""
 
     def output(self) -> str:
         return self.process.output()
 
     def stop(self) -> None:
         self.process.stop()
+
+
+class Gunicorn(AppServer):
+    """gunicorn started by :func:`start_gunicorn`; ``.port`` serves HTTP on 127.0.0.1."""
 
 
 def start_gunicorn(
@@ -216,30 +224,16 @@ def start_gunicorn(
     return Gunicorn(argv, port, log, _app_env(env))
 
 
-class UWSGI:
+class UWSGI(AppServer):
     """uWSGI started by :func:`start_uwsgi`; ``.port`` speaks the uwsgi protocol on 127.0.0.1."""
 
-    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
-        self.port = port
-        self.backend = f"127.0.0.1:{port}"
-        self.process = Process(argv, log, env=env, cwd=REPO_ROOT)
-        try:
-            wait_for_port(port, proc=self.process.proc, log=log)
-            # The socket is bound before the application is imported; --need-app makes
-            # uWSGI exit if the import fails, which this waits long enough to see.
-            if not wait_until(lambda: "WSGI app 0 (mountpoint='') ready" in self.output() or not self.process.alive()):
-                raise TimeoutError(f"uWSGI did not load {argv}: {self.output()}")
-            if not self.process.alive():
-                raise RuntimeError(f"uWSGI exited: {self.output()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def output(self) -> str:
-        return self.process.output()
-
-    def stop(self) -> None:
-        self.process.stop()
+    def _wait_ready(self, argv: list[str]) -> None:
+        # The socket is bound before the application is imported; --need-app makes
+        # uWSGI exit if the import fails, which this waits long enough to see.
+        if not wait_until(lambda: "WSGI app 0 (mountpoint='') ready" in self.output() or not self.process.alive()):
+            raise TimeoutError(f"uWSGI did not load {argv}: {self.output()}")
+        if not self.process.alive():
+            raise RuntimeError(f"uWSGI exited: {self.output()}")
 
 
 def start_uwsgi(
