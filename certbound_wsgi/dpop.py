@@ -190,7 +190,7 @@ class DPoPVerifier:
         self._key_name = key_name
         self._clock = clock
         self._base = settings.public_base_url.rstrip("/")
-        secret = settings.cache_secret or settings.client_secret
+        secret = settings.shared_secret
         # Without a shared secret, nonces are per process (Settings refuses that with dpop_use_nonce).
         self._nonce_key = HKDF(hashes.SHA256(), 32, None, b"certbound-wsgi/v1/dpop-nonce").derive(
             secret.encode() if secret else os.urandom(32)

@@ -87,7 +87,7 @@ class CertBoundMiddleware:
         self.certificates = CertificateReader(settings)
         self.credentials = CredentialReader(settings)
         self._stats = Stats()
-        secret = settings.cache_secret or settings.client_secret or None
+        secret = settings.shared_secret or None
         # One sealer for introspection entries, in Redis and in the key names alike.
         self._intro_sealer = Sealer(secret, "intro")
         self._redis = (

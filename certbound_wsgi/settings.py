@@ -353,7 +353,7 @@ class Settings:
             raise ConfigurationError("dpop_proof_lifetime", "must be between 1 and 3600 seconds")
         if not self.dpop_signing_alg_values_supported:
             raise ConfigurationError("dpop_signing_alg_values_supported", "at least one algorithm is needed")
-        if self.dpop_use_nonce and len(self.cache_secret or self.client_secret) < 16:
+        if self.dpop_use_nonce and len(self.shared_secret) < 16:
             raise ConfigurationError(
                 "cache_secret",
                 "dpop_use_nonce needs a shared secret of 16+ characters so that every worker checks every nonce",
@@ -372,9 +372,9 @@ class Settings:
             raise ConfigurationError("redis_url", "must start with redis://, rediss:// or unix://")
         if self.redis_sentinel_master and not self.redis_sentinel_nodes:
             raise ConfigurationError("redis_sentinel_nodes", "required with redis_sentinel_master")
-        if self.uses_redis and not (self.cache_secret or self.client_secret):
+        if self.uses_redis and not self.shared_secret:
             raise ConfigurationError("cache_secret", "required with Redis when there is no client_secret")
-        if self.uses_redis and len(self.cache_secret or self.client_secret) < 16:
+        if self.uses_redis and len(self.shared_secret) < 16:
             raise ConfigurationError("cache_secret", "at least 16 characters (it keys the sealed Redis entries)")
 
     @property
@@ -432,6 +432,12 @@ class Settings:
                 _check_https(name, value)
             elif value and not _visible(value, '"<>\\'):
                 raise ConfigurationError(name, "a path of visible ASCII characters only")
+
+    @property
+    def shared_secret(self) -> str:
+        """The secret shared by every worker and host for sealing, key names and nonces:
+        ``cache_secret``, or ``client_secret`` when that is unset; empty when neither is."""
+        return self.cache_secret or self.client_secret
 
     @property
     def uses_redis(self) -> bool:
