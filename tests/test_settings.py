@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.check import check_config_command
+from certbound_wsgi.cli import check_config_command
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import ASYMMETRIC_ALGS, Rules, Settings, env_name, rules_of
 from tests.support.tokens import AUDIENCE, ISSUER
