@@ -114,8 +114,9 @@ class CertificateReader:
         self._verify_header_var = _environ_key(client_cert_verify_header) if client_cert_verify_header else None
         if not isinstance(trusted_proxies, TrustedProxies):
             trusted_proxies = TrustedProxies(trusted_proxies)
+        self.trusted_proxies = trusted_proxies
         #: Whether a peer address (``REMOTE_ADDR``) is a trusted proxy.
-        self.is_trusted_peer = trusted_proxies
+        self.is_trusted_peer = trusted_proxies.trusts_peer
         # Every request from a client carries the same certificate: parse it once.
         self._thumbprint = functools.lru_cache(maxsize=cache_size)(_parse)
 

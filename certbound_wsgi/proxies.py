@@ -46,11 +46,9 @@ class TrustedProxies:
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         self.networks = parse_networks(cidrs)
-        self._peer = functools.lru_cache(maxsize=_MEMO_SIZE)(self._is_trusted_peer)
-
-    def __call__(self, remote_addr: str) -> bool:
-        """Whether the peer ``remote_addr`` (the WSGI ``REMOTE_ADDR``) is trusted; never for a non-address."""
-        return self._peer(remote_addr)
+        #: ``trusts_peer(remote_addr)``: whether the WSGI ``REMOTE_ADDR`` is a trusted proxy; never for a
+        #: non-address. A memoized function rather than a method: it is asked on every request.
+        self.trusts_peer = functools.lru_cache(maxsize=_MEMO_SIZE)(self._trusts_peer)
 
     def contains(self, address: IPAddress) -> bool:
         """Whether ``address`` lies in a trusted network (an IPv4-mapped IPv6 address counts as IPv4)."""
@@ -58,7 +56,7 @@ class TrustedProxies:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
 
-    def _is_trusted_peer(self, remote_addr: str) -> bool:
+    def _trusts_peer(self, remote_addr: str) -> bool:
         try:
             address = ipaddress.ip_address(remote_addr)
         except ValueError:

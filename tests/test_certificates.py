@@ -153,7 +153,7 @@ def test_a_shared_trusted_proxies_is_used_as_given(alice: Issued, alice_x5t: str
     proxies = TrustedProxies(["10.0.0.0/8"])
     shared = CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="",
                                trusted_proxies=proxies, cache_size=4)
-    assert shared.is_trusted_peer is proxies
+    assert shared.trusted_proxies is proxies
     assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "10.9.9.9"}) == alice_x5t
     assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1"}) is None
 
