@@ -1,9 +1,10 @@
 """Configuration: one frozen, typed object.
 
-Every option has a default, a docstring and an environment variable named
-``CERTBOUND_<OPTION>``. Names follow Kong Gateway's OpenID Connect plugin so
-that users moving from Kong recognise them. The table in
-``docs/configuration`` is generated from this module.
+Every option has a default, a description, its :class:`Rules` (allowed values,
+range, a check of its shape) and an environment variable named
+``CERTBOUND_<OPTION>``, all declared in one place. Names follow Kong Gateway's
+OpenID Connect plugin so that users moving from Kong recognise them. The table
+in ``docs/configuration`` is generated from this module.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 from .errors import ConfigurationError
 from .proxies import parse_networks
 
-__all__ = ["ENV_PREFIX", "Settings"]
+__all__ = ["ENV_PREFIX", "Rules", "Settings", "env_name", "rules_of"]
 
 ENV_PREFIX = "CERTBOUND_"
 
@@ -654,6 +655,7 @@ def _finite(value: float) -> bool:
 
 
 def env_name(option: str, prefix: str = ENV_PREFIX) -> str:
+    """The environment variable of ``option``: ``CERTBOUND_LEEWAY`` for ``leeway``."""
     return prefix + option.upper()
 
 
