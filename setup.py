@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=["certbound_wsgi", "certbound_wsgi.cache", "certbound_wsgi.nginx"],
+    packages=["certbound_wsgi", "certbound_wsgi.cache", "certbound_wsgi.dev", "certbound_wsgi.nginx"],
     # The shipped nginx configurations live at the top of the repository, where
     # operators look for them, and install as package data so that
     # `certbound-wsgi nginx-config` renders exactly what the tests exercise.

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, SECRETS, OidcProvider
 from tests.support.redis_server import RedisServer
 from tests.support.servers import Gunicorn, Nginx, start_gunicorn, start_nginx
@@ -31,7 +31,7 @@ __all__ = ["run_burst", "run_e2e", "started_idp"]
 
 PROTECTED = "certbound_wsgi.wsgi:application"
 #: The app of each comparison, served bare (unprotected) or through ``certbound_wsgi.wsgi`` (``CERTBOUND_APP``).
-APPS = {"echo": "certbound_wsgi.echo:echo_app", "hello": "bench.apps:hello_app"}
+APPS = {"echo": "certbound_wsgi.dev.echo:echo_app", "hello": "bench.apps:hello_app"}
 #: (gunicorn worker class, app) of each protected/unprotected comparison.
 CONFIGS = (("sync", "echo"), ("gthread", "echo"), ("gthread", "hello"))
 _TICK = os.sysconf("SC_CLK_TCK")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.types import WSGIEnvironment
 from tests.support.idp import x5t_s256

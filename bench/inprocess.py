@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.types import WSGIApplication, WSGIEnvironment
 from tests.support.dpop import DPoPKey

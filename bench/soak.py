@@ -51,7 +51,7 @@ from urllib.parse import quote
 
 import requests
 
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from tests.e2e.conftest import foreign_key, mint
 from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, SECRETS, OidcProvider, x5t_s256
 from tests.support.procs import wait_until

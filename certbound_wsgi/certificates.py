@@ -11,18 +11,17 @@ import base64
 import binascii
 import functools
 import hashlib
-import ipaddress
 import re
-import sys
+from collections.abc import Iterable
 from urllib.parse import unquote
 
 from cryptography import x509
 
 from .errors import InvalidToken
-from .settings import Settings
+from .proxies import TrustedProxies
 from .types import WSGIEnvironment
 
-__all__ = ["CertificateReader", "thumbprint_from_der", "thumbprint_from_pem", "thumbprint_command"]
+__all__ = ["CertificateReader", "thumbprint_from_der", "thumbprint_from_pem"]
 
 #: The uWSGI variables set by ``uwsgi_param``; a client cannot forge them.
 UWSGI_CERT_VAR = "SSL_CLIENT_CERT"
@@ -74,6 +73,11 @@ def thumbprint_from_pem(pem: str) -> str:
     return thumbprint_from_der(_leaf_der(pem))
 
 
+def _environ_key(header: str) -> str:
+    """The WSGI environ key of a request header (PEP 3333: ``HTTP_`` and upper case, ``-`` as ``_``)."""
+    return "HTTP_" + header.upper().replace("-", "_")
+
+
 def _parse(value: str) -> str | None:
     """Thumbprint of ``value``, or ``None`` when it is malformed (memoized by the reader)."""
     try:
@@ -85,27 +89,36 @@ def _parse(value: str) -> str | None:
 class CertificateReader:
     """Finds the client certificate of a request and returns its thumbprint.
 
-    :param settings: supplies ``client_cert_header``, ``client_cert_verify_header``,
-        ``trusted_proxies`` and ``cert_cache_size``.
+    Like werkzeug's ``ProxyFix``, it states in its constructor what it believes:
+    the uWSGI variable, which only the server sets, and the header only from
+    ``trusted_proxies``.
+
+    :param client_cert_header: the request header a trusted proxy forwards the certificate in.
+    :param client_cert_verify_header: a header that must say ``SUCCESS`` for the certificate to
+        count (nginx's ``$ssl_client_verify``); empty: not checked.
+    :param trusted_proxies: the peers whose header is believed: CIDRs, or a
+        :class:`~certbound_wsgi.proxies.TrustedProxies` shared with other readers of forwarded values.
+    :param cache_size: parsed certificates remembered, keyed by the forwarded value.
+    :raises ValueError: a trusted proxy is not an IP network.
     """
 
-    def __init__(self, settings: Settings) -> None:
-        self._header_var = "HTTP_" + settings.client_cert_header.upper().replace("-", "_")
-        verify = settings.client_cert_verify_header
-        self._verify_header_var = "HTTP_" + verify.upper().replace("-", "_") if verify else None
-        self._networks = tuple(ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies)
+    def __init__(
+        self,
+        *,
+        client_cert_header: str,
+        client_cert_verify_header: str,
+        trusted_proxies: TrustedProxies | Iterable[str],
+        cache_size: int,
+    ) -> None:
+        self._header_var = _environ_key(client_cert_header)
+        self._verify_header_var = _environ_key(client_cert_verify_header) if client_cert_verify_header else None
+        if not isinstance(trusted_proxies, TrustedProxies):
+            trusted_proxies = TrustedProxies(trusted_proxies)
+        self.trusted_proxies = trusted_proxies
+        #: Whether a peer address (``REMOTE_ADDR``) is a trusted proxy.
+        self.is_trusted_peer = trusted_proxies.trusts_peer
         # Every request from a client carries the same certificate: parse it once.
-        self._thumbprint = functools.lru_cache(maxsize=settings.cert_cache_size)(_parse)
-        self.is_trusted_peer = functools.lru_cache(maxsize=256)(self._is_trusted)
-
-    def _is_trusted(self, remote_addr: str) -> bool:
-        try:
-            address = ipaddress.ip_address(remote_addr)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        self._thumbprint = functools.lru_cache(maxsize=cache_size)(_parse)
 
     def raw(self, environ: WSGIEnvironment) -> str | None:
         """The certificate value as forwarded, or ``None`` when there is none to believe."""
@@ -141,17 +154,3 @@ class CertificateReader:
             raise InvalidToken(_MALFORMED)
         return thumbprint
 
-
-def thumbprint_command(path: str) -> int:
-    """``certbound-wsgi thumbprint CERT.pem``."""
-    try:
-        if path == "-":
-            pem = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8", errors="strict") as fh:
-                pem = fh.read()
-        print(thumbprint_from_pem(pem))
-    except (OSError, ValueError, UnicodeError) as exc:
-        print(f"certbound-wsgi thumbprint: {path}: {exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,22 +1,28 @@
-"""``certbound-wsgi check-config``: validate the environment's settings and warn about unsafe ones."""
+"""What ``certbound-wsgi check-config`` finds: the effective settings, and the ones that weaken the protection.
+
+Nothing here prints; :mod:`certbound_wsgi.cli` reports what these functions return.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import shlex
-import sys
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .errors import ConfigurationError
+from .proxies import TrustedProxies
 from .settings import Settings
 
-__all__ = ["check_config_command", "unsafe_settings"]
+__all__ = ["bind_host", "check_config", "gunicorn_binds", "unsafe_settings"]
 
 
-def _gunicorn_bind(environ: dict[str, str] | None = None) -> list[str]:
-    args = shlex.split((environ if environ is not None else os.environ).get("GUNICORN_CMD_ARGS", ""))
+def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The addresses in ``--bind``/``-b`` of ``GUNICORN_CMD_ARGS`` (gunicorn reads its options there too).
+
+    :param environ: defaults to :data:`os.environ`.
+    """
+    args = shlex.split((os.environ if environ is None else environ).get("GUNICORN_CMD_ARGS", ""))
     binds = []
     for i, arg in enumerate(args):
         if arg in ("-b", "--bind") and i + 1 < len(args):
@@ -26,12 +32,23 @@ def _gunicorn_bind(environ: dict[str, str] | None = None) -> list[str]:
     return binds
 
 
-def _bind_host(bind: str) -> str | None:
+def bind_host(bind: str) -> str | None:
     """The host of a gunicorn bind (``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH``); ``None`` for a socket file."""
     if bind.startswith(("unix:", "fd://")):
         return None
     host = bind.rsplit(":", 1)[0] if bind.count(":") == 1 or bind.startswith("[") else bind
     return host.strip("[]") or "0.0.0.0"  # noqa: S104 - describing, not binding
+
+
+def check_config(environ: Mapping[str, str] | None = None, bind: str | None = None) -> tuple[Settings, list[str]]:
+    """The settings of ``environ`` and the warnings about them.
+
+    :param environ: the ``CERTBOUND_*`` variables (and ``GUNICORN_CMD_ARGS``); defaults to :data:`os.environ`.
+    :param bind: the address gunicorn binds to; by default the ``--bind`` options of ``GUNICORN_CMD_ARGS``.
+    :raises ConfigurationError: a setting is invalid.
+    """
+    settings = Settings.from_env(environ)
+    return settings, unsafe_settings(settings, [bind] if bind else gunicorn_binds(environ))
 
 
 def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
@@ -40,10 +57,15 @@ def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
     :param settings: the effective settings.
     :param binds: the addresses gunicorn binds to, if known.
     """
+    return _exposed_binds(settings, binds) + _weakened_binding(settings) + _weakened_cache(settings)
+
+
+def _exposed_binds(settings: Settings, binds: list[str]) -> list[str]:
+    """Binds that a client can reach without nginx, and from which the certificate header is believed."""
+    proxies = TrustedProxies(settings.trusted_proxies)
     warnings = []
-    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
     for bind in binds:
-        host = _bind_host(bind)
+        host = bind_host(bind)
         if host is None:
             continue
         try:
@@ -51,13 +73,19 @@ def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
         except ValueError:
             address = None
         exposed = address is None or address.is_unspecified or not address.is_loopback
-        trusted = address is not None and not address.is_unspecified and any(address in n for n in networks)
+        trusted = address is not None and not address.is_unspecified and proxies.contains(address)
         if exposed and not trusted:
             warnings.append(
                 f"gunicorn binds to {bind}, which is not loopback and not in trusted_proxies: anyone who can "
                 f"reach it directly can send a forged {settings.client_cert_header} header. Bind to 127.0.0.1 "
                 "behind nginx (a unix socket has no peer address, so the header would never be believed)."
             )
+    return warnings
+
+
+def _weakened_binding(settings: Settings) -> list[str]:
+    """Settings under which a stolen token, or a forged issuer, gets further."""
+    warnings = []
     if settings.proof_of_possession_mtls == "off":
         warnings.append("proof_of_possession_mtls=off: certificate-bound tokens are not checked; a stolen one works.")
     if settings.proof_of_possession_mtls == "off" and settings.proof_of_possession_dpop == "off":
@@ -74,6 +102,12 @@ def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
         and "authorization_code" in settings.auth_methods
     ):
         warnings.append("authorization_code sessions are not bound to any proof of possession (by your choice).")
+    return warnings
+
+
+def _weakened_cache(settings: Settings) -> list[str]:
+    """Settings under which a replayed proof or a revoked token is accepted for longer."""
+    warnings = []
     if settings.proof_of_possession_dpop != "off" and not settings.uses_redis:
         warnings.append("DPoP replay protection is per process without redis_url: a proof can be replayed to "
                         "another worker or host.")
@@ -82,27 +116,3 @@ def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
     if settings.cache_ttl_max == 0 and "introspection" in settings.auth_methods:
         warnings.append("cache_ttl_max=0: a revoked token keeps working until its exp while cached.")
     return warnings
-
-
-def check_config_command(bind: str | None = None, discover: bool = True) -> int:
-    """Validate, warn, discover; exit 0 (fine), 1 (discovery failed), 2 (invalid), 3 (valid with warnings)."""
-    from .discovery import Discovery, DiscoveryError
-
-    try:
-        settings = Settings.from_env()
-    except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(settings.masked(), indent=2))
-    warnings = unsafe_settings(settings, [bind] if bind else _gunicorn_bind())
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-    if discover and settings.issuer:
-        try:
-            metadata, keys = Discovery(settings).check()
-        except DiscoveryError as exc:
-            print(f"discovery failed: {exc}", file=sys.stderr)
-            return 1
-        print(f"issuer metadata: {metadata.get('issuer')} (jwks_uri {metadata.get('jwks_uri')})")
-        print(f"signing keys: {', '.join(keys) or 'none'}")
-    return 3 if warnings else 0

@@ -1,18 +1,27 @@
-"""``certbound-wsgi``: the command-line entry point.
+"""``certbound-wsgi``: every command, and all of their printing.
 
-Each sub-command lives in the module that owns its subject; this file only
-parses arguments and dispatches.
+The modules these commands use (:mod:`~certbound_wsgi.certificates`,
+:mod:`~certbound_wsgi.check`, :mod:`~certbound_wsgi.nginx_config`) return
+values or raise; this module turns them into output and exit statuses.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .errors import ConfigurationError
+
+__all__ = ["check_config_command", "main", "nginx_config_command", "thumbprint_command"]
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="certbound-wsgi", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="certbound-wsgi", description="Certificate-bound OAuth access tokens for WSGI apps: operator commands."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="run the self-contained demonstration (no network needed)")
@@ -54,22 +63,113 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def thumbprint_command(path: str) -> int:
+    """``certbound-wsgi thumbprint CERT.pem``: 0, or 1 when the file cannot be read or holds no certificate."""
+    from .certificates import thumbprint_from_pem
+
+    try:
+        if path == "-":
+            pem = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8", errors="strict") as fh:
+                pem = fh.read()
+        print(thumbprint_from_pem(pem))
+    except (OSError, ValueError, UnicodeError) as exc:
+        _error(f"certbound-wsgi thumbprint: {path}: {exc}")
+        return 1
+    return 0
+
+
+def check_config_command(bind: str | None = None, discover: bool = True) -> int:
+    """``certbound-wsgi check-config``: validate, warn, discover.
+
+    :returns: 0 (fine), 1 (discovery failed), 2 (invalid), 3 (valid with warnings).
+    """
+    from .check import check_config
+    from .discovery import Discovery, DiscoveryError
+
+    try:
+        settings, warnings = check_config(bind=bind)
+    except ConfigurationError as exc:
+        _error(f"configuration error: {exc}")
+        return 2
+    print(json.dumps(settings.masked(), indent=2))
+    for warning in warnings:
+        _error(f"warning: {warning}")
+    if discover and settings.issuer:
+        try:
+            metadata, keys = Discovery(settings).check()
+        except DiscoveryError as exc:
+            _error(f"discovery failed: {exc}")
+            return 1
+        print(f"issuer metadata: {metadata.get('issuer')} (jwks_uri {metadata.get('jwks_uri')})")
+        print(f"signing keys: {', '.join(keys) or 'none'}")
+    return 3 if warnings else 0
+
+
+def nginx_config_command(args: argparse.Namespace) -> int:
+    """``certbound-wsgi nginx-config``: render a template to standard output or ``--output``.
+
+    :param args: the parsed ``nginx-config`` arguments.
+    :returns: 0 on success, 2 for an invalid argument, 1 when the output cannot be written.
+    """
+    from .nginx_config import render
+
+    try:
+        text = render(
+            args.upstream,
+            listen=args.listen,
+            backend=args.backend,
+            server_cert=args.server_cert,
+            server_key=args.server_key,
+            client_ca=args.client_ca,
+            server_name=args.server_name,
+            standalone=args.standalone,
+            prefix=args.prefix,
+        )
+    except ConfigurationError as exc:
+        message = str(exc).removeprefix(f"{exc.option}: ")
+        _error(f"certbound-wsgi nginx-config: error: --{exc.option.replace('_', '-')}: {message}")
+        return 2
+    try:
+        _write(text, args.output)
+    except OSError as exc:
+        _error(f"certbound-wsgi nginx-config: error: cannot write {args.output}: {exc.strerror or exc}")
+        return 1
+    return 0
+
+
+def _write(text: str, output: str) -> None:
+    """Write ``text`` to ``output`` (``-``: standard output), replacing a file in one step,
+    so that an nginx reloading meanwhile never reads half a configuration."""
+    if output == "-":
+        sys.stdout.write(text)
+        return
+    path = Path(output)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: :data:`sys.argv`), run the command and return its exit status."""
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        # The development package is loaded only for the demo.
+        from .dev.demo import run_demo
 
         return run_demo(once=args.once, port=args.port)
     if args.command == "thumbprint":
-        from .certificates import thumbprint_command
-
         return thumbprint_command(args.cert)
     if args.command == "check-config":
-        from .check import check_config_command
-
         return check_config_command(bind=args.bind, discover=not args.no_discovery)
-    from .nginx_config import nginx_config_command
-
     return nginx_config_command(args)
 
 

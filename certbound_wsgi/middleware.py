@@ -84,7 +84,12 @@ class CertBoundMiddleware:
         self._clock = clock
         self.settings = settings = settings if settings is not None else Settings.from_env()
         self.discovery = discovery or Discovery(settings)
-        self.certificates = CertificateReader(settings)
+        self.certificates = CertificateReader(
+            client_cert_header=settings.client_cert_header,
+            client_cert_verify_header=settings.client_cert_verify_header,
+            trusted_proxies=settings.trusted_proxies,
+            cache_size=settings.cert_cache_size,
+        )
         self.credentials = CredentialReader(settings)
         self._stats = Stats()
         secret = settings.shared_secret or None

@@ -1,4 +1,4 @@
-"""Render the shipped nginx configurations (``certbound-wsgi nginx-config``).
+"""Render the shipped nginx configurations (for ``certbound-wsgi nginx-config``).
 
 The templates live in ``nginx/`` at the top of the repository and install as
 the package ``certbound_wsgi.nginx``; the tests start nginx with exactly what
@@ -15,24 +15,22 @@ Every value is validated before it is written, because the rendered file is
 configuration that nginx trusts: a backend of ``127.0.0.1:8000; }`` or a
 path with a newline in it would otherwise add directives of its own choosing.
 Invalid input raises :class:`~certbound_wsgi.errors.ConfigurationError`
-naming the argument; the command turns it into exit status 2 and a message.
+naming the argument; ``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`)
+turns it into exit status 2 and a message.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
-import sys
 import textwrap
 from importlib.resources import files
-from pathlib import Path
 from typing import Final, Literal
 
 from .errors import ConfigurationError
 
-__all__ = ["UPSTREAMS", "Upstream", "nginx_config_command", "render"]
+__all__ = ["UPSTREAMS", "Upstream", "render"]
 
 Upstream = Literal["gunicorn", "uwsgi"]
 
@@ -247,47 +245,3 @@ def render(
     standalone_values["server"] = textwrap.indent(server, "    ", lambda line: bool(line.strip())).rstrip("\n")
     return _fill(_STANDALONE, standalone_values, "standalone nginx.conf")
 
-
-def _write(text: str, output: str) -> None:
-    """Write ``text`` to ``output`` (``-``: standard output), replacing a file in one step,
-    so that an nginx reloading meanwhile never reads half a configuration."""
-    if output == "-":
-        sys.stdout.write(text)
-        return
-    path = Path(output)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        partial.write_text(text, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def nginx_config_command(args: argparse.Namespace) -> int:
-    """``certbound-wsgi nginx-config``: render a template to standard output or ``--output``.
-
-    :param args: the parsed ``nginx-config`` arguments of :mod:`certbound_wsgi.cli`.
-    :returns: 0 on success, 2 for an invalid argument, 1 when the output cannot be written.
-    """
-    try:
-        text = render(
-            args.upstream,
-            listen=args.listen,
-            backend=args.backend,
-            server_cert=args.server_cert,
-            server_key=args.server_key,
-            client_ca=args.client_ca,
-            server_name=args.server_name,
-            standalone=args.standalone,
-            prefix=args.prefix,
-        )
-    except ConfigurationError as exc:
-        message = str(exc).removeprefix(f"{exc.option}: ")
-        print(f"certbound-wsgi nginx-config: error: --{exc.option.replace('_', '-')}: {message}", file=sys.stderr)
-        return 2
-    try:
-        _write(text, args.output)
-    except OSError as exc:
-        print(f"certbound-wsgi nginx-config: error: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0

@@ -1,8 +1,9 @@
 """Entry point for gunicorn and uWSGI, configured only from the environment.
 
 ``gunicorn certbound_wsgi.wsgi:application`` wraps the app named by
-``CERTBOUND_APP=package.module:attribute`` (the built-in echo app when unset)
-in :class:`~certbound_wsgi.CertBoundMiddleware` configured from
+``CERTBOUND_APP=package.module:attribute`` (the development echo app,
+:func:`certbound_wsgi.dev.echo.echo_app`, when unset) in
+:class:`~certbound_wsgi.CertBoundMiddleware` configured from
 ``CERTBOUND_*`` variables. A bad setting stops the worker at start-up with a
 message naming the option.
 """
@@ -13,7 +14,6 @@ import importlib
 import os
 from collections.abc import Mapping
 
-from .echo import echo_app
 from .errors import ConfigurationError
 from .middleware import CertBoundMiddleware
 from .settings import Settings
@@ -43,7 +43,12 @@ def create_application(environ: Mapping[str, str] | None = None) -> CertBoundMid
     environ = os.environ if environ is None else environ
     settings = Settings.from_env(environ)
     target = environ.get("CERTBOUND_APP", "").strip()
-    return CertBoundMiddleware(load_app(target) if target else echo_app, settings)
+    if target:
+        return CertBoundMiddleware(load_app(target), settings)
+    # Imported only when no app is named, so that a real deployment never loads the dev package.
+    from .dev.echo import echo_app
+
+    return CertBoundMiddleware(echo_app, settings)
 
 
 application = create_application()

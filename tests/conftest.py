@@ -18,8 +18,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from werkzeug.test import Client
 
-from certbound_wsgi.devpki import DevCA, Issued
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
+from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.types import StartResponse, WSGIApplication, WSGIEnvironment

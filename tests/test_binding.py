@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING, THUMBPRINT_MISMATCH, check_mtls, x5t_s256
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import InvalidToken
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, middleware_of
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer, sign_es256

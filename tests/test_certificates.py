@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from certbound_wsgi.certificates import MAX_CERT_VALUE, CertificateReader, thumbprint_from_der, thumbprint_from_pem
 from certbound_wsgi.cli import main as cli_main
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.errors import InvalidToken
+from certbound_wsgi.proxies import TrustedProxies
 from tests.conftest import MakeClient, bearer, independent_thumbprint, make_settings
 
 HEADER_VAR = "HTTP_X_SSL_CLIENT_CERT"
@@ -26,7 +27,14 @@ MALFORMED = "the client certificate could not be parsed"
 
 
 def reader(**overrides: Any) -> CertificateReader:
-    return CertificateReader(make_settings(**overrides))
+    """A reader given the values the settings would give it (validated there, defaults from there)."""
+    settings = make_settings(**overrides)
+    return CertificateReader(
+        client_cert_header=settings.client_cert_header,
+        client_cert_verify_header=settings.client_cert_verify_header,
+        trusted_proxies=settings.trusted_proxies,
+        cache_size=settings.cert_cache_size,
+    )
 
 
 def test_thumbprint_matches_an_independent_computation(alice: Issued, mallory: Issued, alice_x5t: str) -> None:
@@ -139,6 +147,21 @@ def test_header_is_believed_only_from_trusted_proxies(
     if remote_addr is not None:
         environ["REMOTE_ADDR"] = remote_addr
     assert reader(**overrides).thumbprint(environ) == (alice_x5t if believed else None)
+
+
+def test_a_shared_trusted_proxies_is_used_as_given(alice: Issued, alice_x5t: str) -> None:
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    shared = CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="",
+                               trusted_proxies=proxies, cache_size=4)
+    assert shared.trusted_proxies is proxies
+    assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "10.9.9.9"}) == alice_x5t
+    assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1"}) is None
+
+
+def test_a_trusted_proxy_that_is_not_a_network_is_refused() -> None:
+    with pytest.raises(ValueError, match="'nginx' is not an IP network"):
+        CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="",
+                          trusted_proxies=["127.0.0.1/32", "nginx"], cache_size=4)
 
 
 def test_custom_header_name(alice: Issued, alice_x5t: str) -> None:

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.check import _bind_host, _gunicorn_bind, check_config_command, unsafe_settings
-from certbound_wsgi.cli import main
+from certbound_wsgi.check import bind_host, check_config, gunicorn_binds, unsafe_settings
+from certbound_wsgi.cli import check_config_command, main
+from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import Settings
 from tests.support.tokens import AUDIENCE, ISSUER
 
@@ -28,7 +29,7 @@ def settings(**overrides: Any) -> Settings:
     pytest.param("fd://3", None, id="fd"),
 ])
 def test_bind_host(bind: str, host: str | None) -> None:
-    assert _bind_host(bind) == host
+    assert bind_host(bind) == host
 
 
 @pytest.mark.parametrize(("args", "binds"), [
@@ -38,7 +39,7 @@ def test_bind_host(bind: str, host: str | None) -> None:
     pytest.param("--bind=10.1.2.3:80", ["10.1.2.3:80"], id="equals"),
 ])
 def test_gunicorn_bind_from_environment(args: str, binds: list[str]) -> None:
-    assert _gunicorn_bind({"GUNICORN_CMD_ARGS": args}) == binds
+    assert gunicorn_binds({"GUNICORN_CMD_ARGS": args}) == binds
 
 
 @pytest.mark.parametrize(("overrides", "binds", "expected"), [
@@ -64,6 +65,28 @@ def test_unsafe_settings(overrides: dict[str, Any], binds: list[str], expected: 
     assert len(warnings) == len(expected), warnings
     for fragment, warning in zip(expected, warnings, strict=True):
         assert fragment in warning
+
+
+@pytest.mark.parametrize(("environ", "bind", "warned"), [
+    pytest.param({}, None, False, id="no-bind"),
+    pytest.param({"GUNICORN_CMD_ARGS": "-b 0.0.0.0:8000"}, None, True, id="bind-from-gunicorn-args"),
+    pytest.param({"GUNICORN_CMD_ARGS": "-b 0.0.0.0:8000"}, "127.0.0.1:8000", False, id="bind-argument-wins"),
+    pytest.param({}, "10.0.0.5:8000", True, id="bind-argument"),
+])
+def test_check_config_returns_the_settings_and_warnings(
+    environ: dict[str, str], bind: str | None, warned: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The check itself prints nothing: the command line reports what it returns."""
+    settings, warnings = check_config({"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE, **environ}, bind)
+    assert settings.issuer == ISSUER
+    assert any("forged X-SSL-Client-Cert" in warning for warning in warnings) is warned
+    assert capsys.readouterr() == ("", "")
+
+
+def test_check_config_raises_for_an_invalid_setting() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        check_config({"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE, "CERTBOUND_LEEWAY": "301"})
+    assert info.value.option == "leeway"
 
 
 def test_missing_session_secret_is_an_error_not_a_warning(monkeypatch: pytest.MonkeyPatch,

@@ -12,8 +12,8 @@ from joserfc.jwk import ECKey
 from werkzeug.test import Client
 
 from certbound_wsgi.certificates import thumbprint_from_pem
-from certbound_wsgi.devissuer import DevIssuer
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.issuer import DevIssuer
+from certbound_wsgi.dev.pki import DevCA, Issued
 
 ISSUER = "https://127.0.0.1:8443"
 AUDIENCE = "https://api.demo"
@@ -145,7 +145,7 @@ def test_audience_claim(alice: Issued, audience: str | tuple[str, ...], claim: o
 
 
 def test_issuer_says_it_is_for_development_only(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level("WARNING", logger="certbound_wsgi.devissuer"):
+    with caplog.at_level("WARNING", logger="certbound_wsgi.dev.issuer"):
         DevIssuer(ISSUER, audience=AUDIENCE)
     assert "DEVELOPMENT-ONLY" in caplog.text
     assert DevIssuer.__doc__ is not None and "DEVELOPMENT ONLY" in DevIssuer.__doc__

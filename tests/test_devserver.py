@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
-from certbound_wsgi.devpki import DevCA, Issued
-from certbound_wsgi.devserver import DevServer, server_ssl_context
+from certbound_wsgi.dev.pki import DevCA, Issued
+from certbound_wsgi.dev.server import DevServer, server_ssl_context
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

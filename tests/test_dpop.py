@@ -30,7 +30,7 @@ from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING, THUMBPRINT_MISMA
 from certbound_wsgi.cache.redis import RedisCache
 from certbound_wsgi.cache.redis import make_client as make_redis_client
 from certbound_wsgi.cache.seal import Sealer
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.dpop import NONCE_LIFETIME, DPoPError, DPoPVerifier, ReplayCache
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.middleware import CertBoundMiddleware

@@ -8,7 +8,7 @@ import pytest
 from flask import Flask, jsonify
 from flask.testing import FlaskClient
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.flask import CertBound, current_claims, require_scope
 from certbound_wsgi.middleware import CertBoundMiddleware

@@ -33,7 +33,7 @@ from joserfc.jwk import ECKey
 from werkzeug.test import Client, TestResponse
 
 from certbound_wsgi.binding import THUMBPRINT_MISMATCH
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
 from tests.conftest import CountingApp, independent_thumbprint, make_settings
 from tests.support.dpop import DPoPKey

@@ -19,7 +19,7 @@ from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError
 from joserfc.jwk import ECKey, KeySet
 
-from certbound_wsgi.devpki import self_signed_client
+from certbound_wsgi.dev.pki import self_signed_client
 from tests.support import idp_fixtures
 from tests.support.browser import Browser, parse_forms
 from tests.support.idp import (

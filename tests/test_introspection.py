@@ -472,7 +472,7 @@ def test_garbage_endpoint(idp: OidcProvider, opaque_token: str, endpoint: str) -
 
 
 def test_untrusted_issuer_certificate(idp: OidcProvider, opaque_token: str, tmp_path: Any) -> None:
-    from certbound_wsgi.devpki import DevCA
+    from certbound_wsgi.dev.pki import DevCA
 
     other_ca = DevCA(tmp_path / "other-ca")
     client = IntrospectionClient(client_settings(idp, ca_file=str(other_ca.cert_path)), None)

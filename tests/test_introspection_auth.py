@@ -23,8 +23,8 @@ from joserfc.jwk import ECKey
 from werkzeug.test import Client
 
 from certbound_wsgi.binding import THUMBPRINT_MISMATCH
-from certbound_wsgi.devpki import self_signed_client
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
+from certbound_wsgi.dev.pki import self_signed_client
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.introspection import IntrospectionClient, IntrospectionError
 from certbound_wsgi.middleware import CertBoundMiddleware

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.echo import echo_app
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.discovery import PublicKey
-from certbound_wsgi.echo import echo_app
 from certbound_wsgi.middleware import token_scopes
 from certbound_wsgi.types import StartResponse, WSGIEnvironment
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, make_settings, middleware_of

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from certbound_wsgi.cli import main
-from certbound_wsgi.devpki import DevCA
+from certbound_wsgi.dev.pki import DevCA
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.nginx_config import Upstream, render
 from tests.support.procs import require_binary

@@ -25,8 +25,8 @@ from werkzeug.test import Client
 from certbound_wsgi.cache import Entry
 from certbound_wsgi.cache.redis import RedisCache, make_client
 from certbound_wsgi.cache.seal import Sealer
-from certbound_wsgi.devpki import Issued
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats

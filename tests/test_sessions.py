@@ -27,7 +27,7 @@ from werkzeug.test import Client, TestResponse, create_environ
 
 from certbound_wsgi.binding import CERT_MISSING, THUMBPRINT_MISMATCH
 from certbound_wsgi.cache.seal import Sealer
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.oidc_login import LOGIN_TTL, wants_html

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.check import check_config_command
+from certbound_wsgi.cli import check_config_command
 from certbound_wsgi.errors import ConfigurationError
-from certbound_wsgi.settings import ASYMMETRIC_ALGS, Settings, env_name
+from certbound_wsgi.settings import ASYMMETRIC_ALGS, Rules, Settings, env_name, rules_of
 from tests.support.tokens import AUDIENCE, ISSUER
 
 BASE_ENV = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE}
@@ -54,7 +54,7 @@ def sample(field: dataclasses.Field[Any]) -> tuple[str, Any, dict[str, str]]:
         return SPECIAL_SAMPLES[field.name]
     hint = HINTS[field.name]
     default = getattr(DEFAULTS, field.name)
-    choices: tuple[str, ...] = field.metadata["choices"]
+    choices = rules_of(field).choices
     if typing.get_origin(hint) is tuple:
         items = choices[:2] if choices else ("sample-a", "sample-b")
         return " , ".join(items), tuple(items), {}
@@ -219,6 +219,90 @@ def test_bad_values_name_the_option(overrides: dict[str, str], option: str) -> N
         Settings.from_env({**BASE_ENV, **overrides})
     assert info.value.option == option
     assert str(info.value).startswith(option + ": ")
+
+
+@pytest.mark.parametrize(
+    ("name", "accepted", "refused", "message"),
+    [
+        pytest.param("leeway", (0, 300), (-1, 301), "must be from 0 to 300", id="leeway"),
+        pytest.param("rediscovery_lifetime", (0,), (-1,), "must be at least 0", id="rediscovery_lifetime"),
+        pytest.param("http_timeout", (0.01, 120), (0, -1, 120.5), "must be more than 0, at most 120",
+                     id="http_timeout"),
+        pytest.param("redis_timeout", (0.001, 10), (0, 10.01), "must be more than 0, at most 10", id="redis_timeout"),
+        pytest.param("dpop_proof_lifetime", (1, 3600), (0, 3601), "must be from 1 to 3600",
+                     id="dpop_proof_lifetime"),
+        pytest.param("token_cache_size", (1,), (0, -1), "must be at least 1", id="token_cache_size"),
+        pytest.param("cert_cache_size", (1,), (0,), "must be at least 1", id="cert_cache_size"),
+        pytest.param("cache_l1_size", (1,), (0,), "must be at least 1", id="cache_l1_size"),
+        pytest.param("session_idling_timeout", (0,), (-1,), "must be at least 0", id="session_idling_timeout"),
+        pytest.param("cache_ttl_resurrect", (0,), (-1,), "must be at least 0", id="cache_ttl_resurrect"),
+        pytest.param("cache_l1_ttl", (0,), (-1,), "must be at least 0", id="cache_l1_ttl"),
+    ],
+)
+def test_ranges_are_enforced_at_their_bounds(
+    name: str, accepted: tuple[float, ...], refused: tuple[float, ...], message: str
+) -> None:
+    for value in accepted:
+        assert getattr(Settings.from_mapping({**BASE_ENV, env_name(name): value}), name) == value
+    for value in refused:
+        with pytest.raises(ConfigurationError) as info:
+            Settings.from_mapping({**BASE_ENV, env_name(name): value})
+        assert str(info.value) == f"{name}: {message}"
+
+
+@pytest.mark.parametrize("field", [pytest.param(f, id=f.name) for f in FIELDS if HINTS[f.name] in (int, float)])
+def test_every_number_declares_its_lower_bound(field: dataclasses.Field[Any]) -> None:
+    """No option takes a negative number: each says how low it may go, and the docs table shows it."""
+    rules = rules_of(field)
+    assert rules.min is not None or rules.above is not None
+    assert rules.range()
+    assert rules.min is None or rules.min >= 0
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_mapping({**BASE_ENV, env_name(field.name): -1})
+    assert info.value.option == field.name
+
+
+@pytest.mark.parametrize(
+    ("rules", "text"),
+    [
+        pytest.param(Rules("d", min=0, max=300), "from 0 to 300", id="both"),
+        pytest.param(Rules("d", min=1), "at least 1", id="min"),
+        pytest.param(Rules("d", max=5), "at most 5", id="max"),
+        pytest.param(Rules("d", above=0, max=0.5), "more than 0, at most 0.5", id="above-and-max"),
+        pytest.param(Rules("d"), "", id="unbounded"),
+    ],
+)
+def test_range_in_words(rules: Rules, text: str) -> None:
+    assert rules.range() == text
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        pytest.param("auth_methods", "", "needs at least one value", id="empty-list"),
+        pytest.param("client_cert_header", "", "must not be empty", id="empty-string"),
+        pytest.param("session_cookie_name", " ", "must not be empty", id="blank-string"),
+        pytest.param("token_signing_algs", ",", "needs at least one value", id="only-separator"),
+    ],
+)
+def test_required_options_refuse_empty_values(name: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.from_env({**BASE_ENV, env_name(name): value})
+    assert str(info.value) == f"{name}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "option"),
+    [
+        pytest.param({"auth_methods": ("bearer",), "audience": ()}, "audience", id="bearer"),
+        pytest.param({"auth_methods": ("introspection",), "audience": (), "client_id": "rs", "client_secret": "s"},
+                     "audience", id="introspection"),
+    ],
+)
+def test_audience_is_required_by_every_token_method(overrides: dict[str, Any], option: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings(**{"issuer": ISSUER, **overrides})
+    assert str(info.value) == "audience: required: the token's aud must contain one of these"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import pytest
 
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.middleware import CertBoundMiddleware
 from tests.support import sample_app

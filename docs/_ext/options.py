@@ -1,9 +1,9 @@
 """The configuration reference, generated from :class:`certbound_wsgi.Settings`.
 
 ``settings.py`` is the one place where an option's type, default, environment
-variable and description live. The ``certbound-options`` directive renders
-them as a table when the docs are built, so the docs cannot drift from the
-code. It works in reStructuredText and in MyST Markdown alike::
+variable, description and rules (allowed values, range) live. The
+``certbound-options`` directive renders them as a table when the docs are
+built, so the docs cannot drift from the code. It works in reStructuredText and in MyST Markdown alike::
 
     ```{certbound-options}
     ```
@@ -22,7 +22,7 @@ from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
 from certbound_wsgi import settings as settings_module
-from certbound_wsgi.settings import Settings, env_name
+from certbound_wsgi.settings import Settings, env_name, rules_of
 
 _TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean"}
 
@@ -56,10 +56,15 @@ def _default(field: dataclasses.Field[Any]) -> str:
 
 
 def _description(field: dataclasses.Field[Any]) -> str:
-    text: str = field.metadata["doc"]
-    choices: tuple[str, ...] = field.metadata["choices"]
-    if choices:
-        text += " Values: " + ", ".join(_literal(choice) for choice in choices) + "."
+    """The option's description, then the rules declared with it: its values, its range, whether it may be empty."""
+    rules = rules_of(field)
+    text = rules.doc
+    if rules.choices:
+        text += " Values: " + ", ".join(_literal(choice) for choice in rules.choices) + "."
+    if rules.range():
+        text += f" Range: {rules.range()}."
+    if rules.required:
+        text += " Must not be empty."
     return text
 
 

@@ -19,7 +19,7 @@ import requests
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from tests.support import idp_fixtures
 from tests.support.idp import API_RESOURCE, OidcProvider
 from tests.support.procs import free_port

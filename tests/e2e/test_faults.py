@@ -37,8 +37,8 @@ import requests
 from joserfc.jwk import ECKey
 
 from certbound_wsgi.cache.seal import Sealer
-from certbound_wsgi.devpki import Issued
-from certbound_wsgi.devserver import DevServer, server_ssl_context
+from certbound_wsgi.dev.pki import Issued
+from certbound_wsgi.dev.server import DevServer, server_ssl_context
 from certbound_wsgi.types import StartResponse, WSGIEnvironment
 from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, SECRETS, OidcProvider, x5t_s256
 from tests.support.idp_fixtures import Pki

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote
 import pytest
 import requests
 
-from certbound_wsgi.devpki import DevCA, Issued, self_signed_client
+from certbound_wsgi.dev.pki import DevCA, Issued, self_signed_client
 from certbound_wsgi.nginx_config import Upstream
 from tests.support.procs import require_binary
 from tests.support.servers import UWSGI, Gunicorn, Nginx, start_gunicorn, start_nginx, start_uwsgi

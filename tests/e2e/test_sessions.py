@@ -33,8 +33,8 @@ import requests
 
 from certbound_wsgi.binding import CERT_MISSING, THUMBPRINT_MISMATCH
 from certbound_wsgi.cache.seal import Sealer
-from certbound_wsgi.devpki import Issued
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.types import StartResponse, WSGIEnvironment

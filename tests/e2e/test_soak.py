@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from bench.soak import render_markdown, run_soak
-from certbound_wsgi.echo import echo_app
+from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from tests.support.redis_server import RedisServer

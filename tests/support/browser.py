@@ -33,7 +33,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 
 __all__ = ["Browser", "Form", "LoginError", "parse_forms"]
 

@@ -66,7 +66,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from joserfc.jwk import ECKey
 
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from tests.support.procs import IN_CI, Process, require_binary, tail
 
 __all__ = [

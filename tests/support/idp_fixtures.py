@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from tests.support.idp import OidcProvider
 
 __all__ = ["Pki", "idp", "pki"]

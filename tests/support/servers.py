@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.nginx_config import Upstream, render
 
 from .procs import Process, free_port, require_binary, wait_for_port, wait_until

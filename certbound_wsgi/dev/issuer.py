@@ -18,7 +18,7 @@ What it does implement, so that the middleware sees what a real issuer sends:
 
 The client certificate is read from ``environ["SSL_CLIENT_CERT"]`` (PEM, possibly
 URL-escaped as nginx's ``$ssl_client_escaped_cert``; empty or absent means none),
-which :mod:`certbound_wsgi.devserver` fills in from the TLS handshake.
+which :mod:`certbound_wsgi.dev.server` fills in from the TLS handshake.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from joserfc import jwt
 from joserfc.jwk import ECKey
 from werkzeug.wrappers import Request, Response
 
-from .types import StartResponse, WSGIEnvironment
+from ..types import StartResponse, WSGIEnvironment
 
 __all__ = ["DevIssuer"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from .types import StartResponse, WSGIEnvironment
+from ..types import StartResponse, WSGIEnvironment
 
 __all__ = ["echo_app"]
 

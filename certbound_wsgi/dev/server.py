@@ -20,7 +20,7 @@ from typing import Any, Self
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from .types import StartResponse, WSGIApplication, WSGIEnvironment
+from ..types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["ClientCertRequestHandler", "DevServer", "server_ssl_context"]
 

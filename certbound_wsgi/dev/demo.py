@@ -1,9 +1,9 @@
 """``certbound-wsgi demo``: certificate-bound tokens, shown end to end on loopback.
 
 Everything is throwaway and development-only: a CA in a temporary directory, a
-development issuer (:mod:`certbound_wsgi.devissuer`) and the echo app behind
+development issuer (:mod:`certbound_wsgi.dev.issuer`) and the echo app behind
 :class:`~certbound_wsgi.CertBoundMiddleware`, both served over mutual TLS by
-:mod:`certbound_wsgi.devserver`. Alice obtains a token bound to her certificate
+:mod:`certbound_wsgi.dev.server`. Alice obtains a token bound to her certificate
 (RFC 8705 section 3.1); the demo then presents it with her certificate, with
 Mallory's, and with none, and checks that only the first gets through.
 """
@@ -24,12 +24,12 @@ from typing import Any
 
 import requests
 
-from . import CertBoundMiddleware, Settings
-from .certificates import thumbprint_from_pem
-from .devissuer import DevIssuer
-from .devpki import DevCA, Issued
-from .devserver import DevServer, server_ssl_context
+from .. import CertBoundMiddleware, Settings
+from ..certificates import thumbprint_from_pem
 from .echo import echo_app
+from .issuer import DevIssuer
+from .pki import DevCA, Issued
+from .server import DevServer, server_ssl_context
 
 __all__ = ["run_demo"]
 
