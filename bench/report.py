@@ -160,8 +160,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             f"{e2e['warmup_s']:g} s warm-up then {e2e['duration_s']:g} s counted per run; per configuration "
             f"{e2e['pairs']} back-to-back pairs of runs, protected and unprotected in alternating order (ABBA), "
             f"each ratio taken within a pair, medians shown. gthread runs {e2e['gthread_threads']} threads per "
-            "worker. Unprotected: gunicorn serves the app (`certbound_wsgi.echo:echo_app`, or `bench.apps:hello_app` "
-            "to see the middleware without the echo app serializing the claims it adds) directly, same nginx "
+            "worker. Unprotected: gunicorn serves the app (`certbound_wsgi.dev.echo:echo_app`, or "
+            "`bench.apps:hello_app` to see the middleware without the echo app serializing the claims it adds) "
+            "directly, same nginx "
             "configuration. CPU columns: user+system time of the gunicorn (or nginx) process tree per request, "
             "from /proc. Others' cores: CPU used meanwhile by every other process on the machine (noise).",
             "",
