@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the test-suite needs on Debian: the real servers (nginx,
 # redis-server, uWSGI, and HAProxy and Caddy for docs/proxies.md), Node.js for
-# the test IdP (panva's oidc-provider, pinned in tests/idp/package-lock.json), and a virtualenv at .venv with the package
-# and its test extras. Safe to run again; it only installs what is missing.
+# the test IdP (panva's oidc-provider, pinned in tests/idp/package-lock.json),
+# and a virtualenv at .venv with the package and its test extras. Safe to run
+# again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
