@@ -34,6 +34,16 @@ class ProxyServer:
         self.process.stop()
 
 
+def _listening(process: Process, port: int) -> Process:
+    """``process`` once it accepts connections on ``port``; stopped if it never does."""
+    try:
+        wait_for_port(port, proc=process.proc, log=process.log)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
 def start_haproxy(directory: Path, backend: str, server: Issued, client_ca: Path | str) -> ProxyServer:
     """``haproxy -db`` (foreground) with the rendered ``proxies/haproxy.cfg``, checked with ``-c`` first."""
     binary = require_binary("haproxy", "/usr/sbin/haproxy")
@@ -50,12 +60,7 @@ def start_haproxy(directory: Path, backend: str, server: Issued, client_ca: Path
     if check.proc.wait(30) != 0:
         raise RuntimeError(f"haproxy -c rejected {config}: {check.output()}")
     check.stop()
-    process = Process([binary, "-db", "-f", str(config)], directory / "haproxy.log")
-    try:
-        wait_for_port(port, proc=process.proc, log=process.log)
-    except BaseException:
-        process.stop()
-        raise
+    process = _listening(Process([binary, "-db", "-f", str(config)], directory / "haproxy.log"), port)
     return ProxyServer("haproxy", f"https://127.0.0.1:{port}", port, process)
 
 
@@ -70,11 +75,6 @@ def start_caddy(directory: Path, backend: str, server: Issued) -> ProxyServer:
                                    server_key=server.key_path))
     env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
            "PATH": "/usr/bin:/bin"}
-    process = Process([binary, "run", "--config", str(config), "--adapter", "caddyfile"], directory / "caddy.log",
-                      env=env, cwd=directory)
-    try:
-        wait_for_port(port, proc=process.proc, log=process.log)
-    except BaseException:
-        process.stop()
-        raise
+    process = _listening(Process([binary, "run", "--config", str(config), "--adapter", "caddyfile"],
+                                 directory / "caddy.log", env=env, cwd=directory), port)
     return ProxyServer("caddy", f"https://localhost:{port}", port, process)
