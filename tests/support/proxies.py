@@ -57,9 +57,10 @@ def start_haproxy(directory: Path, backend: str, server: Issued, client_ca: Path
     config.write_text(render_haproxy(listen=f"127.0.0.1:{port}", backend=backend, server_pem=server_pem,
                                      client_ca=client_ca))
     check = Process([binary, "-c", "-f", str(config)], directory / "check.log")
-    if check.proc.wait(30) != 0:
-        raise RuntimeError(f"haproxy -c rejected {config}: {check.output()}")
+    status = check.proc.wait(30)
     check.stop()
+    if status != 0:
+        raise RuntimeError(f"haproxy -c rejected {config}: {check.output()}")
     process = _listening(Process([binary, "-db", "-f", str(config)], directory / "haproxy.log"), port)
     return ProxyServer("haproxy", f"https://127.0.0.1:{port}", port, process)
 
