@@ -198,10 +198,11 @@ def parse_escaped_pem(value: str) -> Leaf:
 
 
 def _strict_base64(text: str) -> bytes:
+    """RFC 4648 section 4 exactly: the alphabet, and padding to a multiple of four, no more."""
     if not _BASE64.fullmatch(text):
         raise ValueError("invalid base64")
     try:
-        return base64.b64decode(text, validate=True)
+        return binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error:
         raise ValueError("invalid base64") from None
 
@@ -236,7 +237,8 @@ def _sf_binary(text: str) -> bytes:
     # Section 4.2.7: parsers SHOULD NOT fail when "=" padding is missing.
     body = body.rstrip("=")
     try:
-        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        # strict_mode: an "=" inside the body is refused, not read as the end of the data.
+        return binascii.a2b_base64(body + "=" * (-len(body) % 4), strict_mode=True)
     except binascii.Error:
         raise ValueError("invalid base64 in the byte sequence") from None
 

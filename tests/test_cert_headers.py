@@ -216,6 +216,8 @@ HOSTILE: list[tuple[CertificateFormat, Callable[[Certs], str], str]] = [
     ("xfcc", lambda c: f'Subject="a"b;Hash={c.sha256_hex(c.alice_pem)}', "unexpected character"),
     ("xfcc", lambda c: f"Hash={c.sha256_hex(c.alice_pem)}=", "quote or '='"),
     ("xfcc", lambda c: "", "without a valid key"),
+    ("rfc9440", lambda c: ":QUI=QUJD:", "invalid base64"),
+    ("base64_der", lambda c: "QUI=QUJD", "invalid base64"),
 ]
 
 
@@ -230,7 +232,7 @@ HOSTILE: list[tuple[CertificateFormat, Callable[[Certs], str], str]] = [
     "rfc9440-parameters", "rfc9440-empty", "xfcc-cert-is-a-chain", "rfc9440-two-ders-in-one",
     "xfcc-hash-mismatch", "xfcc-repeated-hash", "xfcc-repeated-cert", "xfcc-no-cert-no-hash",
     "xfcc-short-hash", "xfcc-empty-element", "xfcc-empty-pair", "xfcc-text-after-quote",
-    "xfcc-bare-equals", "xfcc-empty",
+    "xfcc-bare-equals", "xfcc-empty", "rfc9440-padding-inside", "base64-der-padding-inside",
 ])
 def test_hostile_values_are_refused(certs: Certs, fmt: CertificateFormat, build: Callable[[Certs], str],
                                     reason: str) -> None:
