@@ -145,6 +145,17 @@ def _leaf_of_chain(ders: list[bytes]) -> Leaf:
     return Leaf.from_der(ders[0])
 
 
+def _strict_base64(text: str) -> bytes:
+    """RFC 4648 section 4 exactly: the alphabet, and padding to a multiple of four, no more."""
+    # strict_mode still reads "QUJD=" as "ABC": the length check refuses the stray "=".
+    if len(text) % 4 or not _BASE64.fullmatch(text):
+        raise ValueError("invalid base64")
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except binascii.Error:
+        raise ValueError("invalid base64") from None
+
+
 def _pem_ders(text: str) -> list[bytes]:
     """The DER of every CERTIFICATE block in ``text``, which may hold nothing else but whitespace."""
     ders: list[bytes] = []
@@ -154,11 +165,7 @@ def _pem_ders(text: str) -> list[bytes]:
             raise ValueError("text outside the PEM blocks")
         position = match.end()
         # nginx's escaped PEM has newlines; the old $ssl_client_cert tabs; others spaces.
-        body = "".join(match.group(1).split())
-        try:
-            ders.append(base64.b64decode(body, validate=True))
-        except binascii.Error:
-            raise ValueError("invalid base64 in the PEM body") from None
+        ders.append(_strict_base64("".join(match.group(1).split())))
     if not ders:
         raise ValueError("no PEM certificate block")
     if text[position:].strip():
@@ -195,16 +202,6 @@ def parse_escaped_pem(value: str) -> Leaf:
         raise ValueError("more than one header value")
     # errors="strict": a %-escape that is not UTF-8 is refused, not replaced.
     return _leaf_of_chain(_pem_ders(unquote(value, errors="strict")))
-
-
-def _strict_base64(text: str) -> bytes:
-    """RFC 4648 section 4 exactly: the alphabet, and padding to a multiple of four, no more."""
-    if not _BASE64.fullmatch(text):
-        raise ValueError("invalid base64")
-    try:
-        return binascii.a2b_base64(text, strict_mode=True)
-    except binascii.Error:
-        raise ValueError("invalid base64") from None
 
 
 def parse_base64_der(value: str) -> Leaf:
