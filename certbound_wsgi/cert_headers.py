@@ -86,6 +86,9 @@ _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 # RFC 8941 section 3.3.5: sf-binary = ":" *(base64) ":"
 _SF_BINARY = re.compile(r":([A-Za-z0-9+/=]*):")
 _XFCC_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+# Runs of ordinary characters inside a quoted value, and of a bare value.
+_XFCC_QUOTED_RUN = re.compile(r'[^"\\]*')
+_XFCC_BARE_RUN = re.compile(r'[^,;"=]*')
 _SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 # Traefik before 2.9.4 passed its base64 through url.QueryEscape; these are the
 # only three characters of the base64 alphabet that escaping changes.
@@ -278,6 +281,12 @@ def parse_rfc9440_chain(value: str) -> list[bytes]:
     return ders
 
 
+def _run_end(pattern: re.Pattern[str], value: str, start: int) -> int:
+    """Where the run of ``pattern``'s characters from ``start`` ends."""
+    match = pattern.match(value, start)
+    return match.end() if match else start
+
+
 def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
     """Envoy's ``x-forwarded-client-cert`` by its grammar: elements of ``(key, value)`` pairs.
 
@@ -302,27 +311,21 @@ def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
             j += 1
             chars: list[str] = []
             while True:
-                if j >= n:
+                end = _run_end(_XFCC_QUOTED_RUN, value, j)
+                chars.append(value[j:end])
+                j = end
+                if j >= n or (value[j] == "\\" and j + 1 >= n):
                     raise ValueError("an unterminated quoted XFCC value")
-                char = value[j]
-                if char == "\\":
-                    if j + 1 >= n:
-                        raise ValueError("an unterminated quoted XFCC value")
-                    chars.append(value[j + 1])
-                    j += 2
-                elif char == '"':
+                if value[j] == '"':
                     j += 1
                     break
-                else:
-                    chars.append(char)
-                    j += 1
+                chars.append(value[j + 1])  # after a backslash: the character itself
+                j += 2
             text = "".join(chars)
         else:
-            end = j
-            while end < n and value[end] not in ",;":
-                if value[end] in '"=':
-                    raise ValueError("an unquoted XFCC value with a quote or '='")
-                end += 1
+            end = _run_end(_XFCC_BARE_RUN, value, j)
+            if end < n and value[end] in '"=':
+                raise ValueError("an unquoted XFCC value with a quote or '='")
             # Whitespace before a separator is not part of a bare value.
             text, j = value[j:end].rstrip(" \t"), end
         element.append((key.lower(), text))
