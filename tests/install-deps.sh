@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the test-suite needs on Debian: the real servers (nginx,
-# redis-server, uWSGI), Node.js for the test IdP (panva's oidc-provider, pinned
-# in tests/idp/package-lock.json), and a virtualenv at .venv with the package
-# and its test extras. Safe to run again; it only installs what is missing.
+# redis-server, uWSGI, and HAProxy and Caddy for docs/proxies.md), Node.js for
+# the test IdP (panva's oidc-provider, pinned in tests/idp/package-lock.json),
+# and a virtualenv at .venv with the package and its test extras. Safe to run
+# again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,8 @@ need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v uwsgi >/dev/null 2>&1 || need+=(uwsgi uwsgi-plugin-python3)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v caddy >/dev/null 2>&1 || need+=(caddy)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)

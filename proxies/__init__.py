@@ -1,0 +1,1 @@
+"""The shipped HAProxy and Caddy configurations (templates; see certbound_wsgi.proxy_config)."""

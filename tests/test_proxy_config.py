@@ -1,0 +1,68 @@
+"""certbound_wsgi.proxy_config: the HAProxy and Caddy templates, rendered with validated values.
+
+The rendered files are run by tests/e2e/test_proxies.py; these tests cover what
+must never be written into them.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from certbound_wsgi.errors import ConfigurationError
+from certbound_wsgi.proxy_config import HEADERS, PROXIES, render_caddy, render_haproxy, template
+
+
+def test_every_placeholder_is_filled(tmp_path: Path) -> None:
+    haproxy = render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:8000", server_pem=tmp_path / "s.pem",
+                             client_ca=tmp_path / "ca.pem")
+    caddy = render_caddy(host="api.example", port=443, backend="127.0.0.1:8000", server_cert=tmp_path / "c.pem",
+                         server_key=tmp_path / "k.pem")
+    for text in (haproxy, caddy):
+        assert not re.search(r"\{\{[a-z_]+\}\}", text)
+    assert f'crt "{tmp_path}/s.pem" verify optional ca-file "{tmp_path}/ca.pem"' in haproxy
+    assert "server app 127.0.0.1:8000" in haproxy
+    assert "https://api.example:443 {" in caddy and "bind 127.0.0.1" in caddy
+    assert "reverse_proxy 127.0.0.1:8000" in caddy
+
+
+def test_each_template_writes_the_header_it_declares() -> None:
+    for proxy in PROXIES:
+        header, _ = HEADERS[proxy]
+        text = template(proxy)
+        # The client's copy is removed before the proxy's own is set.
+        removed = re.search(rf"(del-header |request_header -){re.escape(header)}\b", text)
+        added = re.search(rf"(set-header|request_header @client_cert) {re.escape(header)}\b", text)
+        assert removed and added and removed.start() < added.start(), proxy
+
+
+@pytest.mark.parametrize(("render", "option"), [
+    pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443; }", backend="127.0.0.1:1", server_pem=p,
+                                          client_ca=p), "listen", id="haproxy-listen-injection"),
+    pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:1\n  bind :80",
+                                          server_pem=p, client_ca=p), "backend", id="haproxy-backend-newline"),
+    pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="unix:/run/app.sock", server_pem=p,
+                                          client_ca=p), "backend", id="haproxy-unix-backend"),
+    pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:1",
+                                          server_pem=f"{p}/${{HOME}}", client_ca=p), "server_pem",
+                 id="haproxy-path-expansion"),
+    pytest.param(lambda p: render_caddy(host="a.example {", port=443, backend="127.0.0.1:1", server_cert=p,
+                                        server_key=p), "host", id="caddy-host-brace"),
+    pytest.param(lambda p: render_caddy(host="a.example", port=70000, backend="127.0.0.1:1", server_cert=p,
+                                        server_key=p), "host", id="caddy-port-range"),
+    pytest.param(lambda p: render_caddy(host="a.example", port=443, backend="127.0.0.1:1",
+                                        server_cert=f"{p}/{{env.X}}", server_key=p), "server_cert",
+                 id="caddy-placeholder-in-path"),
+    pytest.param(lambda p: render_caddy(host="a.example", port=443, backend="127.0.0.1:1", server_cert=p,
+                                        server_key=p, bind="0.0.0.0 ::"), "bind", id="caddy-bind-two"),
+])
+def test_invalid_values_are_refused(tmp_path: Path, render, option: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigurationError, match=f"^{option}:"):
+        render(str(tmp_path))
+
+
+def test_unknown_proxy() -> None:
+    with pytest.raises(ConfigurationError, match=r"^proxy:"):
+        template("traefik")  # type: ignore[arg-type]
