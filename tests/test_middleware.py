@@ -10,7 +10,7 @@ import pytest
 from certbound_wsgi.devpki import Issued
 from certbound_wsgi.discovery import PublicKey
 from certbound_wsgi.echo import echo_app
-from certbound_wsgi.middleware import token_scopes
+from certbound_wsgi.authenticator import token_scopes
 from certbound_wsgi.types import StartResponse, WSGIEnvironment
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, make_settings, middleware_of
 from tests.support.tokens import ISSUER, StaticDiscovery, TestIssuer
