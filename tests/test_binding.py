@@ -20,6 +20,7 @@ from certbound_wsgi.binding import (
 from certbound_wsgi.devpki import Issued
 from certbound_wsgi.errors import DPoPError, InvalidToken
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, middleware_of
+from tests.support.refusals import assert_refused
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer, sign_es256
 
 OK = (200, None)
@@ -79,8 +80,7 @@ def test_modes(
         assert response.json["thumbprint"] == (None if cert is None else app.calls[0]["certbound.thumbprint"])
     else:
         assert app.calls == []
-        assert response.json == {"error": "invalid_token", "error_description": message}
-        assert f'error_description="{message}"' in response.headers["WWW-Authenticate"]
+        assert_refused(response, 401, "invalid_token", message)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from certbound_wsgi.flask import CertBound, current_claims, require_scope
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from tests.conftest import bearer, cert_env
+from tests.support.refusals import assert_refused
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 
@@ -116,14 +117,8 @@ def test_require_scope(
     assert response.status_code == status
     if missing is None:
         return
-    assert response.json == {"error": "insufficient_scope", "error_description": "the token lacks a required scope",
-                             "scope": missing}
-    assert response.headers["WWW-Authenticate"] == (
-        'Bearer realm="shop", error="insufficient_scope", '
-        f'error_description="the token lacks a required scope", scope="{missing}"'
-    )
-    assert response.headers["Cache-Control"] == "no-store"
-    assert response.mimetype == "application/json"
+    assert_refused(response, 403, "insufficient_scope", "the token lacks a required scope", scope=missing,
+                   realm="shop")
 
 
 @pytest.mark.parametrize(
