@@ -130,8 +130,9 @@ class Authenticator:
         nonce_age = self._check_dpop(environ, credential.scheme == "dpop", cnf_jkt(claims), credential.token)
         check_mtls(self._mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
         self._check_scopes(claims, "token")
-        set_cookie = self._open_session(environ, method, claims)
-        return Identity(claims, credential.token, thumbprint, method, set_cookie, self._fresh_nonce(nonce_age))
+        set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
+        fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
+        return Identity(claims, credential.token, thumbprint, method, set_cookie, fresh)
 
     def check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> float | None:
         """The session demands the same proofs as the token that made it (logout too).
@@ -163,8 +164,8 @@ class Authenticator:
             raise InvalidToken("DPoP is not accepted here")
         return self.dpop.verify(environ, token, jkt)
 
-    def _fresh_nonce(self, nonce_age: float | None) -> str | None:
-        return self.dpop.nonce_for_response(nonce_age) if self.dpop is not None and nonce_age is not None else None
+    def _fresh_nonce(self, nonce_age: float) -> str | None:
+        return self.dpop.nonce_for_response(nonce_age) if self.dpop is not None else None
 
     def _check_scopes(self, claims: Claims, what: str) -> None:
         """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
@@ -180,7 +181,8 @@ class Authenticator:
         self._check_scopes(claims, "session")
         # Only now, with every proof checked, may the use renew or touch the session.
         session = self.sessions.touch(session)
-        return Identity(claims, None, thumbprint, "session", session.set_cookie, self._fresh_nonce(nonce_age))
+        fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
+        return Identity(claims, None, thumbprint, "session", session.set_cookie, fresh)
 
     def _open_session(self, environ: WSGIEnvironment, method: str, claims: Claims) -> str | None:
         """As in Kong, a successful token login opens a session; it remembers the token's

@@ -22,19 +22,16 @@ CERT_MISSING = "client certificate was not specified"
 THUMBPRINT_MISMATCH = "the client certificate thumbprint does not match the x5t#S256 claim"
 
 
-def _cnf(claims: Claims, member: str) -> object | None:
-    cnf = claims.get("cnf")
-    return cnf.get(member) if isinstance(cnf, dict) else None
-
-
 def cnf_x5t(claims: Claims) -> object | None:
     """The token's ``cnf.x5t#S256`` confirmation (RFC 8705 section 3.1), or ``None``; as the issuer sent it."""
-    return _cnf(claims, "x5t#S256")
+    cnf = claims.get("cnf")
+    return cnf.get("x5t#S256") if isinstance(cnf, dict) else None
 
 
 def cnf_jkt(claims: Claims) -> object | None:
     """The token's ``cnf.jkt`` confirmation (RFC 9449 section 6.1), or ``None``; as the issuer sent it."""
-    return _cnf(claims, "jkt")
+    cnf = claims.get("cnf")
+    return cnf.get("jkt") if isinstance(cnf, dict) else None
 
 
 def check_mtls(mode: str, cnf_x5t: object | None, thumbprint: str | None) -> None:

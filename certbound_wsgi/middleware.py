@@ -102,10 +102,7 @@ class CertBoundMiddleware:
             environ["REMOTE_USER"] = sub
         if identity.set_cookie is None and identity.dpop_nonce is None:
             return self.app(environ, start_response)
-        extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie is not None else []
-        if identity.dpop_nonce is not None:
-            extra.append(("DPoP-Nonce", identity.dpop_nonce))
-        return self.app(environ, _adding_headers(start_response, extra))
+        return self.app(environ, _start_response_for(identity, start_response))
 
     def refuse(self, environ: WSGIEnvironment, error: AuthError, scheme: str | None = None) -> WSGIApplication:
         """The response to ``error``: its challenges decided by :attr:`challenges`, then ``on_error``.
@@ -136,7 +133,12 @@ class CertBoundMiddleware:
     login = property(lambda self: self.authenticator.login)
 
 
-def _adding_headers(start_response: StartResponse, extra: list[tuple[str, str]]) -> Any:
+def _start_response_for(identity: Identity, start_response: StartResponse) -> StartResponse:
+    """``start_response``, adding the session cookie and a fresh DPoP nonce."""
+    extra = [("Set-Cookie", identity.set_cookie)] if identity.set_cookie is not None else []
+    if identity.dpop_nonce is not None:
+        extra.append(("DPoP-Nonce", identity.dpop_nonce))
+
     def wrapped(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
         return start_response(status, [*headers, *extra], exc_info)
 
