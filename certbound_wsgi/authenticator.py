@@ -12,7 +12,8 @@ Nothing here writes the environ: what a request established is returned as an :c
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .binding import check_dpop_mode, check_mtls, cnf_jkt, cnf_x5t
@@ -65,8 +66,9 @@ def token_scopes(claims: Claims, claim: str) -> frozenset[str]:
     return frozenset()
 
 
+@dataclass(kw_only=True, slots=True)
 class Authenticator:
-    """Decides whether a request may pass, and as whom.
+    """Decides whether a request may pass, and as whom. :func:`build` makes one from the settings.
 
     :param credentials: finds the request's access token (RFC 6750 section 2).
     :param certificates: the presented certificate's thumbprint, from an authenticated channel only.
@@ -80,41 +82,24 @@ class Authenticator:
     :param mtls: ``proof_of_possession_mtls``.
     :param dpop_mode: ``proof_of_possession_dpop``.
     :param scopes_required: ``scopes_required``; ``scopes_claim``: where the token carries them.
-    :param introspect_jwt_tokens: also ask the issuer whether a locally valid JWT is revoked.
+    :param introspect_jwt: also ask the issuer whether a locally valid JWT is revoked
+        (``introspect_jwt_tokens``, with both validators on).
     """
 
-    def __init__(
-        self,
-        *,
-        credentials: CredentialReader,
-        certificates: CertificateReader,
-        jwt: JWTValidator | None,
-        introspection: IntrospectionValidator | None,
-        dpop: DPoPVerifier | None,
-        sessions: Sessions | None,
-        login: BrowserLogin | None,
-        discovery: Discovery,
-        stats: Stats,
-        mtls: str,
-        dpop_mode: str,
-        scopes_required: Iterable[str],
-        scopes_claim: str,
-        introspect_jwt_tokens: bool,
-    ) -> None:
-        self.credentials = credentials
-        self.certificates = certificates
-        self.jwt = jwt
-        self.introspection = introspection
-        self.dpop = dpop
-        self.sessions = sessions
-        self.login = login
-        self.discovery = discovery
-        self.stats = stats
-        self._mtls = mtls
-        self._dpop_mode = dpop_mode
-        self._scopes_required = frozenset(scopes_required)
-        self._scopes_claim = scopes_claim
-        self._introspect_jwt = introspect_jwt_tokens and jwt is not None and introspection is not None
+    credentials: CredentialReader
+    certificates: CertificateReader
+    jwt: JWTValidator | None
+    introspection: IntrospectionValidator | None
+    dpop: DPoPVerifier | None
+    sessions: Sessions | None
+    login: BrowserLogin | None
+    discovery: Discovery
+    stats: Stats
+    mtls: str
+    dpop_mode: str
+    scopes_required: frozenset[str]
+    scopes_claim: str
+    introspect_jwt: bool
 
     def authenticate(self, environ: WSGIEnvironment, credential: Credential | None) -> Identity:
         """Validate the request's credential (or, without one, its session) and every binding.
@@ -128,7 +113,7 @@ class Authenticator:
         claims, method = self._validate(credential.token)
         # Both bindings, on every request, whether the claims came from a cache or not.
         nonce_age = self._check_dpop(environ, credential.scheme == "dpop", cnf_jkt(claims), credential.token)
-        check_mtls(self._mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
+        check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
         self._check_scopes(claims, "token")
         set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
         fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
@@ -142,13 +127,13 @@ class Authenticator:
         record = session.record
         if not record.pop:
             return None
-        check_mtls(self._mtls, record.x5t or None, thumbprint)
+        check_mtls(self.mtls, record.x5t or None, thumbprint)
         return self._check_dpop(environ, record.jkt is not None, record.jkt, None, "session")
 
     def _validate(self, token: str) -> tuple[Claims, str]:
         if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
             claims = self.jwt.validate(token)
-            if self._introspect_jwt and self.introspection is not None:
+            if self.introspect_jwt and self.introspection is not None:
                 # Locally valid, but is it revoked? Only the issuer knows.
                 self.introspection.validate(token)
             return claims, "bearer"
@@ -158,7 +143,7 @@ class Authenticator:
 
     def _check_dpop(self, environ: WSGIEnvironment, dpop_scheme: bool, jkt: object | None, token: str | None,
                     what: str = "token") -> float | None:
-        if not check_dpop_mode(self._dpop_mode, jkt, dpop_scheme=dpop_scheme, what=what):
+        if not check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=dpop_scheme, what=what):
             return None
         if self.dpop is None:  # pragma: no cover - check_dpop_mode refuses a proof when DPoP is off
             raise InvalidToken("DPoP is not accepted here")
@@ -169,8 +154,8 @@ class Authenticator:
 
     def _check_scopes(self, claims: Claims, what: str) -> None:
         """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
-        if self._scopes_required and not self._scopes_required <= token_scopes(claims, self._scopes_claim):
-            raise InsufficientScope(f"the {what} lacks a required scope", scope=" ".join(sorted(self._scopes_required)))
+        if self.scopes_required and not self.scopes_required <= token_scopes(claims, self.scopes_claim):
+            raise InsufficientScope(f"the {what} lacks a required scope", scope=" ".join(sorted(self.scopes_required)))
 
     def _session_identity(self, environ: WSGIEnvironment, thumbprint: str | None) -> Identity:
         session = self.sessions.load(environ) if self.sessions is not None else None
@@ -231,10 +216,11 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         if sessions is not None and "authorization_code" in methods
         else None
     )
+    jwt = JWTValidator(settings, discovery, clock) if "bearer" in methods else None
     return Authenticator(
         credentials=CredentialReader(settings),
         certificates=certificates,
-        jwt=JWTValidator(settings, discovery, clock) if "bearer" in methods else None,
+        jwt=jwt,
         introspection=introspection,
         dpop=dpop,
         sessions=sessions,
@@ -243,9 +229,9 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         stats=stats,
         mtls=settings.proof_of_possession_mtls,
         dpop_mode=settings.proof_of_possession_dpop,
-        scopes_required=settings.scopes_required,
+        scopes_required=frozenset(settings.scopes_required),
         scopes_claim=settings.scopes_claim,
-        introspect_jwt_tokens=settings.introspect_jwt_tokens,
+        introspect_jwt=settings.introspect_jwt_tokens and jwt is not None and introspection is not None,
     )
 
 

@@ -12,19 +12,11 @@ from certbound_wsgi.errors import NonceRequired
 from tests.conftest import make_settings
 from tests.support.dpop import DPoPKey
 from tests.support.refusals import Clock
+from tests.support.session_options import LOGIN, SESSION
 from tests.support.tokens import StaticDiscovery, TestIssuer
 
 HTU = "http://localhost/anything"
 SECRET = "authenticator-secret-0123456789abcdef"
-SESSIONS: dict[str, Any] = {"auth_methods": ("bearer", "session"), "session_secret": SECRET}
-LOGIN: dict[str, Any] = {
-    "auth_methods": ("bearer", "session", "authorization_code"),
-    "session_secret": SECRET,
-    "proof_of_possession_auth_methods_validation": False,
-    "redirect_uri": "https://app.test/callback",
-    "client_id": "app",
-    "client_secret": "client-secret-0123456789abcdef",
-}
 INTROSPECTION: dict[str, Any] = {
     "auth_methods": ("introspection",), "client_id": "rs", "client_secret": "client-secret-0123456789abcdef",
 }
@@ -43,7 +35,7 @@ NONCES: dict[str, Any] = {
                      id="both-validators"),
         pytest.param({"proof_of_possession_dpop": "optional"}, {"jwt", "dpop"}, id="dpop-optional"),
         pytest.param({"proof_of_possession_dpop": "strict"}, {"jwt", "dpop"}, id="dpop-strict"),
-        pytest.param(SESSIONS, {"jwt", "sessions"}, id="sessions"),
+        pytest.param(SESSION, {"jwt", "sessions"}, id="sessions"),
         pytest.param(LOGIN, {"jwt", "sessions", "login"}, id="sessions-and-login"),
     ],
 )

@@ -12,18 +12,10 @@ from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.types import WSGIApplication, WSGIEnvironment
 from tests.conftest import CountingApp, make_settings
 from tests.support.refusals import assert_refused
+from tests.support.session_options import LOGIN as SESSION_LOGIN
 from tests.support.tokens import StaticDiscovery, TestIssuer
 
-SECRET = "endpoints-secret-0123456789abcdef"
-LOGIN: dict[str, Any] = {
-    "auth_methods": ("bearer", "session", "authorization_code"),
-    "session_secret": SECRET,
-    "proof_of_possession_auth_methods_validation": False,
-    "redirect_uri": "https://app.test/callback",
-    "client_id": "app",
-    "client_secret": "client-secret-0123456789abcdef",
-    "logout_path": "/logout",
-}
+LOGIN: dict[str, Any] = {**SESSION_LOGIN, "logout_path": "/logout"}
 HTML = "text/html,application/xhtml+xml"
 
 
@@ -43,8 +35,8 @@ def environ(path: str, method: str = "GET", script_name: str = "", accept: str =
         pytest.param("/logout", "GET", "", None, id="logout-get-is-the-apps"),
         pytest.param("/logout/", "POST", "", None, id="logout-exact-path-only"),
         pytest.param("/logout", "POST", "/app", None, id="logout-path-includes-script-name"),
-        pytest.param("/callback", "GET", "", "login_callback", id="callback"),
-        pytest.param("/callback", "POST", "", "login_callback", id="callback-any-method"),
+        pytest.param("/callback", "GET", "", "login.callback", id="callback"),
+        pytest.param("/callback", "POST", "", "login.callback", id="callback-any-method"),
         pytest.param("/orders", "GET", "", None, id="the-apps"),
     ],
 )
@@ -52,7 +44,8 @@ def test_match(path: str, method: str, script_name: str, endpoint: str | None, i
     endpoints = middleware(issuer).endpoints
     assert endpoints is not None
     matched = endpoints.match(environ(path, method, script_name))
-    assert matched == (getattr(endpoints, endpoint) if endpoint else None)
+    expected = {"logout": endpoints.logout, "login.callback": endpoints.login and endpoints.login.callback}
+    assert matched == (expected[endpoint] if endpoint else None)
 
 
 def test_no_endpoints_without_sessions(issuer: TestIssuer) -> None:
@@ -73,7 +66,7 @@ def test_login_page(method: str, accept: str, overrides: dict[str, Any], login: 
     endpoints = middleware(issuer, **overrides).endpoints
     assert endpoints is not None
     page = endpoints.login_page(environ("/orders", method, accept=accept))
-    assert page == (endpoints.start_login if login else None)
+    assert page == (endpoints.login.start if login and endpoints.login else None)
 
 
 def test_endpoint_refusals_go_through_on_error(issuer: TestIssuer) -> None:
