@@ -109,15 +109,29 @@ class Authenticator:
         """
         thumbprint = self.certificates.thumbprint(environ)
         if credential is None:
-            return self._session_identity(environ, thumbprint)
-        claims, method = self._validate(credential.token)
-        # Both bindings, on every request, whether the claims came from a cache or not.
-        nonce_age = self._check_dpop(environ, credential.scheme == "dpop", cnf_jkt(claims), credential.token)
-        check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
-        self._check_scopes(claims, "token")
-        set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
+            session = self.sessions.load(environ) if self.sessions is not None else None
+            if session is None or self.sessions is None:
+                raise MissingToken("an access token is required")
+            nonce_age = self.check_session_proofs(environ, session, thumbprint)
+            self._check_scopes(session.record.claims, "session")
+            # Only now, with every proof checked, may the use renew or touch the session.
+            session = self.sessions.touch(session)
+            claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
+        else:
+            claims, method = self._validate(credential.token)
+            # Both bindings, on every request, whether the claims came from a cache or not.
+            jkt = cnf_jkt(claims)
+            nonce_age = None
+            if check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=credential.scheme == "dpop"):
+                if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+                    raise InvalidToken("DPoP is not accepted here")
+                nonce_age = self.dpop.verify(environ, credential.token, jkt)
+            check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
+            self._check_scopes(claims, "token")
+            token = credential.token
+            set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
         fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
-        return Identity(claims, credential.token, thumbprint, method, set_cookie, fresh)
+        return Identity(claims, token, thumbprint, method, set_cookie, fresh)
 
     def check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> float | None:
         """The session demands the same proofs as the token that made it (logout too).
@@ -128,7 +142,11 @@ class Authenticator:
         if not record.pop:
             return None
         check_mtls(self.mtls, record.x5t or None, thumbprint)
-        return self._check_dpop(environ, record.jkt is not None, record.jkt, None, "session")
+        if not check_dpop_mode(self.dpop_mode, record.jkt, dpop_scheme=record.jkt is not None, what="session"):
+            return None
+        if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+            raise InvalidToken("DPoP is not accepted here")
+        return self.dpop.verify(environ, None, record.jkt)
 
     def _validate(self, token: str) -> tuple[Claims, str]:
         if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
@@ -141,14 +159,6 @@ class Authenticator:
             return self.introspection.validate(token), "introspection"
         raise InvalidToken("no enabled method can validate this token")  # pragma: no cover
 
-    def _check_dpop(self, environ: WSGIEnvironment, dpop_scheme: bool, jkt: object | None, token: str | None,
-                    what: str = "token") -> float | None:
-        if not check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=dpop_scheme, what=what):
-            return None
-        if self.dpop is None:  # pragma: no cover - check_dpop_mode refuses a proof when DPoP is off
-            raise InvalidToken("DPoP is not accepted here")
-        return self.dpop.verify(environ, token, jkt)
-
     def _fresh_nonce(self, nonce_age: float) -> str | None:
         return self.dpop.nonce_for_response(nonce_age) if self.dpop is not None else None
 
@@ -156,18 +166,6 @@ class Authenticator:
         """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
         if self.scopes_required and not self.scopes_required <= token_scopes(claims, self.scopes_claim):
             raise InsufficientScope(f"the {what} lacks a required scope", scope=" ".join(sorted(self.scopes_required)))
-
-    def _session_identity(self, environ: WSGIEnvironment, thumbprint: str | None) -> Identity:
-        session = self.sessions.load(environ) if self.sessions is not None else None
-        if session is None or self.sessions is None:
-            raise MissingToken("an access token is required")
-        nonce_age = self.check_session_proofs(environ, session, thumbprint)
-        claims = session.record.claims
-        self._check_scopes(claims, "session")
-        # Only now, with every proof checked, may the use renew or touch the session.
-        session = self.sessions.touch(session)
-        fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
-        return Identity(claims, None, thumbprint, "session", session.set_cookie, fresh)
 
     def _open_session(self, environ: WSGIEnvironment, method: str, claims: Claims) -> str | None:
         """As in Kong, a successful token login opens a session; it remembers the token's
