@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from certbound_wsgi.binding import check_mtls
+from certbound_wsgi.authenticator import Identity
+from certbound_wsgi.binding import check_mtls, cnf_x5t
 from certbound_wsgi.claims import copy_claims
 from certbound_wsgi.jwt_tokens import looks_like_jwt
-from certbound_wsgi.middleware import CertBoundMiddleware, Identity
+from certbound_wsgi.middleware import CertBoundMiddleware
 
 from .fixtures import ISSUER, FakeIntrospection, Workspace, environ_factory, hello_app, opaque_tokens, start_response
 from .timing import loop_us, median
@@ -103,7 +104,8 @@ def warm_stages(ws: Workspace, out: io.TextIOBase) -> None:
         ("looks_like_jwt (str.count over the token)", lambda: looks_like_jwt(fresh_token()), fresh_token),
         ("jwt.validate, memo hit (hash of the token, clock)",
          lambda: mw.jwt.validate(fresh_token()), fresh_token),  # type: ignore[union-attr]
-        ("check_mtls (two encode() and hmac.compare_digest)", lambda: check_mtls("strict", claims, thumbprint), None),
+        ("check_mtls (two encode() and hmac.compare_digest)",
+         lambda: check_mtls("strict", cnf_x5t(claims), thumbprint), None),
         ("Identity(...)", lambda: Identity(claims, token, thumbprint, "bearer"), None),
         ("copy_claims(claims): the deep copy put in the environ", lambda: copy_claims(claims), None),
         ("  for scale: dict(claims), a shallow copy", lambda: dict(claims), None),

@@ -6,6 +6,7 @@ bound to (RFC 8705).
 
 from __future__ import annotations
 
+from .authenticator import Identity
 from .certificates import thumbprint_from_pem
 from .errors import (
     AuthError,
@@ -15,7 +16,7 @@ from .errors import (
     InvalidToken,
     TemporarilyUnavailable,
 )
-from .middleware import CertBoundMiddleware, Identity
+from .middleware import CertBoundMiddleware
 from .settings import Settings
 
 __all__ = [

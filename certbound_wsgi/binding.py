@@ -1,16 +1,20 @@
-"""Proof of possession: certificate-bound access tokens (RFC 8705 section 3).
+"""Proof of possession: what a token or session is bound to, and the rules for each mode.
 
-Checked on every request, whether the token's validation came from a memo or a
-cache or not: a stolen token must fail with every certificate but its own.
+RFC 8705 section 3 (``cnf.x5t#S256``, a certificate) and RFC 9449 section 6.1
+(``cnf.jkt``, a DPoP key) side by side. Checked on every request, whether the
+token's validation came from a memo or a cache or not: a stolen token must fail
+with every certificate or key but its own.
 """
 
 from __future__ import annotations
 
 from .claims import equal_ascii
-from .errors import InvalidToken
+from .errors import DPoPError, InvalidToken
 from .types import Claims
 
-__all__ = ["CLAIM_MISSING", "CERT_MISSING", "THUMBPRINT_MISMATCH", "check_mtls", "x5t_s256"]
+__all__ = [
+    "CLAIM_MISSING", "CERT_MISSING", "THUMBPRINT_MISMATCH", "check_dpop_mode", "check_mtls", "cnf_jkt", "cnf_x5t",
+]
 
 # Kong's messages, so that operators moving from Kong recognise them.
 CLAIM_MISSING = "x5t#S256 claim required but not found"
@@ -18,31 +22,59 @@ CERT_MISSING = "client certificate was not specified"
 THUMBPRINT_MISMATCH = "the client certificate thumbprint does not match the x5t#S256 claim"
 
 
-def x5t_s256(claims: Claims) -> object | None:
-    """The token's ``cnf.x5t#S256`` confirmation (RFC 8705 section 3.1), or ``None``."""
+def cnf_x5t(claims: Claims) -> object | None:
+    """The token's ``cnf.x5t#S256`` confirmation (RFC 8705 section 3.1), or ``None``; as the issuer sent it."""
     cnf = claims.get("cnf")
-    if not isinstance(cnf, dict):
-        return None
-    return cnf.get("x5t#S256")
+    return cnf.get("x5t#S256") if isinstance(cnf, dict) else None
 
 
-def check_mtls(mode: str, claims: Claims, thumbprint: str | None) -> None:
-    """Enforce ``proof_of_possession_mtls`` for one request.
+def cnf_jkt(claims: Claims) -> object | None:
+    """The token's ``cnf.jkt`` confirmation (RFC 9449 section 6.1), or ``None``; as the issuer sent it."""
+    cnf = claims.get("cnf")
+    return cnf.get("jkt") if isinstance(cnf, dict) else None
+
+
+def check_mtls(mode: str, cnf_x5t: object | None, thumbprint: str | None) -> None:
+    """Enforce ``proof_of_possession_mtls`` for one request (RFC 8705 section 3).
 
     :param mode: ``strict``, ``optional`` or ``off``.
-    :param claims: the validated token's claims.
+    :param cnf_x5t: the confirmation the token (or session) is bound to, or ``None`` when unbound.
     :param thumbprint: the presented certificate's x5t#S256, or ``None``.
     :raises InvalidToken: the token is not bound to the presented certificate.
     """
     if mode == "off":
         return
-    bound = x5t_s256(claims)
-    if bound is None:
+    if cnf_x5t is None:
         if mode == "strict":
             raise InvalidToken(CLAIM_MISSING)
         # optional: an unbound token passes; a bound one is always checked below.
         return
     if thumbprint is None:
         raise InvalidToken(CERT_MISSING)
-    if not equal_ascii(bound, thumbprint):
+    if not equal_ascii(cnf_x5t, thumbprint):
         raise InvalidToken(THUMBPRINT_MISMATCH)
+
+
+def check_dpop_mode(mode: str, cnf_jkt: object | None, *, dpop_scheme: bool, what: str = "token") -> bool:
+    """The ``proof_of_possession_dpop`` rules, for tokens and sessions alike (RFC 9449 section 7).
+
+    :param mode: ``strict``, ``optional`` or ``off``.
+    :param cnf_jkt: the key the token (or session) is bound to, or ``None``.
+    :param dpop_scheme: whether the credential came with the DPoP scheme (a session: whether it is DPoP-bound).
+    :param what: ``token`` or ``session``, for the messages.
+    :returns: whether a DPoP proof must now be verified against ``cnf_jkt``.
+    :raises AuthError: the rules refuse the request.
+    """
+    if dpop_scheme:
+        if mode == "off":
+            raise InvalidToken(f"the {what} is DPoP-bound but DPoP is off")
+        if cnf_jkt is None:
+            # Section 7.1: the DPoP scheme is for DPoP-bound tokens.
+            raise InvalidToken(f"the {what} is not DPoP-bound")
+        return True
+    if cnf_jkt is not None:
+        # Section 7.2: a DPoP-bound token must not be accepted as a bearer token.
+        raise InvalidToken(f"a DPoP-bound {what} must be sent with the DPoP scheme")
+    if mode == "strict":
+        raise DPoPError(f"a DPoP-bound {what} and proof are required")
+    return False

@@ -32,11 +32,12 @@ from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from .claims import equal_ascii, jws_registry, number
-from .errors import AuthError, InvalidRequest
+from .errors import DPoPError, NonceRequired
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
 
-__all__ = ["DPoPError", "DPoPVerifier", "NonceRequired", "ReplayCache", "ath_of", "jkt_of"]
+# DPoPError and NonceRequired live in errors.py with every other error; re-exported here.
+__all__ = ["DPoPError", "DPoPVerifier", "NonceRequired", "ReplayCache", "ath_of"]
 
 MAX_PROOF_LENGTH = 8 * 1024
 _PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
@@ -48,23 +49,6 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 NONCE_LIFETIME = 300
 
 
-class DPoPError(AuthError):
-    """An invalid DPoP proof: 401 ``invalid_dpop_proof`` (RFC 9449 section 7.1)."""
-
-    error = "invalid_dpop_proof"
-    scheme = "DPoP"
-
-
-class NonceRequired(AuthError):
-    """401 ``use_dpop_nonce`` with a fresh ``DPoP-Nonce`` header (RFC 9449 section 9)."""
-
-    error = "use_dpop_nonce"
-    scheme = "DPoP"
-
-    def __init__(self, nonce: str) -> None:
-        super().__init__("a fresh DPoP nonce is required", headers=[("DPoP-Nonce", nonce)])
-
-
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -72,12 +56,6 @@ def _b64url(data: bytes) -> str:
 def ath_of(token: str) -> str:
     """RFC 9449 section 4.2: base64url(SHA-256(ASCII access token))."""
     return _b64url(hashlib.sha256(token.encode("ascii")).digest())
-
-
-def jkt_of(claims: Claims) -> object | None:
-    """The token's ``cnf.jkt`` (RFC 9449 section 6.1), or ``None``."""
-    cnf = claims.get("cnf")
-    return cnf.get("jkt") if isinstance(cnf, dict) else None
 
 
 def _normalize_uri(uri: str) -> str | None:
@@ -220,10 +198,12 @@ class DPoPVerifier:
         age = self._clock() - struct.unpack(">Q", stamp)[0]
         return age if -self._settings.leeway <= age < NONCE_LIFETIME else None
 
-    def nonce_for_response(self, environ: WSGIEnvironment) -> str | None:
-        """A fresh nonce for a successful response when the client's is about to expire (section 8.2)."""
-        age = environ.get("certbound.dpop_nonce_age")
-        if isinstance(age, (int, float)) and age > NONCE_LIFETIME * 2 / 3:
+    def nonce_for_response(self, age: float | None) -> str | None:
+        """A fresh nonce for a successful response when the client's is about to expire (section 8.2).
+
+        :param age: what :meth:`verify` returned: the age of the proof's nonce, or ``None``.
+        """
+        if age is not None and age > NONCE_LIFETIME * 2 / 3:
             return self.new_nonce()
         return None
 
@@ -247,21 +227,24 @@ class DPoPVerifier:
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
         return f"{scheme}://{host}{path}"
 
-    def verify(self, environ: WSGIEnvironment, token: str | None, jkt: object) -> None:
+    def verify(self, environ: WSGIEnvironment, token: str | None, jkt: object) -> float | None:
         """Check the request's DPoP proof for ``token``, bound to ``jkt`` (RFC 9449 sections 4.3 and 7.1).
 
         ``token`` is ``None`` for a DPoP-bound session, whose proof has no ``ath`` to check.
 
+        :returns: the age of the proof's server nonce (for :meth:`nonce_for_response`); ``None`` when
+            nonces are off.
+
         :raises DPoPError: the proof is missing or invalid.
         :raises NonceRequired: nonces are on and the proof lacks a valid one.
-        :raises InvalidRequest: more than one DPoP header.
+        :raises DPoPError: (400 ``invalid_request``) more than one DPoP header.
         """
         raw = environ.get("HTTP_DPOP")
         if not raw:
             raise DPoPError("a DPoP proof is required")
         # 4.3 (1): exactly one DPoP header. Servers join repeated headers with commas; JWTs have none.
         if "," in raw:
-            raise InvalidRequest("more than one DPoP header", scheme="DPoP")
+            raise DPoPError("more than one DPoP header", error="invalid_request", status=400)
         proof = raw.strip()
         # 4.3 (2): a single well-formed JWT.
         if len(proof) > MAX_PROOF_LENGTH or proof.count(".") != 2:
@@ -299,7 +282,7 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's claims are not JSON") from None
         if not isinstance(claims, dict):
             raise DPoPError("the DPoP proof's claims are not a JSON object")
-        self._check_claims(environ, claims, token)
+        nonce_age = self._check_claims(environ, claims, token)
         # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
         if not equal_ascii(jkt, key.thumbprint()):
             raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
@@ -308,8 +291,9 @@ class DPoPVerifier:
         lifetime = self._settings.dpop_proof_lifetime + 2 * self._settings.leeway
         if not self._replay.first_use(self._key_name("dpop", claims["htu"], jti), lifetime):
             raise DPoPError("the DPoP proof has already been used")
+        return nonce_age
 
-    def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> None:
+    def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> float | None:
         # 4.3 (3): the required claims.
         for name in ("jti", "htm", "htu", "ath") if token is not None else ("jti", "htm", "htu"):
             value = claims.get(name)
@@ -325,11 +309,11 @@ class DPoPVerifier:
         if expected is None or _normalize_uri(claims["htu"]) != expected:
             raise DPoPError("the DPoP proof's htu does not match the request URI")
         # 4.3 (10): the nonce, when this server requires one.
+        age: float | None = None
         if self._settings.dpop_use_nonce:
             age = self._nonce_age(claims.get("nonce"))
             if age is None:
                 raise NonceRequired(self.new_nonce())
-            environ["certbound.dpop_nonce_age"] = age
         # 4.3 (11): freshness.
         now = self._clock()
         leeway = self._settings.leeway
@@ -338,3 +322,4 @@ class DPoPVerifier:
         # 4.3 (12) / 7.1: the proof is for this access token.
         if token is not None and not equal_ascii(claims["ath"], ath_of(token)):
             raise DPoPError("the DPoP proof's ath does not match the access token")
+        return age

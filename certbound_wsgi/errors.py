@@ -1,8 +1,9 @@
 """Errors and how they are answered (RFC 6750 section 3, RFC 9449 section 7.1).
 
-An :class:`AuthError` is raised anywhere on the request path and rendered once,
-in the middleware, as a status line, a ``WWW-Authenticate`` challenge and a JSON
-body. Nothing else on the path writes responses.
+An :class:`AuthError` is raised anywhere on the request path. It is itself a
+WSGI application (as werkzeug's ``HTTPException`` is): a status line, the
+``WWW-Authenticate`` challenges and a JSON body. :class:`Challenges`, built
+once per middleware, decides which challenge carries the error and renders them.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 
-from .types import StartResponse
+from .types import StartResponse, WSGIEnvironment
 
 __all__ = [
     "AuthError",
+    "Challenges",
     "ConfigurationError",
+    "DPoPError",
     "InvalidRequest",
     "InvalidToken",
     "InsufficientScope",
     "MissingToken",
+    "NonceRequired",
     "TemporarilyUnavailable",
     "challenge",
 ]
@@ -79,13 +83,12 @@ class AuthError(Exception):
     :param status: the HTTP status.
     :param headers: extra response headers, such as ``Retry-After``.
     :param scope: the ``scope`` auth-param, for ``insufficient_scope``.
-    :param scheme: the scheme (``Bearer`` or ``DPoP``) whose challenge carries the error.
     """
 
     status = 401
     error: str | None = "invalid_token"
-    #: The authentication scheme whose challenge carries the error (RFC 9449 section 7.1).
-    scheme: str | None = None
+    #: The ``WWW-Authenticate`` values it answers with; :meth:`Challenges.bind` sets them.
+    www_authenticate: Sequence[str] = ()
 
     def __init__(
         self,
@@ -95,11 +98,8 @@ class AuthError(Exception):
         status: int | None = None,
         headers: Iterable[tuple[str, str]] = (),
         scope: str | None = None,
-        scheme: str | None = None,
     ) -> None:
         super().__init__(description)
-        if scheme is not None:
-            self.scheme = scheme
         self.description = description
         if error is not None:
             self.error = error
@@ -139,6 +139,10 @@ class AuthError(Exception):
         start_response(_STATUS_LINES[self.status], headers)
         return [body]
 
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+        """The error as a WSGI application, answering with its :attr:`www_authenticate` challenges."""
+        return self.respond(start_response, self.www_authenticate)
+
 
 class MissingToken(AuthError):
     """No access token at all: a bare challenge with no error code (RFC 6750 section 3.1)."""
@@ -176,3 +180,73 @@ class TemporarilyUnavailable(AuthError):
     def challenge_params(self) -> list[tuple[str, str]]:
         # RFC 6750 defines no error code for this; the challenge carries the realm only.
         return []
+
+
+class DPoPError(AuthError):
+    """An invalid DPoP proof: 401 ``invalid_dpop_proof`` (RFC 9449 section 7.1).
+
+    Whatever the request's scheme, its challenge is the DPoP one (see :meth:`Challenges.target`).
+    """
+
+    error = "invalid_dpop_proof"
+
+
+class NonceRequired(AuthError):
+    """401 ``use_dpop_nonce`` with a fresh ``DPoP-Nonce`` header (RFC 9449 section 9); on the DPoP challenge."""
+
+    error = "use_dpop_nonce"
+
+    def __init__(self, nonce: str) -> None:
+        super().__init__("a fresh DPoP nonce is required", headers=[("DPoP-Nonce", nonce)])
+
+
+class Challenges:
+    """The ``WWW-Authenticate`` challenges of one protected app, decided once.
+
+    :param realm: the protection space (RFC 9110 section 11.5).
+    :param bearer: whether the Bearer scheme is offered (RFC 6750; not with ``proof_of_possession_dpop=strict``).
+    :param dpop_algs: the DPoP ``algs`` auth-param (RFC 9449 section 7.1), or ``None`` when DPoP is off.
+    """
+
+    def __init__(self, realm: str, *, bearer: bool = True, dpop_algs: str | None = None) -> None:
+        schemes: list[tuple[str, list[tuple[str, str]]]] = []
+        if bearer:
+            schemes.append(("Bearer", []))
+        if dpop_algs is not None:
+            schemes.append(("DPoP", [("algs", dpop_algs)]))
+        if not schemes:
+            raise ValueError("a protected app offers at least one scheme")
+        self._realm = realm
+        self._schemes = schemes
+        self.offered = tuple(scheme for scheme, _ in schemes)
+        # Every challenge without an error, rendered now: the common refusals reuse them.
+        self._bare = [challenge(scheme, realm, params) for scheme, params in schemes]
+
+    def target(self, error: AuthError, scheme: str | None) -> str:
+        """The one scheme whose challenge carries ``error``, for a request made with ``scheme``.
+
+        RFC 9449 section 7.1: an error about the DPoP proof goes on the DPoP challenge; any other on
+        the challenge of the scheme the request used (a DPoP-bound token sent as Bearer gets a Bearer
+        error, section 7.2). Without a credential, or with a scheme not offered, the first one offered.
+        """
+        wanted = "DPoP" if isinstance(error, (DPoPError, NonceRequired)) else scheme
+        return wanted if wanted in self.offered else self.offered[0]
+
+    def render(self, error: AuthError, scheme: str | None = None) -> list[str]:
+        """Every offered challenge, the error's parameters on its :meth:`target` only (RFC 6750 section 3)."""
+        params = error.challenge_params()
+        if not params:
+            return self._bare
+        target = self.target(error, scheme)
+        return [
+            challenge(name, self._realm, extra + params) if name == target else bare
+            for (name, extra), bare in zip(self._schemes, self._bare, strict=True)
+        ]
+
+    def bind(self, error: AuthError, scheme: str | None = None) -> AuthError:
+        """``error``, ready to answer as a WSGI app with these challenges.
+
+        :param scheme: the scheme of the request's credential (``Bearer`` or ``DPoP``), if it had one.
+        """
+        error.www_authenticate = self.render(error, scheme)
+        return error

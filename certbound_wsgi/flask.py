@@ -9,9 +9,10 @@ from typing import Any, TypeVar, cast
 from flask import Flask, current_app, request
 from werkzeug.local import LocalProxy
 
+from .authenticator import token_scopes
 from .discovery import Discovery
-from .errors import InsufficientScope, challenge
-from .middleware import CertBoundMiddleware, token_scopes
+from .errors import Challenges, InsufficientScope
+from .middleware import CertBoundMiddleware
 from .settings import Settings
 from .types import Claims
 
@@ -55,6 +56,9 @@ def _claims() -> Claims:
 current_claims: Claims = cast(Claims, LocalProxy(_claims))
 
 
+_DEFAULT_CHALLENGES = Challenges("api")
+
+
 def require_scope(*scopes: str) -> Callable[[F], F]:
     """Answer 403 ``insufficient_scope`` unless the token carries all ``scopes`` (RFC 6750 section 3.1)."""
     needed = frozenset(scopes)
@@ -63,19 +67,16 @@ def require_scope(*scopes: str) -> Callable[[F], F]:
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             extension: CertBound | None = current_app.extensions.get("certbound")
-            settings = extension.middleware.settings if extension and extension.middleware else None
-            claim = settings.scopes_claim if settings else "scope"
+            middleware = extension.middleware if extension else None
+            claim = middleware.settings.scopes_claim if middleware else "scope"
             if needed <= token_scopes(_claims(), claim):
                 return view(*args, **kwargs)
+            challenges = middleware.challenges if middleware else _DEFAULT_CHALLENGES
+            # The request got through, so a DPoP Authorization header was its credential (RFC 9449 section 7.1).
+            scheme = "DPoP" if request.headers.get("Authorization", "")[:5].lower() == "dpop " else "Bearer"
             error = InsufficientScope("the token lacks a required scope", scope=" ".join(sorted(needed)))
-            realm = settings.realm if settings else "api"
-            return current_app.response_class(
-                error.body(),
-                status=error.status,
-                headers={"WWW-Authenticate": challenge("Bearer", realm, error.challenge_params()),
-                         "Cache-Control": "no-store"},
-                mimetype="application/json",
-            )
+            # The error is a WSGI app; Flask runs it as the response.
+            return challenges.bind(error, scheme)
 
         return cast(F, wrapper)
 

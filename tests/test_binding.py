@@ -8,10 +8,19 @@ from typing import Any
 
 import pytest
 
-from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING, THUMBPRINT_MISMATCH, check_mtls, x5t_s256
+from certbound_wsgi.binding import (
+    CERT_MISSING,
+    CLAIM_MISSING,
+    THUMBPRINT_MISMATCH,
+    check_dpop_mode,
+    check_mtls,
+    cnf_jkt,
+    cnf_x5t,
+)
 from certbound_wsgi.dev.pki import Issued
-from certbound_wsgi.errors import InvalidToken
+from certbound_wsgi.errors import DPoPError, InvalidToken
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, middleware_of
+from tests.support.refusals import assert_refused
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer, sign_es256
 
 OK = (200, None)
@@ -71,8 +80,7 @@ def test_modes(
         assert response.json["thumbprint"] == (None if cert is None else app.calls[0]["certbound.thumbprint"])
     else:
         assert app.calls == []
-        assert response.json == {"error": "invalid_token", "error_description": message}
-        assert f'error_description="{message}"' in response.headers["WWW-Authenticate"]
+        assert_refused(response, 401, "invalid_token", message)
 
 
 @pytest.mark.parametrize(
@@ -172,8 +180,22 @@ def test_binding_is_checked_on_every_request(
         pytest.param({}, None, id="no-cnf"),
     ],
 )
-def test_x5t_s256(claims: dict[str, Any], expected: object) -> None:
-    assert x5t_s256(claims) == expected
+def test_cnf_x5t(claims: dict[str, Any], expected: object) -> None:
+    assert cnf_x5t(claims) == expected
+
+
+@pytest.mark.parametrize(
+    ("claims", "expected"),
+    [
+        pytest.param({"cnf": {"jkt": "k1"}}, "k1", id="present"),
+        pytest.param({"cnf": {"jkt": "k1", "x5t#S256": "abc"}}, "k1", id="beside-x5t"),
+        pytest.param({"cnf": {"x5t#S256": "abc"}}, None, id="only-x5t"),
+        pytest.param({"cnf": ["jkt"]}, None, id="cnf-not-object"),
+        pytest.param({}, None, id="no-cnf"),
+    ],
+)
+def test_cnf_jkt(claims: dict[str, Any], expected: object) -> None:
+    assert cnf_jkt(claims) == expected
 
 
 @pytest.mark.parametrize(
@@ -191,8 +213,38 @@ def test_x5t_s256(claims: dict[str, Any], expected: object) -> None:
 )
 def test_check_mtls(mode: str, claims: dict[str, Any], thumbprint: str | None, error: str | None) -> None:
     if error is None:
-        check_mtls(mode, claims, thumbprint)  # raises on refusal
+        check_mtls(mode, cnf_x5t(claims), thumbprint)  # raises on refusal
     else:
         with pytest.raises(InvalidToken) as info:
-            check_mtls(mode, claims, thumbprint)
+            check_mtls(mode, cnf_x5t(claims), thumbprint)
         assert info.value.description == error
+
+
+@pytest.mark.parametrize(
+    ("mode", "jkt", "dpop_scheme", "what", "outcome"),
+    [
+        pytest.param("optional", "k1", True, "token", True, id="dpop-bound-with-dpop-scheme"),
+        pytest.param("strict", "k1", True, "token", True, id="strict-dpop-bound-with-dpop-scheme"),
+        pytest.param("optional", None, False, "token", False, id="optional-unbound-bearer"),
+        pytest.param("off", None, False, "token", False, id="off-unbound-bearer"),
+        pytest.param("optional", None, True, "token", "the token is not DPoP-bound", id="dpop-scheme-unbound"),
+        pytest.param("optional", "k1", False, "token", "a DPoP-bound token must be sent with the DPoP scheme",
+                     id="bound-as-bearer"),
+        pytest.param("off", "k1", False, "token", "a DPoP-bound token must be sent with the DPoP scheme",
+                     id="bound-as-bearer-dpop-off"),
+        pytest.param("strict", None, False, "token", "a DPoP-bound token and proof are required",
+                     id="strict-unbound-bearer"),
+        pytest.param("strict", None, False, "session", "a DPoP-bound session and proof are required",
+                     id="strict-unbound-session"),
+        pytest.param("off", "k1", True, "session", "the session is DPoP-bound but DPoP is off",
+                     id="bound-session-dpop-off"),
+    ],
+)
+def test_check_dpop_mode(mode: str, jkt: str | None, dpop_scheme: bool, what: str, outcome: bool | str) -> None:
+    """RFC 9449 section 7: one table of rules for tokens and sessions alike."""
+    if isinstance(outcome, bool):
+        assert check_dpop_mode(mode, jkt, dpop_scheme=dpop_scheme, what=what) is outcome
+        return
+    with pytest.raises(InvalidToken if "proof are required" not in outcome else DPoPError) as info:
+        check_dpop_mode(mode, jkt, dpop_scheme=dpop_scheme, what=what)
+    assert info.value.description == outcome

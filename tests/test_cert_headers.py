@@ -34,7 +34,7 @@ from certbound_wsgi.cert_headers import (
     thumbprint,
     xfcc_elements,
 )
-from certbound_wsgi.devpki import DevCA, Issued
+from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.errors import ConfigurationError
 
 

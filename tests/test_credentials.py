@@ -289,4 +289,6 @@ def test_non_utf8_cookie_is_a_bad_request(cookie: str, make_client: MakeClient) 
     app = CountingApp()
     response = make_client(app, **ALL_PLACES).get("/", headers={"Cookie": cookie})
     assert app.calls == []
-    assert response.status_code in (400, 401)
+    # RFC 6750 section 3.1: a malformed request is 400 invalid_request, whichever cookie is not UTF-8.
+    assert response.status_code == 400, response.json
+    assert response.json == {"error": "invalid_request", "error_description": "the Cookie header cannot be parsed"}

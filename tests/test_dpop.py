@@ -173,8 +173,9 @@ def install_clock(client: Client, clock: Callable[[], float]) -> None:
     """Replace the middleware's verifier by one reading ``clock`` (same settings, same nonce secret)."""
     middleware = middleware_of(client)
     secret = middleware.settings.cache_secret or middleware.settings.client_secret or None
-    middleware.dpop = DPoPVerifier(middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer,
-                                   Sealer(secret, "dpop").key_name, clock=clock)
+    middleware.authenticator.dpop = DPoPVerifier(
+        middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer,
+        Sealer(secret, "dpop").key_name, clock=clock)
 
 
 def verifier(secret: str, clock: Callable[[], float]) -> DPoPVerifier:

@@ -10,17 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.test import Client
 
 from certbound_wsgi.errors import (
     AuthError,
+    Challenges,
     ConfigurationError,
+    DPoPError,
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
     MissingToken,
+    NonceRequired,
     TemporarilyUnavailable,
     challenge,
 )
+from tests.support.refusals import ALGS
+from tests.support.refusals import challenge as expected_challenge
 
 NQSCHAR = {chr(c) for c in range(0x20, 0x7F)} - {'"', "\\"}
 
@@ -168,6 +174,8 @@ def test_each_error_is_answered(
         pytest.param(InvalidToken, AuthError, id="invalid-token"),
         pytest.param(InsufficientScope, AuthError, id="insufficient-scope"),
         pytest.param(TemporarilyUnavailable, AuthError, id="unavailable"),
+        pytest.param(DPoPError, AuthError, id="dpop"),
+        pytest.param(NonceRequired, AuthError, id="nonce"),
         pytest.param(ConfigurationError, ValueError, id="configuration-is-a-value-error"),
     ],
 )
@@ -185,3 +193,68 @@ def test_error_class_attribute_not_shared() -> None:
     overridden = InvalidToken("x", error="other", status=400)
     assert (overridden.error, overridden.status) == ("other", 400)
     assert (InvalidToken("y").error, InvalidToken("y").status) == ("invalid_token", 401)
+
+
+# -- Challenges: which challenge carries the error, decided in one place (RFC 9449 section 7.1) -----------------
+
+OPTIONAL = Challenges("api", dpop_algs=ALGS)
+STRICT = Challenges("api", bearer=False, dpop_algs=ALGS)
+BEARER_ONLY = Challenges("api")
+EXPIRED = InvalidToken("the token has expired")
+PROOF = DPoPError("a DPoP proof is required")
+NONCE = NonceRequired("n0nce")
+
+
+@pytest.mark.parametrize(
+    ("challenges", "error", "scheme", "target"),
+    [
+        pytest.param(OPTIONAL, EXPIRED, "Bearer", "Bearer", id="bearer-request-bearer-challenge"),
+        pytest.param(OPTIONAL, EXPIRED, "DPoP", "DPoP", id="dpop-request-dpop-challenge"),
+        pytest.param(OPTIONAL, EXPIRED, None, "Bearer", id="no-credential-first-offered"),
+        pytest.param(OPTIONAL, PROOF, "Bearer", "DPoP", id="proof-error-on-dpop-whatever-the-scheme"),
+        pytest.param(OPTIONAL, PROOF, None, "DPoP", id="proof-error-without-credential"),
+        pytest.param(OPTIONAL, NONCE, "DPoP", "DPoP", id="nonce-on-dpop"),
+        pytest.param(STRICT, EXPIRED, "Bearer", "DPoP", id="strict-bearer-not-offered"),
+        pytest.param(STRICT, EXPIRED, None, "DPoP", id="strict-no-credential"),
+        pytest.param(BEARER_ONLY, EXPIRED, "DPoP", "Bearer", id="dpop-off-falls-back"),
+        pytest.param(BEARER_ONLY, PROOF, None, "Bearer", id="dpop-off-proof-error-falls-back"),
+    ],
+)
+def test_challenge_target(challenges: Challenges, error: AuthError, scheme: str | None, target: str) -> None:
+    assert challenges.target(error, scheme) == target
+    rendered = challenges.render(error, scheme)
+    carrying = [value.split(" ", 1)[0] for value in rendered if "error=" in value]
+    assert carrying == [target]
+    assert [value.split(" ", 1)[0] for value in rendered] == list(challenges.offered)
+
+
+def test_challenges_offer_at_least_one_scheme() -> None:
+    with pytest.raises(ValueError, match="at least one scheme"):
+        Challenges("api", bearer=False)
+
+
+@pytest.mark.parametrize(
+    ("error", "scheme", "expected"),
+    [
+        pytest.param(MissingToken("an access token is required"), "Bearer",
+                     [expected_challenge("Bearer"), expected_challenge("DPoP")], id="bare"),
+        pytest.param(TemporarilyUnavailable("issuer down"), "DPoP",
+                     [expected_challenge("Bearer"), expected_challenge("DPoP")], id="unavailable-realm-only"),
+        pytest.param(EXPIRED, "DPoP",
+                     [expected_challenge("Bearer"),
+                      expected_challenge("DPoP", "invalid_token", "the token has expired")],
+                     id="dpop-request"),
+        pytest.param(InsufficientScope("needs more", scope="a b"), "Bearer",
+                     [expected_challenge("Bearer", "insufficient_scope", "needs more", scope="a b"),
+                      expected_challenge("DPoP")],
+                     id="scope"),
+    ],
+)
+def test_error_is_a_wsgi_app(error: AuthError, scheme: str, expected: list[str]) -> None:
+    """Bound to the challenges, the error answers a request by itself (werkzeug's HTTPException)."""
+    response = Client(OPTIONAL.bind(error, scheme)).get("/")
+    assert response.status_code == error.status
+    assert response.headers.getlist("WWW-Authenticate") == expected
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.json == json.loads(error.body())

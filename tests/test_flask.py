@@ -14,6 +14,8 @@ from certbound_wsgi.flask import CertBound, current_claims, require_scope
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from tests.conftest import bearer, cert_env
+from tests.support.dpop import DPoPKey
+from tests.support.refusals import assert_refused
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 
@@ -116,14 +118,30 @@ def test_require_scope(
     assert response.status_code == status
     if missing is None:
         return
-    assert response.json == {"error": "insufficient_scope", "error_description": "the token lacks a required scope",
-                             "scope": missing}
-    assert response.headers["WWW-Authenticate"] == (
-        'Bearer realm="shop", error="insufficient_scope", '
-        f'error_description="the token lacks a required scope", scope="{missing}"'
-    )
-    assert response.headers["Cache-Control"] == "no-store"
-    assert response.mimetype == "application/json"
+    assert_refused(response, 403, "insufficient_scope", "the token lacks a required scope", scope=missing,
+                   realm="shop")
+
+
+@pytest.mark.parametrize(
+    ("dpop", "scheme", "offered"),
+    [
+        pytest.param("optional", "DPoP", ("Bearer", "DPoP"), id="dpop-request-on-dpop"),
+        pytest.param("optional", "Bearer", ("Bearer", "DPoP"), id="bearer-request-on-bearer"),
+        pytest.param("strict", "DPoP", ("DPoP",), id="strict-dpop-only"),
+    ],
+)
+def test_require_scope_challenges_like_the_middleware(dpop: str, scheme: str, offered: tuple[str, ...],
+                                                     issuer: TestIssuer) -> None:
+    """RFC 9449 section 7.1: the 403 lists every offered scheme, the error on the request's own."""
+    app, _ = build_app(issuer, CERTBOUND_PROOF_OF_POSSESSION_DPOP=dpop, CERTBOUND_PROOF_OF_POSSESSION_MTLS="off")
+    key = DPoPKey()
+    token = issuer.token(scope="read", cnf={"jkt": key.jkt}) if scheme == "DPoP" else issuer.token(scope="read")
+    headers = {"Authorization": f"{scheme} {token}"}
+    if scheme == "DPoP":
+        headers["DPoP"] = key.proof("POST", "http://localhost/write", token)
+    response = app.test_client().post("/write", headers=headers)
+    assert_refused(response, 403, "insufficient_scope", "the token lacks a required scope", scope="write",
+                   scheme=scheme, offered=offered)
 
 
 @pytest.mark.parametrize(

@@ -6,13 +6,17 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import pytest
+from werkzeug.test import Client
 
+from certbound_wsgi.authenticator import token_scopes
 from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.discovery import PublicKey
-from certbound_wsgi.middleware import token_scopes
-from certbound_wsgi.types import StartResponse, WSGIEnvironment
+from certbound_wsgi.errors import AuthError
+from certbound_wsgi.middleware import CertBoundMiddleware
+from certbound_wsgi.types import StartResponse, WSGIApplication, WSGIEnvironment
 from tests.conftest import CountingApp, MakeClient, bearer, cert_env, make_settings, middleware_of
+from tests.support.refusals import assert_refused
 from tests.support.tokens import ISSUER, StaticDiscovery, TestIssuer
 
 
@@ -121,6 +125,41 @@ def test_realm_is_configurable(make_client: MakeClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("request_kwargs", "status", "challenges"),
+    [
+        pytest.param({}, 401, ['Bearer realm="api"'], id="missing-token"),
+        pytest.param({"headers": {"Authorization": "Bearer not-a-jwt"}}, 401,
+                     ['Bearer realm="api", error="invalid_token", error_description="the access token is not a JWT"'],
+                     id="invalid-token"),
+        pytest.param({"headers": {"Authorization": "Bearer "}}, 400,
+                     ['Bearer realm="api", error="invalid_request", '
+                      'error_description="the Authorization header has no token"'], id="invalid-request"),
+    ],
+)
+def test_on_error_makes_every_refusal(request_kwargs: dict[str, Any], status: int, challenges: list[str],
+                                      issuer: TestIssuer) -> None:
+    """The one seam for the error response (starlette's on_error): it gets the error with its challenges."""
+    seen: list[tuple[int, list[str]]] = []
+
+    def on_error(environ: WSGIEnvironment, error: AuthError) -> WSGIApplication:
+        seen.append((error.status, list(error.www_authenticate)))
+
+        def teapot(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+            start_response("418 I'm a teapot", [("Content-Type", "text/plain")])
+            return [b"refused"]
+
+        return teapot
+
+    app = CountingApp()
+    settings = make_settings()
+    mw = CertBoundMiddleware(app, settings, discovery=StaticDiscovery(settings, issuer), on_error=on_error)
+    response = Client(mw).get("/", **request_kwargs)  # type: ignore[arg-type]
+    assert (response.status_code, response.data) == (418, b"refused")
+    assert seen == [(status, challenges)]
+    assert app.calls == []
+
+
+@pytest.mark.parametrize(
     ("required", "claim", "token_scopes_value", "status"),
     [
         pytest.param(["read"], "scope", "read write", 200, id="has-scope"),
@@ -151,15 +190,11 @@ def test_scopes_required(
     response = make_client(scopes_required=required, scopes_claim=claim).get(
         "/", headers=bearer(token), environ_overrides=cert_env(alice.cert_pem)
     )
-    assert response.status_code == status
     if status == 403:
-        scope = " ".join(sorted(required))
-        assert response.json == {"error": "insufficient_scope", "error_description": "the token lacks a required scope",
-                                 "scope": scope}
-        assert response.headers["WWW-Authenticate"] == (
-            'Bearer realm="api", error="insufficient_scope", '
-            f'error_description="the token lacks a required scope", scope="{scope}"'
-        )
+        assert_refused(response, 403, "insufficient_scope", "the token lacks a required scope",
+                       scope=" ".join(sorted(required)))
+    else:
+        assert response.status_code == status
 
 
 @pytest.mark.parametrize(

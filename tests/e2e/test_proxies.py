@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from certbound_wsgi.binding import CERT_MISSING, THUMBPRINT_MISMATCH
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.proxy_config import HEADERS, Proxy
 from tests.support.idp import OidcProvider, x5t_s256
 from tests.support.idp_fixtures import Pki

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from certbound_wsgi.devpki import Issued
+from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.proxy_config import render_caddy, render_haproxy
 
 from .procs import Process, free_port, require_binary, wait_for_port

@@ -1,0 +1,254 @@
+"""The policy: credential -> validator -> bindings -> scopes, and :func:`build`, which wires it.
+
+For each kind of credential the path is short and flat:
+
+- a token: :meth:`Authenticator.authenticate` -> the validator (JWT or introspection) -> the DPoP
+  and certificate bindings (:mod:`.binding`) -> the required scopes;
+- no token: the session cookie -> the same bindings, from what the session remembers -> the scopes.
+
+Nothing here writes the environ: what a request established is returned as an :class:`Identity`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .binding import check_dpop_mode, check_mtls, cnf_jkt, cnf_x5t
+from .cache.memory import MemoryCache
+from .cache.redis import RedisCache, make_client
+from .cache.seal import Sealer
+from .certificates import CertificateReader
+from .claims import expiry
+from .credentials import Credential, CredentialReader
+from .discovery import Discovery
+from .dpop import DPoPVerifier, ReplayCache
+from .errors import InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable
+from .introspection import IntrospectionClient, IntrospectionValidator
+from .jwt_tokens import JWTValidator, looks_like_jwt
+from .oidc_login import BrowserLogin
+from .sessions import Session, Sessions
+from .settings import Settings
+from .stats import Stats
+from .types import Claims, WSGIEnvironment
+
+__all__ = ["Authenticator", "Identity", "build", "token_scopes"]
+
+
+class Identity(NamedTuple):
+    """What a successful authentication established.
+
+    :param claims: the validated claims.
+    :param token: the access token.
+    :param thumbprint: the presented certificate's x5t#S256, if any.
+    :param method: the auth method that validated it (``bearer``, ``introspection`` or ``session``).
+    :param set_cookie: a session cookie to send with the response (a new or renewed session).
+    :param dpop_nonce: a fresh ``DPoP-Nonce`` to send with the response (RFC 9449 section 8.2).
+    """
+
+    claims: Claims
+    token: str | None
+    thumbprint: str | None
+    method: str
+    set_cookie: str | None = None
+    dpop_nonce: str | None = None
+
+
+def token_scopes(claims: Claims, claim: str) -> frozenset[str]:
+    """Scopes from a space-separated string (RFC 9068 section 2.2.3) or a list (``scp``)."""
+    value = claims.get(claim)
+    if isinstance(value, str):
+        return frozenset(value.split())
+    if isinstance(value, list):
+        return frozenset(v for v in value if isinstance(v, str))
+    return frozenset()
+
+
+@dataclass(kw_only=True, slots=True)
+class Authenticator:
+    """Decides whether a request may pass, and as whom. :func:`build` makes one from the settings.
+
+    :param credentials: finds the request's access token (RFC 6750 section 2).
+    :param certificates: the presented certificate's thumbprint, from an authenticated channel only.
+    :param jwt: validates JWT access tokens (``bearer`` in ``auth_methods``).
+    :param introspection: validates tokens at the issuer (``introspection`` in ``auth_methods``).
+    :param dpop: verifies DPoP proofs; ``None`` when ``proof_of_possession_dpop`` is ``off``.
+    :param sessions: the session store (``session`` in ``auth_methods``).
+    :param login: the browser login (``authorization_code``); used by the endpoints, not here.
+    :param discovery: the issuer's metadata and keys, shared by the validators.
+    :param stats: the counters of this instance.
+    :param mtls: ``proof_of_possession_mtls``.
+    :param dpop_mode: ``proof_of_possession_dpop``.
+    :param scopes_required: ``scopes_required``; ``scopes_claim``: where the token carries them.
+    :param introspect_jwt: also ask the issuer whether a locally valid JWT is revoked
+        (``introspect_jwt_tokens``, with both validators on).
+    """
+
+    credentials: CredentialReader
+    certificates: CertificateReader
+    jwt: JWTValidator | None
+    introspection: IntrospectionValidator | None
+    dpop: DPoPVerifier | None
+    sessions: Sessions | None
+    login: BrowserLogin | None
+    discovery: Discovery
+    stats: Stats
+    mtls: str
+    dpop_mode: str
+    scopes_required: frozenset[str]
+    scopes_claim: str
+    introspect_jwt: bool
+
+    def authenticate(self, environ: WSGIEnvironment, credential: Credential | None) -> Identity:
+        """Validate the request's credential (or, without one, its session) and every binding.
+
+        :param credential: what :meth:`CredentialReader.read` found in the request.
+        :raises AuthError: the request may not pass; the error says how to answer.
+        """
+        thumbprint = self.certificates.thumbprint(environ)
+        if credential is None:
+            session = self.sessions.load(environ) if self.sessions is not None else None
+            if session is None or self.sessions is None:
+                raise MissingToken("an access token is required")
+            nonce_age = self.check_session_proofs(environ, session, thumbprint)
+            self._check_scopes(session.record.claims, "session")
+            # Only now, with every proof checked, may the use renew or touch the session.
+            session = self.sessions.touch(session)
+            claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
+        else:
+            claims, method = self._validate(credential.token)
+            # Both bindings, on every request, whether the claims came from a cache or not.
+            jkt = cnf_jkt(claims)
+            nonce_age = None
+            if check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=credential.scheme == "dpop"):
+                if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+                    raise InvalidToken("DPoP is not accepted here")
+                nonce_age = self.dpop.verify(environ, credential.token, jkt)
+            check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
+            self._check_scopes(claims, "token")
+            token = credential.token
+            set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
+        fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
+        return Identity(claims, token, thumbprint, method, set_cookie, fresh)
+
+    def check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> float | None:
+        """The session demands the same proofs as the token that made it (logout too).
+
+        :returns: the DPoP nonce age, as :meth:`DPoPVerifier.verify` returns it.
+        """
+        record = session.record
+        if not record.pop:
+            return None
+        check_mtls(self.mtls, record.x5t or None, thumbprint)
+        if not check_dpop_mode(self.dpop_mode, record.jkt, dpop_scheme=record.jkt is not None, what="session"):
+            return None
+        if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+            raise InvalidToken("DPoP is not accepted here")
+        return self.dpop.verify(environ, None, record.jkt)
+
+    def _validate(self, token: str) -> tuple[Claims, str]:
+        if self.jwt is not None and (self.introspection is None or looks_like_jwt(token)):
+            claims = self.jwt.validate(token)
+            if self.introspect_jwt and self.introspection is not None:
+                # Locally valid, but is it revoked? Only the issuer knows.
+                self.introspection.validate(token)
+            return claims, "bearer"
+        if self.introspection is not None:
+            return self.introspection.validate(token), "introspection"
+        raise InvalidToken("no enabled method can validate this token")  # pragma: no cover
+
+    def _fresh_nonce(self, nonce_age: float) -> str | None:
+        return self.dpop.nonce_for_response(nonce_age) if self.dpop is not None else None
+
+    def _check_scopes(self, claims: Claims, what: str) -> None:
+        """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
+        if self.scopes_required and not self.scopes_required <= token_scopes(claims, self.scopes_claim):
+            raise InsufficientScope(f"the {what} lacks a required scope", scope=" ".join(sorted(self.scopes_required)))
+
+    def _open_session(self, environ: WSGIEnvironment, method: str, claims: Claims) -> str | None:
+        """As in Kong, a successful token login opens a session; it remembers the token's
+        bindings and demands them on every later use. The ``Set-Cookie`` value, if any."""
+        if self.sessions is None:
+            return None
+        try:
+            if self.sessions.is_live(environ):
+                return None
+            x5t, jkt = cnf_x5t(claims), cnf_jkt(claims)
+            session = self.sessions.create(
+                method, claims, x5t=x5t if isinstance(x5t, str) else None,
+                jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=expiry(claims),
+            )
+        except TemporarilyUnavailable:
+            # The token is valid; the session is a convenience: serve the request without one.
+            return None
+        return session.set_cookie
+
+
+def build(settings: Settings, *, discovery: Discovery | None = None,
+          clock: Callable[[], float] = time.time) -> Authenticator:
+    """Wire every component of the request path from ``settings``: the one place that does.
+
+    :param discovery: the issuer's keys; made from ``settings`` when omitted.
+    :param clock: wall-clock seconds for expiry decisions; injectable for tests.
+    """
+    discovery = discovery or Discovery(settings)
+    certificates = CertificateReader(
+        client_cert_header=settings.client_cert_header,
+        client_cert_verify_header=settings.client_cert_verify_header,
+        trusted_proxies=settings.trusted_proxies,
+        cache_size=settings.cert_cache_size,
+    )
+    stats = Stats()
+    secret = settings.shared_secret or None
+    # One sealer for introspection entries, in Redis and in the key names alike.
+    intro_sealer = Sealer(secret, "intro")
+    redis = RedisCache(make_client(settings), intro_sealer, stats) if settings.uses_redis else None
+    methods = settings.auth_methods
+    introspection = (
+        _introspection(settings, discovery, redis, intro_sealer, stats, clock) if "introspection" in methods else None
+    )
+    dpop = None
+    if settings.proof_of_possession_dpop != "off":
+        replay = ReplayCache(redis, fail_open=settings.dpop_replay_fail_open)
+        dpop = DPoPVerifier(settings, replay, certificates.is_trusted_peer, Sealer(secret, "dpop").key_name, clock)
+    sessions = Sessions(settings, redis, clock) if "session" in methods else None
+    login = (
+        BrowserLogin(settings, discovery, sessions, clock)
+        if sessions is not None and "authorization_code" in methods
+        else None
+    )
+    jwt = JWTValidator(settings, discovery, clock) if "bearer" in methods else None
+    return Authenticator(
+        credentials=CredentialReader(settings),
+        certificates=certificates,
+        jwt=jwt,
+        introspection=introspection,
+        dpop=dpop,
+        sessions=sessions,
+        login=login,
+        discovery=discovery,
+        stats=stats,
+        mtls=settings.proof_of_possession_mtls,
+        dpop_mode=settings.proof_of_possession_dpop,
+        scopes_required=frozenset(settings.scopes_required),
+        scopes_claim=settings.scopes_claim,
+        introspect_jwt=settings.introspect_jwt_tokens and jwt is not None and introspection is not None,
+    )
+
+
+def _introspection(settings: Settings, discovery: Discovery, redis: RedisCache | None, sealer: Sealer,
+                   stats: Stats, clock: Callable[[], float]) -> IntrospectionValidator:
+    l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if redis is not None else None,
+                     clock=clock)
+    endpoint_id = settings.introspection_endpoint or settings.issuer
+    return IntrospectionValidator(
+        settings,
+        IntrospectionClient(settings, discovery if settings.issuer else None),
+        l1,
+        redis,
+        lambda token: sealer.key_name(endpoint_id, token),
+        stats,
+        clock,
+    )
