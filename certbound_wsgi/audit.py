@@ -84,15 +84,15 @@ FIELDS: Final = (
 # client must not be able to fill the disk through a long path or claim.
 MAX_VALUE: Final = 200
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
-_UNSAFE = re.compile(r"[^\x21-\x7e]")
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 # Descriptions raised before errors carried a ``reason`` attribute, most
 # specific first; see :func:`reason_for`.
 _BY_DESCRIPTION: Final = (
-    ("does not match the x5t#S256", "cert_mismatch"),
+    ("does not match the x5t#s256", "cert_mismatch"),
     ("client certificate was not specified", "cert_missing"),
-    ("x5t#S256 claim required", "claim_missing"),
+    ("x5t#s256 claim required", "claim_missing"),
     ("already been used", "dpop_replay"),
     ("replay protection is unavailable", "store_unavailable"),
     ("nonce", "dpop_nonce"),
@@ -123,7 +123,7 @@ class AuditIdentity(Protocol):
 def sanitize(value: object, limit: int = MAX_VALUE) -> str | None:
     """``value`` as printable ASCII of at most ``limit`` characters, or ``None``.
 
-    Control characters (a forged newline), non-ASCII and spaces become ``\\xNN``
+    Control characters (a forged newline) and non-ASCII become ``\\xNN``
     / ``\\uNNNN`` escapes, so what a client sent can be read back exactly but can
     never start a new log line or hide in an invisible character.
     """
@@ -216,6 +216,10 @@ class Auditor:
         ``X-Forwarded-For`` and ``X-Request-Id`` are believed. The same test that decides
         whether its certificate header is believed; by default no peer is trusted, so
         the client address is the peer's and a request id is always generated here.
+    :param forwarded_hops: how many trusted proxies append to ``X-Forwarded-For`` (1: nginx alone).
+    :param trust_request_id: believe a trusted proxy's ``X-Request-Id``. Off by default: nginx passes
+        a client's ``X-Request-Id`` through unless told ``proxy_set_header X-Request-Id $request_id``,
+        so a header from a trusted peer is not yet a header the proxy wrote.
     :param logger: where events go (default: :data:`LOGGER_NAME`).
     """
 
@@ -224,8 +228,14 @@ class Auditor:
         *,
         fmt: Format = "text",
         is_trusted_peer: Callable[[str], bool] = _never_trusted,
+        forwarded_hops: int = 1,
+        trust_request_id: bool = False,
         logger: logging.Logger | None = None,
     ) -> None:
+        if forwarded_hops < 1:
+            raise ValueError("forwarded_hops must be at least 1")
+        self._hops = forwarded_hops
+        self._trust_request_id = trust_request_id
         if fmt not in ("text", "json"):
             raise ValueError(f"audit format must be 'text' or 'json', not {fmt!r}")
         self.fmt: Format = fmt
@@ -233,14 +243,15 @@ class Auditor:
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
 
     def request_id(self, environ: WSGIEnvironment) -> str:
-        """The request's id: a trusted proxy's ``X-Request-Id`` (nginx's ``$request_id``) when it
-        is well-formed, else a new random one. Kept in ``environ["certbound.request_id"]`` so that
+        """The request's id: a trusted proxy's ``X-Request-Id`` (nginx's ``$request_id``) when
+        ``trust_request_id`` is on and it is well-formed, else a new random one. Kept in ``environ["certbound.request_id"]`` so that
         the application can log it too."""
         known = environ.get("certbound.request_id")
         if isinstance(known, str):
             return known
         offered = environ.get("HTTP_X_REQUEST_ID")
-        if isinstance(offered, str) and _REQUEST_ID.match(offered) and self._trusted(environ.get("REMOTE_ADDR", "")):
+        if (self._trust_request_id and isinstance(offered, str) and _REQUEST_ID.match(offered)
+                and self._trusted(environ.get("REMOTE_ADDR", ""))):
             request_id = offered
         else:
             request_id = secrets.token_hex(8)
@@ -248,24 +259,24 @@ class Auditor:
         return request_id
 
     def client_address(self, environ: WSGIEnvironment) -> str | None:
-        """The client's address. ``X-Forwarded-For`` is read only when the peer is trusted, from
-        the right, skipping the trusted proxies in the chain: everything left of the first
-        untrusted hop was written by the client and proves nothing (cf. werkzeug's ProxyFix)."""
+        """The client's address: ``REMOTE_ADDR``, or, when that peer is a trusted proxy, the
+        ``X-Forwarded-For`` entry ``forwarded_hops`` from the right. As in werkzeug's ProxyFix,
+        a fixed count, not "the first untrusted entry": each proxy appends its peer (nginx's
+        ``$proxy_add_x_forwarded_for``), so everything further left was written by the client."""
         peer = environ.get("REMOTE_ADDR")
         if not isinstance(peer, str) or not peer:
             return None
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
         if not isinstance(forwarded, str) or not self._trusted(peer):
             return peer
-        hops = [hop.strip() for hop in forwarded.split(",")[-16:]]
-        for hop in reversed(hops):
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
-                return peer  # a malformed chain: believe only what the socket says
-            if not self._trusted(hop):
-                return hop
-        return hops[0] if hops else peer
+        hops = forwarded.split(",")
+        if len(hops) < self._hops:
+            return peer
+        hop = hops[-self._hops].strip()
+        try:
+            return str(ipaddress.ip_address(hop))
+        except ValueError:
+            return peer  # a malformed entry proves nothing: believe only the socket
 
     def _event(
         self,

@@ -1,0 +1,131 @@
+"""Issue 15 end to end: audit lines in a bare server's stderr, metrics summed over gunicorn workers.
+
+gunicorn and uWSGI run ``tests.support.audited_app`` (the shipped entry point with the audit and
+metrics hooks) behind the shipped nginx configuration, with no logging configuration at all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.idp import OidcProvider, x5t_s256
+from tests.support.idp_fixtures import Pki
+from tests.support.procs import wait_until
+from tests.support.servers import UWSGI, Gunicorn, start_gunicorn, start_nginx, start_uwsgi
+
+from .conftest import Stack, app_env
+
+MODULE = "tests.support.audited_app:application"
+
+
+def _stack(tmp: Path, pki: Pki, upstream: str, env: dict[str, str], workers: int) -> Stack:
+    server: Gunicorn | UWSGI
+    if upstream == "gunicorn":
+        server = start_gunicorn(env, workers=workers, module=MODULE, log_dir=tmp / "logs")
+    else:
+        server = start_uwsgi(env, processes=workers, module=MODULE, log_dir=tmp / "logs")
+    try:
+        nginx = start_nginx(tmp / "nginx", upstream, server.backend, pki.server)  # type: ignore[arg-type]
+    except BaseException:
+        server.stop()
+        raise
+    return Stack(nginx, server, pki.ca_file)
+
+
+@pytest.fixture(params=["gunicorn", "uwsgi"])
+def audited(request: pytest.FixtureRequest, tmp_path: Path, pki: Pki, idp: OidcProvider) -> Iterator[Stack]:
+    stack = _stack(tmp_path, pki, request.param, app_env(idp), workers=2)
+    try:
+        yield stack
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
+
+
+def _fields(line: str) -> dict[str, str]:
+    return dict(re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line))
+
+
+def _audit_line(stack: Stack, reason: str) -> dict[str, str]:
+    marker = f"reason={reason} "
+    assert wait_until(lambda: marker in stack.app_server.output(), timeout=10), stack.app_server.output()
+    line = next(line for line in stack.app_server.output().splitlines() if marker in line)
+    assert line.startswith("certbound outcome="), line
+    return _fields(line)
+
+
+def test_a_stolen_token_and_a_missing_one_are_logged_with_their_fields(audited: Stack, idp: OidcProvider,
+                                                                       pki: Pki) -> None:
+    token = idp.token("bound")
+    # Mallory replays alice's token with her own certificate, and claims to be someone else.
+    response = audited.call(token, pki.mallory, path="/hello", headers={"X-Forwarded-For": "203.0.113.9",
+                                                                          "X-Request-Id": "forged-by-client"})
+    assert response.status_code == 401
+    assert audited.call(None, pki.alice, path="/nothing").status_code == 401
+
+    stolen = _audit_line(audited, "cert_mismatch")
+    assert stolen["outcome"] == "refused" and stolen["status"] == "401"
+    assert stolen["method"] == "GET" and stolen["path"] == "/hello"
+    assert stolen["bound"] == x5t_s256(pki.alice)
+    assert stolen["presented"] == x5t_s256(pki.mallory)
+    assert stolen["sub"] and stolen["client_id"] == "bound" and stolen["jti"]
+    assert stolen["client"] == "127.0.0.1"  # nginx's view, not the client's X-Forwarded-For
+    assert re.fullmatch(r"[0-9a-f]{16}", stolen["request_id"])  # generated: nginx forwards no request id
+
+    missing = _audit_line(audited, "token_missing")
+    assert missing["outcome"] == "refused" and missing["path"] == "/nothing"
+    assert missing["presented"] == x5t_s256(pki.alice)
+    assert token not in audited.app_server.output()
+    assert token.split(".")[1] not in audited.app_server.output()
+
+
+def _counter(text: str, reason: str) -> float:
+    match = re.search(rf'^certbound_requests_total{{outcome="refused",reason="{reason}"}} (\S+)$', text, re.M)
+    assert match, text
+    return float(match.group(1))
+
+
+def test_metrics_from_four_gunicorn_workers_are_summed(tmp_path: Path, pki: Pki, idp: OidcProvider) -> None:
+    metrics_dir = tmp_path / "prometheus"
+    metrics_dir.mkdir()
+    env = {**app_env(idp), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    stack = _stack(tmp_path, pki, "gunicorn", env, workers=4)
+    try:
+        sent = 80
+        for _ in range(sent):
+            # A new connection each, straight to gunicorn, so that the kernel hands them to different workers.
+            response = requests.get(f"http://127.0.0.1:{stack.app_server.port}/spread", timeout=10,
+                                    headers={"Connection": "close"})
+            assert response.status_code == 401
+        pids = {path.name.split("_")[-1] for path in metrics_dir.glob("counter_*.db")}
+        assert len(pids) >= 2, f"requests reached only {pids}"
+        values = set()
+        for _ in range(8):  # whichever worker answers the scrape, the answer is the sum
+            scrape = requests.get(f"http://127.0.0.1:{stack.app_server.port}/metrics", timeout=10)
+            assert scrape.status_code == 200
+            assert scrape.headers["Content-Type"].startswith("text/plain")
+            values.add(_counter(scrape.text, "token_missing"))
+        assert values == {float(sent)}
+        assert re.search(r'^certbound_request_duration_seconds_count{outcome="refused"} 80.0$', scrape.text, re.M)
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
+
+
+def test_json_audit_format_is_one_option_away(tmp_path: Path, pki: Pki, idp: OidcProvider) -> None:
+    stack = _stack(tmp_path, pki, "gunicorn", {**app_env(idp), "TEST_AUDIT_LOG_FORMAT": "json"}, workers=1)
+    try:
+        assert stack.call(None, pki.alice, path="/json").status_code == 401
+        assert wait_until(lambda: '"reason":"token_missing"' in stack.app_server.output(), timeout=10)
+        line = next(line for line in stack.app_server.output().splitlines() if '"reason":"token_missing"' in line)
+        event = json.loads(line)
+        assert event["outcome"] == "refused" and event["status"] == 401 and event["path"] == "/json"
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
