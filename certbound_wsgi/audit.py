@@ -244,8 +244,8 @@ class Auditor:
 
     def request_id(self, environ: WSGIEnvironment) -> str:
         """The request's id: a trusted proxy's ``X-Request-Id`` (nginx's ``$request_id``) when
-        ``trust_request_id`` is on and it is well-formed, else a new random one. Kept in ``environ["certbound.request_id"]`` so that
-        the application can log it too."""
+        ``trust_request_id`` is on and it is well-formed, else a new random one. Kept in
+        ``environ["certbound.request_id"]`` so that the application can log it too."""
         known = environ.get("certbound.request_id")
         if isinstance(known, str):
             return known
