@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -227,3 +228,10 @@ SETUP = """
 def test_stderr_fallback(code: str, lines: int) -> None:
     stderr = _run(SETUP + "    " + code)
     assert stderr.count("reason=token_missing") == lines, stderr
+
+
+def test_the_operations_page_lists_every_reason_code() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = page.split("### Reason codes", 1)[1].split("###", 1)[0]
+    documented = dict(re.findall(r"^\| `(\w+)` \| (.+) \|$", section, re.M))
+    assert list(documented) == list(REASONS)

@@ -91,23 +91,30 @@ def _counter(text: str, reason: str) -> float:
     return float(match.group(1))
 
 
-def test_metrics_from_four_gunicorn_workers_are_summed(tmp_path: Path, pki: Pki, idp: OidcProvider) -> None:
+@pytest.mark.parametrize("upstream", ["gunicorn", "uwsgi"])
+def test_metrics_from_four_workers_are_summed(tmp_path: Path, pki: Pki, idp: OidcProvider, upstream: str) -> None:
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     env = {**app_env(idp), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    stack = _stack(tmp_path, pki, "gunicorn", env, workers=4)
+    stack = _stack(tmp_path, pki, upstream, env, workers=4)
+    # gunicorn directly, a new connection each, so that the kernel hands them to different
+    # workers; uWSGI through nginx, which opens a new uwsgi connection per request.
+    base = f"http://127.0.0.1:{stack.app_server.port}" if upstream == "gunicorn" else stack.nginx.url
+
+    def get(path: str) -> requests.Response:
+        if upstream == "gunicorn":
+            return requests.get(base + path, timeout=10, headers={"Connection": "close"})
+        return stack.call(None, pki.alice, path=path, headers={"Connection": "close"})
+
     try:
         sent = 80
         for _ in range(sent):
-            # A new connection each, straight to gunicorn, so that the kernel hands them to different workers.
-            response = requests.get(f"http://127.0.0.1:{stack.app_server.port}/spread", timeout=10,
-                                    headers={"Connection": "close"})
-            assert response.status_code == 401
-        pids = {path.name.split("_")[-1] for path in metrics_dir.glob("counter_*.db")}
+            assert get("/spread").status_code == 401
+        pids = {path.stem.rsplit("_", 1)[-1] for path in metrics_dir.glob("counter_*.db")}
         assert len(pids) >= 2, f"requests reached only {pids}"
         values = set()
         for _ in range(8):  # whichever worker answers the scrape, the answer is the sum
-            scrape = requests.get(f"http://127.0.0.1:{stack.app_server.port}/metrics", timeout=10)
+            scrape = get("/metrics")
             assert scrape.status_code == 200
             assert scrape.headers["Content-Type"].startswith("text/plain")
             values.add(_counter(scrape.text, "token_missing"))
