@@ -162,6 +162,8 @@ def _exposition() -> tuple[bytes, str]:
     prometheus = _client()
     if prometheus is None:
         return b"# prometheus_client is not installed: pip install 'certbound-wsgi[prometheus]'\n", "text/plain"
+    # Registered on first use: a scrape before the first request still lists every family.
+    _instruments()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Every worker's files, summed: the answer does not depend on which worker scrapes.
         multiprocess = importlib.import_module("prometheus_client.multiprocess")

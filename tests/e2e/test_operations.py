@@ -7,6 +7,7 @@ metrics hooks) behind the shipped nginx configuration, with no logging configura
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,55 @@ def test_json_audit_format_is_one_option_away(tmp_path: Path, pki: Pki, idp: Oid
     finally:
         stack.nginx.stop()
         stack.app_server.stop()
+
+
+def _doc_recipe(marker: str) -> str:
+    """The Python block of docs/operations.md that contains ``marker``, to run as written."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", page, re.M | re.S)
+    return next(block for block in blocks if marker in block)
+
+
+@pytest.mark.parametrize(("reachable", "status"), [pytest.param(True, 200, id="idp-up"),
+                                                   pytest.param(False, 503, id="idp-down")])
+def test_the_documented_readiness_recipe(monkeypatch: pytest.MonkeyPatch, idp: OidcProvider, reachable: bool,
+                                         status: int) -> None:
+    from werkzeug.test import Client
+
+    from tests.support.procs import free_port
+
+    for name in [name for name in os.environ if name.startswith("CERTBOUND_")]:
+        monkeypatch.delenv(name)
+    env = app_env(idp)
+    if not reachable:
+        env["CERTBOUND_ISSUER"] = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    namespace: dict[str, object] = {}
+    exec(_doc_recipe("Readiness("), namespace)  # noqa: S102  # our own documentation
+    client = Client(namespace["application"])  # type: ignore[arg-type]
+    response = client.get("/readyz")
+    assert response.status_code == status
+    body = response.json
+    assert body == {"status": "ready" if reachable else "unavailable",
+                    "checks": {"keys": "off", "issuer": "ok" if reachable else "down", "redis": "off"}}
+    assert ("Retry-After" in response.headers) is (not reachable)
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/anything").status_code == 401  # everything else stays protected
+
+
+def test_the_documented_metrics_mount(monkeypatch: pytest.MonkeyPatch, idp: OidcProvider) -> None:
+    from werkzeug.test import Client
+
+    for name in [name for name in os.environ if name.startswith("CERTBOUND_")]:
+        monkeypatch.delenv(name)
+    for name, value in app_env(idp).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    namespace: dict[str, object] = {}
+    exec(_doc_recipe('{"/metrics": metrics_app}'), namespace)  # noqa: S102  # our own documentation
+    client = Client(namespace["application"])  # type: ignore[arg-type]
+    scrape = client.get("/metrics")
+    assert scrape.status_code == 200
+    assert "# TYPE certbound_requests_total counter" in scrape.get_data(as_text=True)
+    assert client.get("/anything").status_code == 401
