@@ -45,7 +45,8 @@ setup(
         "lint": ["ruff>=0.6", "mypy>=1.10", "types-requests", "flask>=3.0", "redis>=5", "pytest>=8",
                  "prometheus_client>=0.17", "hypothesis>=6.100"],
         "docs": ["sphinx>=7", "myst-parser>=2", "flask>=3.0"],
-        "bench": ["matplotlib"],
+        # bench/e2e.py runs gunicorn, which is no longer in the core.
+        "bench": ["matplotlib", "gunicorn>=22"],
     },
     entry_points={"console_scripts": ["certbound-wsgi = certbound_wsgi.cli:main"]},
     classifiers=[

@@ -53,6 +53,7 @@ def test_core_has_no_server_or_optional_dependency() -> None:
     pytest.param("redis", {"redis"}, id="redis"),
     pytest.param("flask", {"flask"}, id="flask"),
     pytest.param("prometheus", {"prometheus_client"}, id="prometheus"),
+    pytest.param("bench", {"matplotlib", "gunicorn"}, id="bench-runs-gunicorn"),
     pytest.param("test", {"pytest", "hypothesis", "gunicorn", "uwsgi", "flask", "prometheus_client", "redis"},
                  id="test-runs-everything"),
 ])
