@@ -189,3 +189,39 @@ def test_the_documented_metrics_mount(monkeypatch: pytest.MonkeyPatch, idp: Oidc
     assert scrape.status_code == 200
     assert "# TYPE certbound_requests_total counter" in scrape.get_data(as_text=True)
     assert client.get("/anything").status_code == 401
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uwsgi"])
+def test_refusals_go_to_the_servers_stderr(tmp_path: Path, idp: OidcProvider, server: str) -> None:
+    """stdout and stderr apart: the audit line is on stderr, where both servers' logs go."""
+    import sys
+
+    from tests.support.procs import Process, free_port, wait_for_port
+    from tests.support.servers import REPO_ROOT
+
+    port = free_port()
+    binary = str(Path(sys.executable).parent / server)
+    if server == "gunicorn":
+        argv = [binary, MODULE, "--bind", f"127.0.0.1:{port}", "--workers", "1"]
+    else:
+        argv = [binary, "--strict", "--master", "--processes", "1", "--need-app", "--die-on-term",
+                "--http-socket", f"127.0.0.1:{port}", "--module", MODULE, "--virtualenv", sys.prefix]
+    stderr = tmp_path / "stderr.log"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CERTBOUND_")}
+    env.update(app_env(idp), PYTHONPATH=str(REPO_ROOT))
+    process = Process(["sh", "-c", 'exec "$@" 2>"$STDERR_LOG"', "sh", *argv], tmp_path / "stdout.log",
+                      env={**env, "STDERR_LOG": str(stderr)}, cwd=REPO_ROOT)
+    try:
+        wait_for_port(port, proc=process.proc, log=stderr)
+        assert wait_until(lambda: _get_status(port) == 401, timeout=20), stderr.read_text()
+        assert wait_until(lambda: "reason=token_missing" in stderr.read_text(), timeout=10), stderr.read_text()
+        assert "reason=token_missing" not in process.output()
+    finally:
+        process.stop()
+
+
+def _get_status(port: int) -> int | None:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/private", timeout=5).status_code
+    except requests.ConnectionError:
+        return None
