@@ -22,22 +22,31 @@ setup(
     # `certbound-wsgi nginx-config` renders exactly what the tests exercise.
     package_dir={"certbound_wsgi.nginx": "nginx"},
     package_data={"certbound_wsgi": ["py.typed"], "certbound_wsgi.nginx": ["*.conf"]},
+    # The core needs no server: gunicorn and uWSGI are extras. redis stays in the
+    # core because cache/redis.py imports it at module level and the middleware
+    # imports that module whether or not Redis is configured.
     install_requires=[
         "werkzeug>=3.0",
         "authlib>=1.6",
         "joserfc>=1.0",
         "cryptography>=42",
         "requests>=2.31",
-        "gunicorn>=22",
         "redis>=5",
     ],
     extras_require={
+        "gunicorn": ["gunicorn>=22"],
+        "uwsgi": ["uwsgi>=2.0.24"],
+        # Kept so that `pip install certbound-wsgi[redis]` keeps working; redis is in the core.
         "redis": ["redis>=5"],
         "flask": ["flask>=3.0"],
-        "test": TEST + ["redis>=5"],
-        "lint": ["ruff>=0.6", "mypy>=1.10", "types-requests", "flask>=3.0", "redis>=5", "pytest>=8"],
+        "prometheus": ["prometheus_client>=0.17"],
+        # Everything the suite runs, the real app servers and the optional integrations included.
+        "test": TEST + ["gunicorn>=22", "prometheus_client>=0.17", "redis>=5"],
+        "lint": ["ruff>=0.6", "mypy>=1.10", "types-requests", "flask>=3.0", "redis>=5", "pytest>=8",
+                 "prometheus_client>=0.17", "hypothesis>=6.100"],
         "docs": ["sphinx>=7", "myst-parser>=2", "flask>=3.0"],
-        "bench": ["matplotlib"],
+        # bench/e2e.py runs gunicorn, which is no longer in the core.
+        "bench": ["matplotlib", "gunicorn>=22"],
     },
     entry_points={"console_scripts": ["certbound-wsgi = certbound_wsgi.cli:main"]},
     classifiers=[

@@ -45,4 +45,6 @@ autodoc_mock_imports = [] if importlib.util.find_spec("flask") else ["flask"]
 
 html_theme = "alabaster"
 html_title = f"certbound-wsgi {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+# Keeps the options table inside the page at 1280 px (fixed layout, long names wrap).
+html_css_files = ["certbound.css"]

@@ -1,0 +1,202 @@
+"""Prometheus metrics, when ``prometheus_client`` is installed (the ``prometheus`` extra).
+
+Without it every function here does nothing, cheaply: the request path never
+pays for metrics nobody collects. The instruments live in ``prometheus_client``'s
+default registry, created on first use in each process.
+
+Under gunicorn or uWSGI each worker is a process with its own counters; set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty directory before the server starts and
+``prometheus_client`` keeps them in files there, which :func:`metrics_app` sums
+on every scrape, whichever worker answers it. See docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import time
+from collections.abc import Iterable
+from typing import Any, Final, NamedTuple
+
+from .types import StartResponse, WSGIEnvironment
+
+__all__ = [
+    "cache_lookup",
+    "child_exit",
+    "dpop_replay",
+    "enabled",
+    "introspection",
+    "key_fetch",
+    "metrics_app",
+    "request",
+    "stat",
+]
+
+# Seconds: the middleware's own work is a dict lookup on the warm path and one
+# round trip to the issuer or Redis on a miss.
+LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _Instruments(NamedTuple):
+    requests: Any
+    latency: Any
+    unavailable: Any
+    key_fetches: Any
+    keys_fetched_at: Any
+    introspections: Any
+    cache: Any
+    dpop_replays: Any
+    redis_errors: Any
+    resurrected: Any
+
+
+def _client() -> Any | None:
+    try:
+        return importlib.import_module("prometheus_client")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def _instruments() -> _Instruments | None:
+    prometheus = _client()
+    if prometheus is None:
+        return None
+    counter, histogram, gauge = prometheus.Counter, prometheus.Histogram, prometheus.Gauge
+    return _Instruments(
+        requests=counter("certbound_requests", "Access decisions, by outcome and reason code",
+                         ["outcome", "reason"]),
+        latency=histogram("certbound_request_duration_seconds",
+                          "Time the middleware spent deciding (the application's time excluded)",
+                          ["outcome"], buckets=LATENCY_BUCKETS),
+        unavailable=counter("certbound_unavailable", "Requests answered 503 (issuer or Redis down)", ["reason"]),
+        key_fetches=counter("certbound_key_fetches", "Fetches of the issuer's metadata and JWKS", ["result"]),
+        # The oldest keys any live worker uses: alert on time() - this.
+        keys_fetched_at=gauge("certbound_keys_fetched_timestamp_seconds",
+                              "When this worker last fetched the issuer's keys (Unix time)",
+                              multiprocess_mode="livemin"),
+        introspections=counter("certbound_introspections", "RFC 7662 introspection calls", ["result"]),
+        cache=counter("certbound_cache_lookups", "Introspection cache lookups", ["level", "result"]),
+        dpop_replays=counter("certbound_dpop_replays", "DPoP proofs refused as replays (RFC 9449 section 11.1)"),
+        redis_errors=counter("certbound_redis_errors", "Redis commands that failed"),
+        resurrected=counter("certbound_resurrected",
+                            "Expired introspection results served while the issuer was down"),
+    )
+
+
+def enabled() -> bool:
+    """Whether ``prometheus_client`` is installed, so that metrics are collected."""
+    return _instruments() is not None
+
+
+def request(outcome: str, reason: str, seconds: float, status: int | None = None) -> None:
+    """Count one access decision and how long the middleware took for it.
+
+    :param outcome: ``accepted``, ``refused`` or ``fault`` (as in the audit event).
+    :param reason: the audit reason code (:data:`certbound_wsgi.audit.REASONS`).
+    :param seconds: the middleware's own time, from ``time.perf_counter()``.
+    :param status: the answer's status; a 503 is also counted in ``certbound_unavailable_total``.
+    """
+    m = _instruments()
+    if m is None:
+        return
+    m.requests.labels(outcome, reason).inc()
+    m.latency.labels(outcome).observe(seconds)
+    if status == 503:
+        m.unavailable.labels(reason).inc()
+    if reason == "dpop_replay":
+        m.dpop_replays.inc()
+
+
+def key_fetch(ok: bool, fetched_at: float | None = None) -> None:
+    """Count a fetch of the issuer's keys; on success, remember when (default: now)."""
+    m = _instruments()
+    if m is None:
+        return
+    m.key_fetches.labels("ok" if ok else "error").inc()
+    if ok:
+        m.keys_fetched_at.set(time.time() if fetched_at is None else fetched_at)
+
+
+def introspection(result: str) -> None:
+    """Count an introspection call: ``ok`` or ``error``."""
+    m = _instruments()
+    if m is not None:
+        m.introspections.labels(result).inc()
+
+
+def cache_lookup(level: str, hit: bool, amount: int = 1) -> None:
+    """Count a cache lookup at ``level`` (``l1`` in process, ``l2`` in Redis)."""
+    m = _instruments()
+    if m is not None:
+        m.cache.labels(level, "hit" if hit else "miss").inc(amount)
+
+
+def dpop_replay() -> None:
+    """Count a replayed DPoP proof (when it is not counted through :func:`request`)."""
+    m = _instruments()
+    if m is not None:
+        m.dpop_replays.inc()
+
+
+def stat(name: str, amount: int = 1) -> None:
+    """The Prometheus side of :class:`certbound_wsgi.stats.Stats`: one of its counter names."""
+    m = _instruments()
+    if m is None:
+        return
+    if name in ("l1_hits", "l1_misses", "l2_hits", "l2_misses"):
+        level, _, result = name.partition("_")
+        m.cache.labels(level, "hit" if result == "hits" else "miss").inc(amount)
+    elif name == "introspections":
+        m.introspections.labels("ok").inc(amount)
+    elif name == "idp_errors":
+        m.introspections.labels("error").inc(amount)
+    elif name == "redis_errors":
+        m.redis_errors.inc(amount)
+    elif name == "resurrected":
+        m.resurrected.inc(amount)
+
+
+def _exposition() -> tuple[bytes, str]:
+    prometheus = _client()
+    if prometheus is None:
+        return b"# prometheus_client is not installed: pip install 'certbound-wsgi[prometheus]'\n", "text/plain"
+    # Registered on first use: a scrape before the first request still lists every family.
+    _instruments()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Every worker's files, summed: the answer does not depend on which worker scrapes.
+        multiprocess = importlib.import_module("prometheus_client.multiprocess")
+        registry = prometheus.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = prometheus.REGISTRY
+    return prometheus.generate_latest(registry), prometheus.CONTENT_TYPE_LATEST
+
+
+def metrics_app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+    """A WSGI app answering ``GET /metrics`` in Prometheus' text format.
+
+    Mount it beside the protected app, on a path or port only the scraper reaches (see
+    docs/operations.md); it is not protected by the middleware itself. Answers 404 when
+    ``prometheus_client`` is not installed, so a scraper notices.
+    """
+    if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+        start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Length", "0")])
+        return [b""]
+    body, content_type = _exposition()
+    status = "200 OK" if _client() is not None else "404 Not Found"
+    start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                            ("Cache-Control", "no-store")])
+    return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A gunicorn ``child_exit`` hook: forget a dead worker's live gauges.
+
+    In ``gunicorn.conf.py``: ``from certbound_wsgi.metrics import child_exit``.
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR") or _client() is None:
+        return
+    multiprocess = importlib.import_module("prometheus_client.multiprocess")
+    multiprocess.mark_process_dead(worker.pid)

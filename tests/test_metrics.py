@@ -1,0 +1,85 @@
+"""Metrics: counted when prometheus_client is installed, nothing (and no error) when it is not."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+from werkzeug.test import Client
+
+from certbound_wsgi import metrics
+from certbound_wsgi.stats import Stats
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_request_counts_outcome_reason_latency_and_503() -> None:
+    before = (sample("certbound_requests_total", outcome="fault", reason="store_unavailable"),
+              sample("certbound_request_duration_seconds_count", outcome="fault"),
+              sample("certbound_unavailable_total", reason="store_unavailable"))
+    metrics.request("fault", "store_unavailable", 0.002, 503)
+    after = (sample("certbound_requests_total", outcome="fault", reason="store_unavailable"),
+             sample("certbound_request_duration_seconds_count", outcome="fault"),
+             sample("certbound_unavailable_total", reason="store_unavailable"))
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
+
+
+def test_replays_and_key_fetches() -> None:
+    replays = sample("certbound_dpop_replays_total")
+    metrics.request("refused", "dpop_replay", 0.001, 401)
+    assert sample("certbound_dpop_replays_total") == replays + 1
+    errors = sample("certbound_key_fetches_total", result="error")
+    metrics.key_fetch(False)
+    metrics.key_fetch(True, fetched_at=1_700_000_000.0)
+    assert sample("certbound_key_fetches_total", result="error") == errors + 1
+    assert sample("certbound_keys_fetched_timestamp_seconds") == 1_700_000_000.0
+
+
+@pytest.mark.parametrize(("name", "metric", "labels"), [
+    pytest.param("l1_hits", "certbound_cache_lookups_total", {"level": "l1", "result": "hit"}, id="l1-hit"),
+    pytest.param("l2_misses", "certbound_cache_lookups_total", {"level": "l2", "result": "miss"}, id="l2-miss"),
+    pytest.param("introspections", "certbound_introspections_total", {"result": "ok"}, id="introspection"),
+    pytest.param("idp_errors", "certbound_introspections_total", {"result": "error"}, id="idp-error"),
+    pytest.param("redis_errors", "certbound_redis_errors_total", {}, id="redis"),
+    pytest.param("resurrected", "certbound_resurrected_total", {}, id="resurrected"),
+])
+def test_stats_counters_are_bridged(name: str, metric: str, labels: dict[str, str]) -> None:
+    stats = Stats()
+    before = sample(metric, **labels)
+    stats.incr(name, 2)
+    assert sample(metric, **labels) == before + 2
+    assert stats.snapshot()[name] == 2  # the in-process API is unchanged
+
+
+def test_metrics_app() -> None:
+    metrics.request("refused", "token_missing", 0.001, 401)
+    client = Client(metrics.metrics_app)
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    assert 'certbound_requests_total{outcome="refused",reason="token_missing"}' in response.get_data(as_text=True)
+    assert client.head("/metrics").get_data() == b""
+    assert client.post("/metrics").status_code == 405
+
+
+@pytest.fixture()
+def without_prometheus(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As if the import failed; the registered instruments stay for the other tests
+    # (prometheus_client's registry refuses a second registration of a name).
+    monkeypatch.setattr(metrics, "_client", lambda: None)
+    monkeypatch.setattr(metrics, "_instruments", lambda: None)
+
+
+@pytest.mark.usefixtures("without_prometheus")
+def test_without_prometheus_everything_is_a_no_op() -> None:
+    assert not metrics.enabled()
+    metrics.request("refused", "token_missing", 0.001, 401)
+    metrics.key_fetch(True)
+    metrics.introspection("ok")
+    metrics.cache_lookup("l1", hit=True)
+    metrics.dpop_replay()
+    Stats().incr("l1_hits")
+    response = Client(metrics.metrics_app).get("/metrics")
+    assert response.status_code == 404
+    assert b"pip install" in response.get_data()
