@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from certbound_wsgi.binding import check_mtls
-from certbound_wsgi.claims import copy_claims
+from certbound_wsgi.jose import copy_claims
 from certbound_wsgi.jwt_tokens import looks_like_jwt
 from certbound_wsgi.middleware import CertBoundMiddleware, Identity
 

@@ -6,8 +6,8 @@ cache or not: a stolen token must fail with every certificate but its own.
 
 from __future__ import annotations
 
-from .claims import equal_ascii
 from .errors import InvalidToken
+from .jose import equal_ascii
 from .types import Claims
 
 __all__ = ["CLAIM_MISSING", "CERT_MISSING", "THUMBPRINT_MISMATCH", "check_mtls", "x5t_s256"]

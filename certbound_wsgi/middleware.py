@@ -18,12 +18,12 @@ from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
-from .claims import copy_claims, expiry
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPError, DPoPVerifier, ReplayCache, jkt_of
 from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable, challenge
 from .introspection import IntrospectionClient, IntrospectionValidator
+from .jose import copy_claims, expiry
 from .jwt_tokens import JWTValidator, looks_like_jwt
 from .oidc_login import BrowserLogin, wants_html
 from .sessions import Session, Sessions
@@ -85,7 +85,9 @@ class CertBoundMiddleware:
         self.settings = settings = settings if settings is not None else Settings.from_env()
         self.discovery = discovery or Discovery(settings)
         self.certificates = CertificateReader(settings)
-        self.credentials = CredentialReader(settings)
+        self.credentials = CredentialReader(settings.bearer_token_param_type,
+                                            cookie_name=settings.bearer_token_cookie_name,
+                                            dpop=settings.proof_of_possession_dpop != "off")
         self._stats = Stats()
         secret = settings.shared_secret or None
         # One sealer for introspection entries, in Redis and in the key names alike.
@@ -94,7 +96,10 @@ class CertBoundMiddleware:
             RedisCache(make_client(settings), self._intro_sealer, self._stats) if settings.uses_redis else None
         )
         methods = settings.auth_methods
-        self.jwt = JWTValidator(settings, self.discovery, clock) if "bearer" in methods else None
+        self.jwt = JWTValidator(
+            self.discovery, issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway,
+            signing_algs=settings.token_signing_algs, memo_size=settings.token_cache_size, clock=clock,
+        ) if "bearer" in methods else None
         self.introspection = self._make_introspection(secret) if "introspection" in methods else None
         self.dpop = self._make_dpop(secret) if settings.proof_of_possession_dpop != "off" else None
         self.sessions = Sessions(settings, self._redis, clock) if "session" in methods else None
@@ -336,9 +341,12 @@ class CertBoundMiddleware:
         )
 
     def _make_dpop(self, secret: str | None) -> DPoPVerifier:
-        replay = ReplayCache(self._redis, fail_open=self.settings.dpop_replay_fail_open)
-        return DPoPVerifier(self.settings, replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name,
-                            self._clock)
+        s = self.settings
+        replay = ReplayCache(self._redis, fail_open=s.dpop_replay_fail_open)
+        return DPoPVerifier(replay, self.certificates.is_trusted_peer, Sealer(secret, "dpop").key_name,
+                            algs=s.dpop_signing_alg_values_supported, proof_lifetime=s.dpop_proof_lifetime,
+                            leeway=s.leeway, use_nonce=s.dpop_use_nonce, public_base_url=s.public_base_url,
+                            secret=secret, clock=self._clock)
 
 
 def _adding_headers(start_response: StartResponse, extra: list[tuple[str, str]]) -> Any:
