@@ -193,21 +193,7 @@ class Discovery:
             if self._metadata is None:
                 raise
             metadata = self._metadata
-        jwks = self._get_json(metadata["jwks_uri"])
-        keys = jwks.get("keys")
-        if not isinstance(keys, list):
-            raise DiscoveryError("the JWKS has no keys list")
-        parsed: dict[str | None, list[PublicKey]] = {}
-        key_algs: set[str] = set()
-        for item in keys[:100]:
-            key = _import_public(item)
-            if key is not None:
-                kid = item.get("kid") if isinstance(item.get("kid"), str) else None
-                parsed.setdefault(kid, []).append(key)
-                if isinstance(item.get("alg"), str):
-                    key_algs.add(item["alg"])
-        if not parsed:
-            raise DiscoveryError("the JWKS holds no usable public signing key")
+        parsed, key_algs = _parse_jwks(self._get_json(metadata["jwks_uri"]))
         advertised = {
             alg
             for name, values in metadata.items()
@@ -223,6 +209,25 @@ class Discovery:
             self._keys = parsed
             self._algs = algs
         return metadata
+
+
+def _parse_jwks(jwks: dict[str, Any]) -> tuple[dict[str | None, list[PublicKey]], set[str]]:
+    """The usable keys of a JWKS (RFC 7517 section 5) by ``kid``, and the ``alg`` values they name."""
+    keys = jwks.get("keys")
+    if not isinstance(keys, list):
+        raise DiscoveryError("the JWKS has no keys list")
+    parsed: dict[str | None, list[PublicKey]] = {}
+    key_algs: set[str] = set()
+    for item in keys[:100]:
+        key = _import_public(item)
+        if key is not None:
+            kid = item.get("kid") if isinstance(item.get("kid"), str) else None
+            parsed.setdefault(kid, []).append(key)
+            if isinstance(item.get("alg"), str):
+                key_algs.add(item["alg"])
+    if not parsed:
+        raise DiscoveryError("the JWKS holds no usable public signing key")
+    return parsed, key_algs
 
 
 def _import_public(item: object) -> PublicKey | None:

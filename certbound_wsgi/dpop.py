@@ -107,9 +107,17 @@ _MALFORMED = "the DPoP proof is not a well-formed JWT"
 _JWK_ERRORS = {"private": "the DPoP proof's jwk contains a private key",
                "kty": "the DPoP proof's jwk is not an asymmetric key",
                "invalid": "the DPoP proof's jwk is not a valid key"}
-_CLAIMS_ERRORS = {"syntax": "the DPoP proof's claims are not JSON",
-                  "type": "the DPoP proof's claims are not a JSON object",
-                  "depth": "the DPoP proof's claims are nested too deeply"}
+
+def _required_claims(claims: Claims, with_ath: bool) -> float:
+    """4.3 (3): the required claims are there, and well-typed; the proof's ``iat``."""
+    for name in ("jti", "htm", "htu", "ath") if with_ath else ("jti", "htm", "htu"):
+        value = claims.get(name)
+        if not isinstance(value, str) or not value or len(value) > 2048:
+            raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
+    iat = number(claims.get("iat"))
+    if iat is None:
+        raise DPoPError("the DPoP proof's iat claim is missing or invalid")
+    return iat
 
 
 class ReplayCache:
@@ -257,7 +265,7 @@ class DPoPVerifier:
         try:
             claims = json_object(payload)
         except JSONError as exc:
-            raise DPoPError(_CLAIMS_ERRORS[exc.problem]) from None
+            raise DPoPError(exc.describe("the DPoP proof's claims", "are")) from None
         self._check_claims(environ, claims, token)
         # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
         if not equal_ascii(jkt, key.thumbprint()):
@@ -291,14 +299,7 @@ class DPoPVerifier:
             raise DPoPError(_JWK_ERRORS[exc.problem]) from None
 
     def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> None:
-        # 4.3 (3): the required claims.
-        for name in ("jti", "htm", "htu", "ath") if token is not None else ("jti", "htm", "htu"):
-            value = claims.get(name)
-            if not isinstance(value, str) or not value or len(value) > 2048:
-                raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
-        iat = number(claims.get("iat"))
-        if iat is None:
-            raise DPoPError("the DPoP proof's iat claim is missing or invalid")
+        iat = _required_claims(claims, token is not None)
         # 4.3 (8), (9): the method and the URI of this request.
         if claims["htm"] != environ.get("REQUEST_METHOD"):
             raise DPoPError("the DPoP proof's htm does not match the request method")

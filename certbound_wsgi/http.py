@@ -47,9 +47,6 @@ class JSONResponse:
     problem: str = ""
 
 
-_PROBLEMS = {"syntax": "not JSON", "type": "not a JSON object", "depth": "nested too deeply"}
-
-
 class JSONClient:
     """GET and POST small JSON documents, never following redirects.
 
@@ -96,4 +93,4 @@ class JSONClient:
         try:
             return JSONResponse(response.status_code, json_object(body))
         except JSONError as exc:
-            return JSONResponse(response.status_code, None, _PROBLEMS[exc.problem])
+            return JSONResponse(response.status_code, None, exc.phrase)

@@ -81,6 +81,18 @@ class JSONError(ValueError):
         super().__init__(problem)
         self.problem = problem
 
+    @property
+    def phrase(self) -> str:
+        """``not JSON``, ``not a JSON object`` or ``nested too deeply``."""
+        return _JSON_PHRASES[self.problem]
+
+    def describe(self, subject: str, verb: str = "is") -> str:
+        """A sentence for an error description: ``the token's claims`` ``are`` ``not JSON``."""
+        return f"{subject} {verb} {self.phrase}"
+
+
+_JSON_PHRASES = {"syntax": "not JSON", "type": "not a JSON object", "depth": "nested too deeply"}
+
 
 def _refuse_constant(name: str) -> None:
     # RFC 8259 section 6: NaN and Infinity are not JSON numbers, whatever json.loads accepts.

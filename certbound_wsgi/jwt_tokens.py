@@ -45,12 +45,6 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
-_HEADER_ERRORS = {"syntax": "the token's header is not valid base64url JSON",
-                  "type": "the token's header is not a JSON object",
-                  "depth": "the token's header is nested too deeply"}
-_CLAIMS_ERRORS = {"syntax": "the token's claims are not JSON",
-                  "type": "the token's claims are not a JSON object",
-                  "depth": "the token's claims are nested too deeply"}
 class JWTValidator:
     """Validates JWT access tokens issued by one issuer.
 
@@ -108,10 +102,28 @@ class JWTValidator:
         """
         if len(token) > MAX_JWT_LENGTH or not looks_like_jwt(token):
             raise InvalidToken("the access token is not a JWT")
+        alg, kid = self._check_header(token, accepted_typ)
+        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
+        try:
+            keys = self._discovery.keys_for(kid)
+        except UnknownKey:
+            raise InvalidToken("the token is signed with an unknown key") from None
+        except DiscoveryError:
+            raise TemporarilyUnavailable(
+                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
+            ) from None
+        try:
+            return json_object(self._signed_payload(token, keys, alg))
+        except JSONError as exc:
+            raise InvalidToken(exc.describe("the token's claims", "are")) from None
+
+    def _check_header(self, token: str, accepted_typ: frozenset[str]) -> tuple[str, str | None]:
+        """The protected header's ``alg`` and ``kid``, once the header is one this validator accepts."""
         try:
             header = segment_object(token.split(".", 1)[0])
         except JSONError as exc:
-            raise InvalidToken(_HEADER_ERRORS[exc.problem]) from None
+            raise InvalidToken("the token's header is not valid base64url JSON" if exc.problem == "syntax"
+                               else exc.describe("the token's header")) from None
         alg = header.get("alg")
         # RFC 8725 section 3.1: an explicit allow-list; "none" and HS* are never in it.
         if not isinstance(alg, str) or alg not in self._allowed_algs():
@@ -125,19 +137,7 @@ class JWTValidator:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise InvalidToken("the token's kid is malformed")
-        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
-        try:
-            keys = self._discovery.keys_for(kid)
-        except UnknownKey:
-            raise InvalidToken("the token is signed with an unknown key") from None
-        except DiscoveryError:
-            raise TemporarilyUnavailable(
-                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
-            ) from None
-        try:
-            return json_object(self._signed_payload(token, keys, alg))
-        except JSONError as exc:
-            raise InvalidToken(_CLAIMS_ERRORS[exc.problem]) from None
+        return alg, kid
 
     def _allowed_algs(self) -> frozenset[str]:
         algs = self._discovery.algorithms

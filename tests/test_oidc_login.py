@@ -22,12 +22,22 @@ import pytest
 from werkzeug.test import Client, TestResponse
 
 from certbound_wsgi.cache.seal import Sealer
+from certbound_wsgi.devpki import Issued
 from certbound_wsgi.oidc_login import LOGIN_TTL, MAX_TOKEN_RESPONSE, wants_html
 from tests.conftest import middleware_of
 from tests.support.dpop import DPoPKey
 from tests.support.tokens import ISSUER, TestIssuer
 from tests.test_sessions import (
-    LOGIN, OTHER_SECRET, app_of, attributes, build, clears, description, get, new_cookie, set_cookie_values,
+    LOGIN,
+    OTHER_SECRET,
+    app_of,
+    attributes,
+    build,
+    clears,
+    description,
+    get,
+    new_cookie,
+    set_cookie_values,
 )
 
 
