@@ -45,7 +45,7 @@ class UnknownKey(Exception):
 class Discovery:
     """Issuer metadata and JWKS for one issuer, cached per process.
 
-    :param settings: supplies ``issuer``, ``ca_file``, ``http_timeout``,
+    :param settings: supplies ``issuer``, ``ssl_verify``, ``ca_file``, ``http_timeout``,
         ``rediscovery_lifetime`` and ``token_signing_algs``.
     :param session: a :class:`requests.Session` to reuse (one is made otherwise).
     :param clock: monotonic seconds; injectable for tests.

@@ -63,8 +63,11 @@ def _load_client_key(path: str) -> AsymmetricKey:
 class IntrospectionClient:
     """Asks the issuer's introspection endpoint about one token (RFC 7662 section 2).
 
-    :param settings: supplies the endpoint, client authentication, ``ca_file`` and ``http_timeout``.
+    :param settings: supplies ``introspection_endpoint``, ``introspection_hint``, the client authentication
+        (``introspection_endpoint_auth_method``, ``client_id``, ``client_secret``, ``client_jwk``, ``client_alg``,
+        ``tls_client_auth_cert_file``, ``tls_client_auth_key_file``), ``ssl_verify``, ``ca_file``, ``http_timeout``.
     :param discovery: finds the endpoint in the issuer's metadata when it is not configured.
+    :param session: a :class:`requests.Session` to reuse (one is made otherwise).
     """
 
     def __init__(
@@ -161,7 +164,8 @@ class _Flight:
 class IntrospectionValidator:
     """Validates tokens by introspection, through the L1 and L2 caches.
 
-    :param settings: the cache policy (``cache_ttl*``), ``audience``, ``issuer``, ``leeway``.
+    :param settings: the cache policy (``cache_introspection``, ``cache_ttl*``), ``introspection_check_active``,
+        ``audience``, ``issuer``, ``leeway``, and ``http_timeout`` (how long to wait for another's answer).
     :param client: asks the issuer.
     :param l1: the in-process cache.
     :param l2: the shared Redis cache, if any.

@@ -48,7 +48,8 @@ class BrowserLogin:
 
     :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``,
         ``session_cookie_name`` (the login cookie is named after it); ``issuer``, ``leeway`` and
-        ``token_signing_algs`` for the ID token; ``tls_verify`` and ``http_timeout`` for the token endpoint.
+        ``token_signing_algs`` for the ID token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the
+        token endpoint.
     :param discovery: the issuer's endpoints and keys.
     :param sessions: where logins and sessions are kept.
     """
