@@ -108,6 +108,7 @@ _JWK_ERRORS = {"private": "the DPoP proof's jwk contains a private key",
                "kty": "the DPoP proof's jwk is not an asymmetric key",
                "invalid": "the DPoP proof's jwk is not a valid key"}
 
+
 def _required_claims(claims: Claims, with_ath: bool) -> float:
     """4.3 (3): the required claims are there, and well-typed; the proof's ``iat``."""
     for name in ("jti", "htm", "htu", "ath") if with_ath else ("jti", "htm", "htu"):
