@@ -173,7 +173,7 @@ class Clock:
 def install_clock(client: Client, clock: Callable[[], float]) -> None:
     """Replace the middleware's verifier by one reading ``clock`` (same settings, same nonce secret)."""
     middleware = middleware_of(client)
-    secret = middleware.settings.cache_secret or middleware.settings.client_secret or None
+    secret = middleware.settings.shared_secret or None
     middleware.dpop = dpop_verifier(middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer,
                                     secret, clock)
 
