@@ -99,6 +99,10 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder: json.loads with any keyword builds a new JSONDecoder per call, which costs more than the parse.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def json_object(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> dict[str, Any]:
     """``data`` as a JSON object, strictly: no NaN or Infinity, at most ``max_depth`` deep.
 
@@ -106,8 +110,9 @@ def json_object(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> dict
     :raises JSONError: it is not one.
     """
     try:
-        value = json.loads(data, parse_constant=_refuse_constant)
-    except (ValueError, RecursionError):
+        # RFC 8259 section 8.1: JSON exchanged between systems is UTF-8 (json.loads would guess UTF-16 too).
+        value = _DECODER.decode(data.decode("utf-8") if isinstance(data, bytes) else data)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise JSONError("syntax") from None
     if not isinstance(value, dict):
         raise JSONError("type")
@@ -130,18 +135,19 @@ def segment_object(segment: str) -> dict[str, Any]:
 
 def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
     """Whether JSON data nests deeper than ``limit``; iterative, so any depth is safe to ask about."""
-    stack: list[tuple[object, int]] = [(value, 0)]
+    if not isinstance(value, (dict, list)):
+        return False
+    if limit <= 0:
+        return True
+    # Only containers are pushed: a flat claims object is one pass over its values.
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict):
-            items: Any = item.values()
-        elif isinstance(item, list):
-            items = item
-        else:
-            continue
-        if depth >= limit:
-            return True
-        stack.extend((child, depth + 1) for child in items)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, (dict, list)):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
     return False
 
 
