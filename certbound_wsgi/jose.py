@@ -103,10 +103,9 @@ def _refuse_constant(name: str) -> None:
 _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 
-def json_object(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> dict[str, Any]:
-    """``data`` as a JSON object, strictly: no NaN or Infinity, at most ``max_depth`` deep.
+def json_object(data: bytes | str) -> dict[str, Any]:
+    """``data`` as a JSON object, strictly: UTF-8, no NaN or Infinity, at most :data:`MAX_DEPTH` deep.
 
-    :param max_depth: ``None`` for no limit (a header whose members are checked one by one).
     :raises JSONError: it is not one.
     """
     try:
@@ -116,7 +115,7 @@ def json_object(data: bytes | str, *, max_depth: int | None = MAX_DEPTH) -> dict
         raise JSONError("syntax") from None
     if not isinstance(value, dict):
         raise JSONError("type")
-    if max_depth is not None and too_deep(value, max_depth):
+    if too_deep(value):
         raise JSONError("depth")
     return value
 
