@@ -26,7 +26,7 @@ from typing import Any
 
 from certbound_wsgi.authenticator import Identity
 from certbound_wsgi.binding import check_mtls, cnf_x5t
-from certbound_wsgi.claims import copy_claims
+from certbound_wsgi.jose import copy_claims
 from certbound_wsgi.jwt_tokens import looks_like_jwt
 from certbound_wsgi.middleware import CertBoundMiddleware
 

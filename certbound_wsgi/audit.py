@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, Protocol
 
+from .http import request_path
 from .types import WSGIEnvironment
 
 __all__ = [
@@ -296,7 +297,7 @@ class Auditor:
             "status": status,
             "method": sanitize(environ.get("REQUEST_METHOD"), 16),
             # Never the query string: RFC 6750 section 2.3 allows the token there.
-            "path": sanitize(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")),
+            "path": sanitize(request_path(environ)),
             "sub": sanitize(claims.get("sub")),
             "client_id": sanitize(client_id),
             "jti": sanitize(claims.get("jti"), 128),

@@ -21,12 +21,12 @@ from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, make_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
-from .claims import expiry
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPVerifier, ReplayCache
 from .errors import InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable
 from .introspection import IntrospectionClient, IntrospectionValidator
+from .jose import expiry
 from .jwt_tokens import JWTValidator, looks_like_jwt
 from .oidc_login import BrowserLogin
 from .sessions import Session, Sessions
@@ -212,16 +212,27 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     dpop = None
     if settings.proof_of_possession_dpop != "off":
         replay = ReplayCache(redis, fail_open=settings.dpop_replay_fail_open)
-        dpop = DPoPVerifier(settings, replay, certificates.is_trusted_peer, Sealer(secret, "dpop").key_name, clock)
+        dpop = DPoPVerifier(
+            replay, certificates.is_trusted_peer, Sealer(secret, "dpop").key_name,
+            algs=settings.dpop_signing_alg_values_supported, proof_lifetime=settings.dpop_proof_lifetime,
+            leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
+            secret=secret, clock=clock,
+        )
     sessions = Sessions(settings, redis, clock) if "session" in methods else None
     login = (
         BrowserLogin(settings, discovery, sessions, clock)
         if sessions is not None and "authorization_code" in methods
         else None
     )
-    jwt = JWTValidator(settings, discovery, clock) if "bearer" in methods else None
+    jwt = JWTValidator(
+        discovery, issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway,
+        signing_algs=settings.token_signing_algs, memo_size=settings.token_cache_size, clock=clock,
+    ) if "bearer" in methods else None
     return Authenticator(
-        credentials=CredentialReader(settings),
+        credentials=CredentialReader(
+            settings.bearer_token_param_type, cookie_name=settings.bearer_token_cookie_name,
+            dpop=settings.proof_of_possession_dpop != "off",
+        ),
         certificates=certificates,
         jwt=jwt,
         introspection=introspection,

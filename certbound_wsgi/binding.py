@@ -8,8 +8,8 @@ with every certificate or key but its own.
 
 from __future__ import annotations
 
-from .claims import equal_ascii
 from .errors import DPoPError, InvalidToken
+from .jose import equal_ascii
 from .types import Claims
 
 __all__ = [

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import string
+from collections.abc import Collection
 from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_cookie
 
 from .errors import InvalidRequest
-from .settings import Settings
 from .types import WSGIEnvironment
 
 __all__ = ["Credential", "CredentialReader"]
@@ -65,17 +65,18 @@ def _check(token: str, source: str) -> str:
 class CredentialReader:
     """Extracts the one access token of a request.
 
-    :param settings: supplies ``bearer_token_param_type`` and ``bearer_token_cookie_name``.
+    :param places: where a token is looked for: ``header``, ``query``, ``body``, ``cookie``
+        (``bearer_token_param_type``).
+    :param cookie_name: the cookie that carries a token, with ``cookie`` (``bearer_token_cookie_name``).
+    :param dpop: whether the ``DPoP`` scheme is read besides ``Bearer`` (``proof_of_possession_dpop`` not off).
     """
 
-    def __init__(self, settings: Settings) -> None:
-        places = settings.bearer_token_param_type
-        dpop = settings.proof_of_possession_dpop != "off"
+    def __init__(self, places: Collection[str], *, cookie_name: str = "", dpop: bool = False) -> None:
         self._schemes = frozenset({"bearer", "dpop"}) if dpop else frozenset({"bearer"})
         self._header = "header" in places
         self._query = "query" in places
         self._body = "body" in places
-        self._cookie = settings.bearer_token_cookie_name if "cookie" in places else ""
+        self._cookie = cookie_name if "cookie" in places else ""
 
     def read(self, environ: WSGIEnvironment) -> Credential | None:
         """The request's credential, or ``None`` when it carries no access token.

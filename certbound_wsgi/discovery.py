@@ -8,7 +8,6 @@ the others wait for its result instead of fetching too.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,17 +15,15 @@ from collections.abc import Callable
 from typing import Any
 
 import requests
-from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from . import http
+from .jose import PRIVATE_MEMBERS, JWKError, PublicKey, public_key
 from .settings import ASYMMETRIC_ALGS, Settings
 
 __all__ = ["Discovery", "DiscoveryError", "UnknownKey", "PublicKey"]
 
 log = logging.getLogger("certbound_wsgi")
 
-PublicKey = ECKey | RSAKey | OKPKey
-_KEY_TYPES: dict[str, type[ECKey] | type[RSAKey] | type[OKPKey]] = {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}
 # A JWKS or metadata document larger than this is not a real one.
 MAX_DOCUMENT = 512 * 1024
 # How soon a failed fetch may be retried, whatever rediscovery_lifetime says.
@@ -48,7 +45,7 @@ class UnknownKey(Exception):
 class Discovery:
     """Issuer metadata and JWKS for one issuer, cached per process.
 
-    :param settings: supplies ``issuer``, ``ca_file``, ``http_timeout``,
+    :param settings: supplies ``issuer``, ``ssl_verify``, ``ca_file``, ``http_timeout``,
         ``rediscovery_lifetime`` and ``token_signing_algs``.
     :param session: a :class:`requests.Session` to reuse (one is made otherwise).
     :param clock: monotonic seconds; injectable for tests.
@@ -61,10 +58,8 @@ class Discovery:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
-        self._session = session or requests.Session()
-        # requests lets REQUESTS_CA_BUNDLE override Session.verify, but not a
-        # verify= passed on the call: our ca_file always wins.
-        self._verify: str | bool = settings.tls_verify
+        self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
+                                     max_body=MAX_DOCUMENT, session=session)
         self._clock = clock
         self._lock = threading.Lock()
         self._inflight: threading.Event | None = None
@@ -156,30 +151,16 @@ class Discovery:
 
     def _get_json(self, url: str) -> dict[str, Any]:
         try:
-            response = self._session.get(
-                url,
-                verify=self._verify,
-                timeout=self._settings.http_timeout,
-                headers={"Accept": "application/json"},
-                allow_redirects=False,
-                stream=True,
-            )
-            with response:
-                if response.status_code != 200:
-                    raise DiscoveryError(f"{url} answered {response.status_code}")
-                body = response.raw.read(MAX_DOCUMENT + 1, decode_content=True)
-        except (requests.RequestException, ValueError) as exc:
-            # ValueError: urllib3's LocationParseError for a URL it cannot parse.
-            raise Unreachable(f"{url}: {type(exc).__name__}") from None
-        if len(body) > MAX_DOCUMENT:
-            raise DiscoveryError(f"{url}: document too large")
-        try:
-            document = json.loads(body)
-        except (ValueError, RecursionError):
-            raise DiscoveryError(f"{url}: not JSON") from None
-        if not isinstance(document, dict):
-            raise DiscoveryError(f"{url}: not a JSON object")
-        return document
+            answer = self._http.get(url)
+        except http.Unreachable as exc:
+            raise Unreachable(f"{url}: {exc}") from None
+        except http.TooLarge:
+            raise DiscoveryError(f"{url}: document too large") from None
+        if answer.status != 200:
+            raise DiscoveryError(f"{url} answered {answer.status}")
+        if answer.document is None:
+            raise DiscoveryError(f"{url}: {answer.problem}")
+        return answer.document
 
     def _discover(self) -> dict[str, Any]:
         issuer = self._settings.issuer.rstrip("/")
@@ -212,21 +193,7 @@ class Discovery:
             if self._metadata is None:
                 raise
             metadata = self._metadata
-        jwks = self._get_json(metadata["jwks_uri"])
-        keys = jwks.get("keys")
-        if not isinstance(keys, list):
-            raise DiscoveryError("the JWKS has no keys list")
-        parsed: dict[str | None, list[PublicKey]] = {}
-        key_algs: set[str] = set()
-        for item in keys[:100]:
-            key = _import_public(item)
-            if key is not None:
-                kid = item.get("kid") if isinstance(item.get("kid"), str) else None
-                parsed.setdefault(kid, []).append(key)
-                if isinstance(item.get("alg"), str):
-                    key_algs.add(item["alg"])
-        if not parsed:
-            raise DiscoveryError("the JWKS holds no usable public signing key")
+        parsed, key_algs = _parse_jwks(self._get_json(metadata["jwks_uri"]))
         advertised = {
             alg
             for name, values in metadata.items()
@@ -244,19 +211,33 @@ class Discovery:
         return metadata
 
 
-def _import_public(item: object) -> PublicKey | None:
-    """A JWK as a public verification key, or ``None`` for anything else.
+def _parse_jwks(jwks: dict[str, Any]) -> tuple[dict[str | None, list[PublicKey]], set[str]]:
+    """The usable keys of a JWKS (RFC 7517 section 5) by ``kid``, and the ``alg`` values they name."""
+    keys = jwks.get("keys")
+    if not isinstance(keys, list):
+        raise DiscoveryError("the JWKS has no keys list")
+    parsed: dict[str | None, list[PublicKey]] = {}
+    key_algs: set[str] = set()
+    for item in keys[:100]:
+        key = _import_public(item)
+        if key is not None:
+            kid = item.get("kid") if isinstance(item.get("kid"), str) else None
+            parsed.setdefault(kid, []).append(key)
+            if isinstance(item.get("alg"), str):
+                key_algs.add(item["alg"])
+    if not parsed:
+        raise DiscoveryError("the JWKS holds no usable public signing key")
+    return parsed, key_algs
 
-    Symmetric (``oct``) keys are never imported: an HMAC key made from public
-    material is the classic algorithm-confusion attack.
+
+def _import_public(item: object) -> PublicKey | None:
+    """A JWKS member as a public signing key (RFC 7517 section 4.2), or ``None`` for anything else.
+
+    Private members are dropped rather than refused: the issuer's mistake must not stop every token.
     """
     if not isinstance(item, dict) or item.get("use", "sig") != "sig":
         return None
-    key_type = _KEY_TYPES.get(str(item.get("kty")))
-    if key_type is None:
-        return None
-    public = {k: v for k, v in item.items() if k not in ("d", "p", "q", "dp", "dq", "qi", "oth", "k")}
     try:
-        return key_type.import_key(public)
-    except (JoseError, ValueError, TypeError, KeyError):
+        return public_key({k: v for k, v in item.items() if k not in PRIVATE_MEMBERS})
+    except JWKError:
         return None

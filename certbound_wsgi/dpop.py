@@ -9,39 +9,42 @@ workers and hosts (section 11.1), and issues stateless server nonces
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
-import json
-import os
 import re
 import string
 import struct
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from joserfc import jws
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
-from .claims import equal_ascii, jws_registry, number
+from .cache.memory import TTLCache
+from .cache.seal import derive_key
 from .errors import DPoPError, NonceRequired
-from .settings import Settings
+from .http import request_path
+from .jose import (
+    JSONError,
+    JWKError,
+    PublicKey,
+    b64url_decode,
+    b64url_encode,
+    equal_ascii,
+    json_object,
+    jws_registry,
+    number,
+    public_key,
+    segment_object,
+)
 from .types import Claims, WSGIEnvironment
 
 # DPoPError and NonceRequired live in errors.py with every other error; re-exported here.
 __all__ = ["DPoPError", "DPoPVerifier", "NonceRequired", "ReplayCache", "ath_of"]
 
 MAX_PROOF_LENGTH = 8 * 1024
-_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
-_KEY_TYPES: dict[str, type[ECKey] | type[RSAKey] | type[OKPKey]] = {"EC": ECKey, "RSA": RSAKey, "OKP": OKPKey}
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
@@ -49,13 +52,12 @@ _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 NONCE_LIFETIME = 300
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def ath_of(token: str) -> str:
     """RFC 9449 section 4.2: base64url(SHA-256(ASCII access token))."""
-    return _b64url(hashlib.sha256(token.encode("ascii")).digest())
+    return b64url_encode(hashlib.sha256(token.encode("ascii")).digest())
+
 
 
 def _normalize_uri(uri: str) -> str | None:
@@ -81,18 +83,23 @@ def _normalize_escape(match: re.Match[str]) -> str:
     return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
-def _json_segment(segment: str) -> dict[str, Any]:
-    try:
-        value = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)), parse_constant=_reject)
-    except (binascii.Error, ValueError, RecursionError):
-        raise DPoPError("the DPoP proof is not a well-formed JWT") from None
-    if not isinstance(value, dict):
-        raise DPoPError("the DPoP proof is not a well-formed JWT")
-    return value
+_MALFORMED = "the DPoP proof is not a well-formed JWT"
+# 4.3 (7): a public key, never a private one.
+_JWK_ERRORS = {"private": "the DPoP proof's jwk contains a private key",
+               "kty": "the DPoP proof's jwk is not an asymmetric key",
+               "invalid": "the DPoP proof's jwk is not a valid key"}
 
 
-def _reject(name: str) -> None:
-    raise ValueError(name)
+def _required_claims(claims: Claims, with_ath: bool) -> float:
+    """4.3 (3): the required claims are there, and well-typed; the proof's ``iat``."""
+    for name in ("jti", "htm", "htu", "ath") if with_ath else ("jti", "htm", "htu"):
+        value = claims.get(name)
+        if not isinstance(value, str) or not value or len(value) > 2048:
+            raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
+    iat = number(claims.get("iat"))
+    if iat is None:
+        raise DPoPError("the DPoP proof's iat claim is missing or invalid")
+    return iat
 
 
 class ReplayCache:
@@ -110,10 +117,8 @@ class ReplayCache:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
         self._fail_open = fail_open
-        self._size = size
         self._clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
+        self._seen: TTLCache[bool] = TTLCache(size, clock)
 
     def first_use(self, key: str, ttl: float) -> bool:
         """True the first time ``key`` is seen within ``ttl`` seconds.
@@ -121,7 +126,7 @@ class ReplayCache:
         :raises DPoPError: Redis cannot be asked and failing open is not allowed.
         """
         if self._redis is not None:
-            if self._seen and self._seen_here(key):
+            if len(self._seen) and self._seen.get(key) is not None:
                 # Accepted here while Redis was down (fail open): still a replay now.
                 return False
             added = self._redis.add_once(key, ttl)
@@ -129,74 +134,63 @@ class ReplayCache:
                 return bool(added)
             if not self._fail_open:
                 raise DPoPError("DPoP replay protection is unavailable; try again shortly")
-        now = self._clock()
-        with self._lock:
-            expires = self._seen.get(key)
-            if expires is not None and expires > now:
-                return False
-            self._seen[key] = now + ttl
-            self._seen.move_to_end(key)
-            while self._seen:
-                oldest, until = next(iter(self._seen.items()))
-                if until > now and len(self._seen) <= self._size:
-                    break
-                del self._seen[oldest]
-        return True
-
-
-    def _seen_here(self, key: str) -> bool:
-        with self._lock:
-            expires = self._seen.get(key)
-        return expires is not None and expires > self._clock()
+        return self._seen.add(key, True, self._clock() + ttl)
 
 
 class DPoPVerifier:
     """Verifies DPoP proofs for one middleware instance.
 
-    :param settings: supplies ``dpop_*`` options, ``leeway``, ``public_base_url``.
     :param replay: the shared replay cache.
     :param is_trusted_peer: whether ``REMOTE_ADDR`` is a trusted proxy (for ``X-Forwarded-Proto``).
     :param key_name: names a replay-cache entry from its parts.
+    :param algs: the proof algorithms accepted, in the order offered (``dpop_signing_alg_values_supported``).
+    :param proof_lifetime: seconds a proof is accepted after its ``iat`` (``dpop_proof_lifetime``).
+    :param leeway: seconds of clock skew allowed (``leeway``).
+    :param use_nonce: whether proofs must carry a server nonce (``dpop_use_nonce``).
+    :param public_base_url: the scheme and authority clients address, if fixed (``public_base_url``).
+    :param secret: keys the nonces, so that every worker accepts every other's (``cache_secret``
+        or ``client_secret``); without one, nonces are per process.
     """
 
-    def __init__(self, settings: Settings, replay: ReplayCache, is_trusted_peer: Callable[[str], bool],
-                 key_name: Callable[..., str], clock: Callable[[], float] = time.time) -> None:
-        self._settings = settings
-        self._algs = frozenset(settings.dpop_signing_alg_values_supported)
+    def __init__(self, replay: ReplayCache, is_trusted_peer: Callable[[str], bool], key_name: Callable[..., str], *,
+                 algs: Iterable[str], proof_lifetime: float, leeway: float, use_nonce: bool,
+                 public_base_url: str = "", secret: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._alg_list = tuple(algs)
+        self._algs = frozenset(self._alg_list)
+        self._proof_lifetime = proof_lifetime
+        self._leeway = leeway
+        self._use_nonce = use_nonce
         self._replay = replay
         self._trusted = is_trusted_peer
         self._key_name = key_name
         self._clock = clock
-        self._base = settings.public_base_url.rstrip("/")
-        secret = settings.shared_secret
-        # Without a shared secret, nonces are per process (Settings refuses that with dpop_use_nonce).
-        self._nonce_key = HKDF(hashes.SHA256(), 32, None, b"certbound-wsgi/v1/dpop-nonce").derive(
-            secret.encode() if secret else os.urandom(32)
-        )
+        self._base = public_base_url.rstrip("/")
+        self._nonce_key = derive_key(secret, "dpop-nonce")
 
     @property
     def algs_param(self) -> str:
         """The ``algs`` auth-param of the DPoP challenge (RFC 9449 section 7.1)."""
-        return " ".join(self._settings.dpop_signing_alg_values_supported)
+        return " ".join(self._alg_list)
 
     # -- nonces (section 8): a timestamp and its HMAC, so that any worker can check any other's ----
 
     def new_nonce(self) -> str:
         stamp = struct.pack(">Q", int(self._clock()))
-        return _b64url(stamp + hmac.new(self._nonce_key, stamp, hashlib.sha256).digest()[:16])
+        return b64url_encode(stamp + hmac.new(self._nonce_key, stamp, hashlib.sha256).digest()[:16])
 
     def _nonce_age(self, nonce: object) -> float | None:
         if not isinstance(nonce, str) or len(nonce) != 32:
             return None
         try:
-            raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
-        except (binascii.Error, ValueError):
+            raw = b64url_decode(nonce)
+        except ValueError:
             return None
         stamp, mac = raw[:8], raw[8:]
         if not hmac.compare_digest(mac, hmac.new(self._nonce_key, stamp, hashlib.sha256).digest()[:16]):
             return None
         age = self._clock() - struct.unpack(">Q", stamp)[0]
-        return age if -self._settings.leeway <= age < NONCE_LIFETIME else None
+        return age if -self._leeway <= age < NONCE_LIFETIME else None
 
     def nonce_for_response(self, age: float | None) -> str | None:
         """A fresh nonce for a successful response when the client's is about to expire (section 8.2).
@@ -212,7 +206,7 @@ class DPoPVerifier:
     def htu(self, environ: WSGIEnvironment) -> str:
         """The request's URI without query and fragment, as the client addressed it."""
         # PEP 3333: the path arrives as latin-1-decoded bytes; quote those bytes, not their UTF-8.
-        raw = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        raw = request_path(environ)
         try:
             path = quote(raw.encode("latin-1"), safe="/;=,:@!$&'()*+~")
         except UnicodeEncodeError:
@@ -232,11 +226,10 @@ class DPoPVerifier:
 
         ``token`` is ``None`` for a DPoP-bound session, whose proof has no ``ath`` to check.
 
-        :returns: the age of the proof's server nonce (for :meth:`nonce_for_response`); ``None`` when
-            nonces are off.
-
         :raises DPoPError: the proof is missing or invalid.
         :raises NonceRequired: nonces are on and the proof lacks a valid one.
+        :returns: the age of the proof's server nonce (for :meth:`nonce_for_response`); ``None`` when
+            nonces are off.
         :raises DPoPError: (400 ``invalid_request``) more than one DPoP header.
         """
         raw = environ.get("HTTP_DPOP")
@@ -248,8 +241,34 @@ class DPoPVerifier:
         proof = raw.strip()
         # 4.3 (2): a single well-formed JWT.
         if len(proof) > MAX_PROOF_LENGTH or proof.count(".") != 2:
-            raise DPoPError("the DPoP proof is not a well-formed JWT")
-        header = _json_segment(proof.split(".", 1)[0])
+            raise DPoPError(_MALFORMED)
+        key, alg = self._header_key(proof)
+        # 4.3 (6): the signature, with the embedded key.
+        try:
+            payload = jws.deserialize_compact(proof, key, registry=jws_registry(alg)).payload
+        except (JoseError, ValueError, TypeError):
+            raise DPoPError("the DPoP proof's signature is invalid") from None
+        try:
+            claims = json_object(payload)
+        except JSONError as exc:
+            raise DPoPError(exc.describe("the DPoP proof's claims", "are")) from None
+        nonce_age = self._check_claims(environ, claims, token)
+        # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
+        if not equal_ascii(jkt, key.thumbprint()):
+            raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
+        # 11.1: a proof is used once, by any worker on any host.
+        jti = claims["jti"]
+        lifetime = self._proof_lifetime + 2 * self._leeway
+        if not self._replay.first_use(self._key_name("dpop", claims["htu"], jti), lifetime):
+            raise DPoPError("the DPoP proof has already been used")
+        return nonce_age
+
+    def _header_key(self, proof: str) -> tuple[PublicKey, str]:
+        """The proof's public key and algorithm, from its protected header."""
+        try:
+            header = segment_object(proof.split(".", 1)[0])
+        except JSONError:
+            raise DPoPError(_MALFORMED) from None
         # 4.3 (4), (5): typ, and an asymmetric algorithm we support (never "none" or HS*).
         if header.get("typ") != "dpop+jwt":
             raise DPoPError("the DPoP proof's typ is not dpop+jwt")
@@ -258,50 +277,16 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's algorithm is not accepted")
         if "crit" in header:
             raise DPoPError("the DPoP proof has critical header parameters this server does not understand")
-        # 4.3 (7): a public key, never a private one.
         jwk = header.get("jwk")
         if not isinstance(jwk, dict):
             raise DPoPError("the DPoP proof has no jwk header")
-        if _PRIVATE_MEMBERS & jwk.keys():
-            raise DPoPError("the DPoP proof's jwk contains a private key")
-        key_type = _KEY_TYPES.get(str(jwk.get("kty")))
-        if key_type is None:
-            raise DPoPError("the DPoP proof's jwk is not an asymmetric key")
         try:
-            key = key_type.import_key(jwk)
-        except (JoseError, ValueError, TypeError, KeyError):
-            raise DPoPError("the DPoP proof's jwk is not a valid key") from None
-        # 4.3 (6): the signature, with the embedded key.
-        try:
-            payload = jws.deserialize_compact(proof, key, registry=jws_registry(alg)).payload
-        except (JoseError, ValueError, TypeError):
-            raise DPoPError("the DPoP proof's signature is invalid") from None
-        try:
-            claims = json.loads(payload, parse_constant=_reject)
-        except (ValueError, RecursionError):
-            raise DPoPError("the DPoP proof's claims are not JSON") from None
-        if not isinstance(claims, dict):
-            raise DPoPError("the DPoP proof's claims are not a JSON object")
-        nonce_age = self._check_claims(environ, claims, token)
-        # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
-        if not equal_ascii(jkt, key.thumbprint()):
-            raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
-        # 11.1: a proof is used once, by any worker on any host.
-        jti = claims["jti"]
-        lifetime = self._settings.dpop_proof_lifetime + 2 * self._settings.leeway
-        if not self._replay.first_use(self._key_name("dpop", claims["htu"], jti), lifetime):
-            raise DPoPError("the DPoP proof has already been used")
-        return nonce_age
+            return public_key(jwk), alg
+        except JWKError as exc:
+            raise DPoPError(_JWK_ERRORS[exc.problem]) from None
 
     def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> float | None:
-        # 4.3 (3): the required claims.
-        for name in ("jti", "htm", "htu", "ath") if token is not None else ("jti", "htm", "htu"):
-            value = claims.get(name)
-            if not isinstance(value, str) or not value or len(value) > 2048:
-                raise DPoPError(f"the DPoP proof's {name} claim is missing or invalid")
-        iat = number(claims.get("iat"))
-        if iat is None:
-            raise DPoPError("the DPoP proof's iat claim is missing or invalid")
+        iat = _required_claims(claims, token is not None)
         # 4.3 (8), (9): the method and the URI of this request.
         if claims["htm"] != environ.get("REQUEST_METHOD"):
             raise DPoPError("the DPoP proof's htm does not match the request method")
@@ -310,14 +295,14 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's htu does not match the request URI")
         # 4.3 (10): the nonce, when this server requires one.
         age: float | None = None
-        if self._settings.dpop_use_nonce:
+        if self._use_nonce:
             age = self._nonce_age(claims.get("nonce"))
             if age is None:
                 raise NonceRequired(self.new_nonce())
         # 4.3 (11): freshness.
         now = self._clock()
-        leeway = self._settings.leeway
-        if iat > now + leeway or iat < now - self._settings.dpop_proof_lifetime - leeway:
+        leeway = self._leeway
+        if iat > now + leeway or iat < now - self._proof_lifetime - leeway:
             raise DPoPError("the DPoP proof's iat is outside the accepted window")
         # 4.3 (12) / 7.1: the proof is for this access token.
         if token is not None and not equal_ascii(claims["ath"], ath_of(token)):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 
 from .authenticator import Authenticator
 from .errors import AuthError
+from .http import request_path
 from .oidc_login import BrowserLogin, wants_html
 from .sessions import Sessions
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -44,7 +45,7 @@ class Endpoints:
 
     def match(self, environ: WSGIEnvironment) -> WSGIApplication | None:
         """The endpoint this request is for, or ``None`` for the protected app."""
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path = request_path(environ)
         if path == self._logout_path and environ.get("REQUEST_METHOD") in self._logout_methods:
             return self.logout
         if self.login is not None and path == self.login.callback_path:

@@ -21,14 +21,14 @@ from urllib.parse import quote
 import requests
 from joserfc import jwt
 from joserfc.errors import JoseError
-from joserfc.jwk import ECKey, OKPKey, RSAKey
 
+from . import http
 from .cache import Entry
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache
-from .claims import audiences, expiry, number, too_deep
 from .discovery import Discovery, DiscoveryError
 from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
+from .jose import KEY_TYPES, AsymmetricKey, TimeClaimError, check_time_claims, expiry, issued_by, meant_for
 from .settings import Settings
 from .stats import Stats
 from .types import Claims
@@ -46,10 +46,11 @@ class IntrospectionError(Exception):
     """The issuer could not give an answer (unreachable, 5xx, refused us, or sent garbage)."""
 
 
-def _load_client_key(path: str) -> ECKey | RSAKey | OKPKey:
+def _load_client_key(path: str) -> AsymmetricKey:
+    """The private key of ``client_jwk``, a JWK (JSON) or a PEM file, of any asymmetric type."""
     with open(path, "rb") as fh:
         data = fh.read()
-    for key_type in (ECKey, RSAKey, OKPKey):
+    for key_type in KEY_TYPES.values():
         try:
             key = key_type.import_key(json.loads(data) if data.lstrip().startswith(b"{") else data)
         except (JoseError, ValueError, TypeError, KeyError):
@@ -62,8 +63,11 @@ def _load_client_key(path: str) -> ECKey | RSAKey | OKPKey:
 class IntrospectionClient:
     """Asks the issuer's introspection endpoint about one token (RFC 7662 section 2).
 
-    :param settings: supplies the endpoint, client authentication, ``ca_file`` and ``http_timeout``.
+    :param settings: supplies ``introspection_endpoint``, ``introspection_hint``, the client authentication
+        (``introspection_endpoint_auth_method``, ``client_id``, ``client_secret``, ``client_jwk``, ``client_alg``,
+        ``tls_client_auth_cert_file``, ``tls_client_auth_key_file``), ``ssl_verify``, ``ca_file``, ``http_timeout``.
     :param discovery: finds the endpoint in the issuer's metadata when it is not configured.
+    :param session: a :class:`requests.Session` to reuse (one is made otherwise).
     """
 
     def __init__(
@@ -71,8 +75,8 @@ class IntrospectionClient:
     ) -> None:
         self._settings = settings
         self._discovery = discovery
-        self._session = session or requests.Session()
-        self._verify: str | bool = settings.tls_verify
+        self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
+                                     max_body=MAX_RESPONSE, session=session)
         method = settings.introspection_endpoint_auth_method
         self._key = _load_client_key(settings.client_jwk) if method == "private_key_jwt" else None
         if self._key is not None:
@@ -131,32 +135,20 @@ class IntrospectionClient:
             data["token_type_hint"] = self._settings.introspection_hint
         auth = self._client_auth(endpoint, data)
         try:
-            response = self._session.post(
-                endpoint, data=data, auth=auth, cert=self._cert, verify=self._verify,
-                timeout=self._settings.http_timeout, allow_redirects=False, stream=True,
-                headers={"Accept": "application/json"},
-            )
-            with response:
-                if response.status_code != 200:
-                    raise IntrospectionError(f"introspection answered {response.status_code}")
-                body = response.raw.read(MAX_RESPONSE + 1, decode_content=True)
-        except (requests.RequestException, ValueError) as exc:  # ValueError: an unparseable URL
-            raise IntrospectionError(type(exc).__name__) from None
-        if len(body) > MAX_RESPONSE:
-            raise IntrospectionError("introspection response too large")
-        try:
-            answer = json.loads(body, parse_constant=_reject)
-        except (ValueError, RecursionError):
-            raise IntrospectionError("introspection response is not JSON") from None
-        if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):
+            answer = self._http.post(endpoint, data, auth=auth, cert=self._cert)
+        except http.Unreachable as exc:
+            raise IntrospectionError(str(exc)) from None
+        except http.TooLarge:
+            raise IntrospectionError("introspection response too large") from None
+        if answer.status != 200:
+            raise IntrospectionError(f"introspection answered {answer.status}")
+        document = answer.document
+        if document is None and answer.problem != "not a JSON object":
+            raise IntrospectionError(f"introspection response is {answer.problem}")
+        # RFC 7662 section 2.2: "active" is REQUIRED, a boolean.
+        if document is None or not isinstance(document.get("active"), bool):
             raise IntrospectionError("introspection response has no boolean active member")
-        if too_deep(answer):
-            raise IntrospectionError("introspection response is nested too deeply")
-        return answer
-
-
-def _reject(name: str) -> None:
-    raise ValueError(name)
+        return document
 
 
 class _Flight:
@@ -172,7 +164,8 @@ class _Flight:
 class IntrospectionValidator:
     """Validates tokens by introspection, through the L1 and L2 caches.
 
-    :param settings: the cache policy (``cache_ttl*``), ``audience``, ``issuer``, ``leeway``.
+    :param settings: the cache policy (``cache_introspection``, ``cache_ttl*``), ``introspection_check_active``,
+        ``audience``, ``issuer``, ``leeway``, and ``http_timeout`` (how long to wait for another's answer).
     :param client: asks the issuer.
     :param l1: the in-process cache.
     :param l2: the shared Redis cache, if any.
@@ -324,17 +317,14 @@ class IntrospectionValidator:
         claims = entry.claims
         if settings.introspection_check_active and not entry.active:
             raise InvalidToken("the token is not active")
-        now = self._clock()
-        exp = expiry(claims)
-        if exp is not None and now >= exp + settings.leeway:
-            raise InvalidToken("the token has expired")
-        nbf = number(claims.get("nbf"))
-        if nbf is not None and now < nbf - settings.leeway:
-            raise InvalidToken("the token is not valid yet")
-        iss = claims.get("iss")
-        if iss is not None and settings.issuer and iss != settings.issuer:
+        try:
+            # RFC 7662 section 2.2: exp and nbf are optional; iat says nothing about validity here.
+            check_time_claims(claims, self._clock(), settings.leeway, required=(), checked=("exp", "nbf"))
+        except TimeClaimError as exc:
+            raise InvalidToken(exc.describe("the token")) from None
+        if claims.get("iss") is not None and settings.issuer and not issued_by(claims, settings.issuer):
             raise InvalidToken("the token was issued by another issuer")
-        if self._audience.isdisjoint(audiences(claims)):
+        if not meant_for(claims, self._audience):
             raise InvalidToken("the token is not meant for this audience")
         return claims
 

@@ -8,22 +8,27 @@ not (see :mod:`certbound_wsgi.binding`).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
-import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from joserfc import jws
 from joserfc.errors import JoseError
 
-from .claims import audiences, jws_registry, number, too_deep
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
-from .settings import Settings
+from .jose import (
+    JSONError,
+    TimeClaimError,
+    check_time_claims,
+    issued_by,
+    json_object,
+    jws_registry,
+    meant_for,
+    segment_object,
+)
 from .types import Claims
 
 __all__ = ["JWTValidator", "looks_like_jwt"]
@@ -40,47 +45,28 @@ def looks_like_jwt(token: str) -> bool:
     return token.count(".") == 2
 
 
-def _b64json(segment: str, what: str) -> dict[str, Any]:
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        value = json.loads(raw, parse_constant=_reject_constant)
-    except (binascii.Error, ValueError, RecursionError):
-        raise InvalidToken(f"the token's {what} is not valid base64url JSON") from None
-    if not isinstance(value, dict):
-        raise InvalidToken(f"the token's {what} is not a JSON object")
-    return value
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _number(claims: Claims, name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
-        return None
-    result = number(value)
-    if result is None:
-        raise InvalidToken(f"the {name} claim is not a number")
-    return result
-
-
 class JWTValidator:
     """Validates JWT access tokens issued by one issuer.
 
-    :param settings: supplies ``issuer``, ``audience``, ``leeway``, ``scopes_required``,
-        ``scopes_claim`` and ``token_cache_size``.
-    :param discovery: the issuer's keys.
+    :param discovery: the issuer's keys and the algorithms it advertises.
+    :param issuer: the ``iss`` a token must carry (``issuer``).
+    :param audience: a token must name one of these in ``aud`` (``audience``).
+    :param leeway: seconds of clock skew allowed on ``exp``, ``nbf`` and ``iat`` (``leeway``).
+    :param signing_algs: the algorithms accepted until the issuer's metadata is known (``token_signing_algs``).
+    :param memo_size: how many verified tokens are remembered (``token_cache_size``).
     :param clock: wall-clock seconds; injectable for tests.
     """
 
-    def __init__(self, settings: Settings, discovery: Discovery, clock: Callable[[], float] = time.time) -> None:
-        self._settings = settings
+    def __init__(self, discovery: Discovery, *, issuer: str, audience: Iterable[str], leeway: float,
+                 signing_algs: Iterable[str], memo_size: int, clock: Callable[[], float] = time.time) -> None:
         self._discovery = discovery
+        self._issuer = issuer
+        self._audience = frozenset(audience)
+        self._leeway = leeway
+        self._signing_algs = frozenset(signing_algs)
         self._clock = clock
-        self._audience = frozenset(settings.audience)
         self._memo: dict[str, tuple[Claims, float]] = {}
-        self._memo_size = settings.token_cache_size
+        self._memo_size = memo_size
         self._memo_lock = threading.Lock()
 
     def validate(self, token: str) -> Claims:
@@ -116,7 +102,28 @@ class JWTValidator:
         """
         if len(token) > MAX_JWT_LENGTH or not looks_like_jwt(token):
             raise InvalidToken("the access token is not a JWT")
-        header = _b64json(token.split(".", 1)[0], "header")
+        alg, kid = self._check_header(token, accepted_typ)
+        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
+        try:
+            keys = self._discovery.keys_for(kid)
+        except UnknownKey:
+            raise InvalidToken("the token is signed with an unknown key") from None
+        except DiscoveryError:
+            raise TemporarilyUnavailable(
+                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
+            ) from None
+        try:
+            return json_object(self._signed_payload(token, keys, alg))
+        except JSONError as exc:
+            raise InvalidToken(exc.describe("the token's claims", "are")) from None
+
+    def _check_header(self, token: str, accepted_typ: frozenset[str]) -> tuple[str, str | None]:
+        """The protected header's ``alg`` and ``kid``, once the header is one this validator accepts."""
+        try:
+            header = segment_object(token.split(".", 1)[0])
+        except JSONError as exc:
+            raise InvalidToken("the token's header is not valid base64url JSON" if exc.problem == "syntax"
+                               else exc.describe("the token's header")) from None
         alg = header.get("alg")
         # RFC 8725 section 3.1: an explicit allow-list; "none" and HS* are never in it.
         if not isinstance(alg, str) or alg not in self._allowed_algs():
@@ -130,23 +137,14 @@ class JWTValidator:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise InvalidToken("the token's kid is malformed")
-        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
-        try:
-            keys = self._discovery.keys_for(kid)
-        except UnknownKey:
-            raise InvalidToken("the token is signed with an unknown key") from None
-        except DiscoveryError:
-            raise TemporarilyUnavailable(
-                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
-            ) from None
-        return _b64json_bytes(self._signed_payload(token, keys, alg))
+        return alg, kid
 
     def _allowed_algs(self) -> frozenset[str]:
         algs = self._discovery.algorithms
         if not algs:
             # Nothing fetched yet: the configured list, until the issuer says more.
             self._discovery.refresh()
-            algs = self._discovery.algorithms or frozenset(self._settings.token_signing_algs)
+            algs = self._discovery.algorithms or self._signing_algs
         return algs
 
     @staticmethod
@@ -159,21 +157,13 @@ class JWTValidator:
         raise InvalidToken("the token's signature is invalid")
 
     def _check_claims(self, claims: Claims, now: float) -> None:
-        leeway = self._settings.leeway
-        if claims.get("iss") != self._settings.issuer:
+        if not issued_by(claims, self._issuer):
             raise InvalidToken("the token was issued by another issuer")
-        exp = _number(claims, "exp")
-        if exp is None:
-            raise InvalidToken("the token has no exp claim")
-        if now >= exp + leeway:
-            raise InvalidToken("the token has expired")
-        nbf = _number(claims, "nbf")
-        if nbf is not None and now < nbf - leeway:
-            raise InvalidToken("the token is not valid yet")
-        iat = _number(claims, "iat")
-        if iat is not None and iat > now + leeway:
-            raise InvalidToken("the token was issued in the future")
-        if self._audience.isdisjoint(audiences(claims)):
+        try:
+            check_time_claims(claims, now, self._leeway)
+        except TimeClaimError as exc:
+            raise InvalidToken(exc.describe("the token")) from None
+        if not meant_for(claims, self._audience):
             raise InvalidToken("the token is not meant for this audience")
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
@@ -182,7 +172,7 @@ class JWTValidator:
     # -- the memo -------------------------------------------------------------
 
     def _remember(self, token: str, claims: Claims) -> None:
-        expires = float(claims["exp"]) + self._settings.leeway
+        expires = float(claims["exp"]) + self._leeway
         with self._memo_lock:
             if len(self._memo) >= self._memo_size:
                 # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
@@ -197,15 +187,3 @@ class JWTValidator:
 
     def memo_size(self) -> int:
         return len(self._memo)
-
-
-def _b64json_bytes(payload: bytes) -> Claims:
-    try:
-        value = json.loads(payload, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        raise InvalidToken("the token's claims are not JSON") from None
-    if not isinstance(value, dict):
-        raise InvalidToken("the token's claims are not a JSON object")
-    if too_deep(value):
-        raise InvalidToken("the token's claims are nested too deeply")
-    return value

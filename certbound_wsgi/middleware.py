@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .authenticator import Identity, build
-from .claims import copy_claims
 from .discovery import Discovery
 from .endpoints import Endpoints
 from .errors import AuthError, Challenges, MissingToken
+from .jose import copy_claims
 from .settings import Settings
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 

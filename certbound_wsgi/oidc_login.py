@@ -10,7 +10,6 @@ Sessions made here carry no proof-of-possession binding.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import secrets
@@ -19,11 +18,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
-import requests
-
-from .claims import audiences, equal_ascii, number
+from . import http
 from .discovery import Discovery, DiscoveryError
 from .errors import InvalidRequest, InvalidToken, TemporarilyUnavailable
+from .jose import TimeClaimError, audiences, b64url_encode, check_time_claims, equal_ascii, issued_by, number
 from .jwt_tokens import JWTValidator
 from .sessions import Session, Sessions
 from .settings import Settings
@@ -35,6 +33,9 @@ log = logging.getLogger("certbound_wsgi")
 
 LOGIN_TTL = 600
 _ID_TOKEN_TYP = frozenset({"jwt"})
+#: The largest token response read: an ID token and a few tokens, with room to spare.
+MAX_TOKEN_RESPONSE = 256 * 1024
+_ID_TOKEN_TIME_ERRORS = {"exp": "the ID token has expired", "iat": "the ID token's iat is invalid"}
 
 
 def wants_html(environ: WSGIEnvironment) -> bool:
@@ -42,14 +43,13 @@ def wants_html(environ: WSGIEnvironment) -> bool:
     return environ.get("REQUEST_METHOD") in ("GET", "HEAD") and "text/html" in environ.get("HTTP_ACCEPT", "")
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 class BrowserLogin:
     """Starts logins and handles the issuer's redirect back.
 
-    :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``.
+    :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``,
+        ``session_cookie_name`` (the login cookie is named after it); ``issuer``, ``leeway`` and
+        ``token_signing_algs`` for the ID token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the
+        token endpoint.
     :param discovery: the issuer's endpoints and keys.
     :param sessions: where logins and sessions are kept.
     """
@@ -59,10 +59,12 @@ class BrowserLogin:
         self._settings = settings
         self._discovery = discovery
         self._sessions = sessions
-        self._tokens = JWTValidator(settings, discovery)
+        # For the ID token's signature only: its claims are an ID token's, checked below.
+        self._tokens = JWTValidator(discovery, issuer=settings.issuer, audience=(), leeway=settings.leeway,
+                                    signing_algs=settings.token_signing_algs, memo_size=1, clock=clock)
         self._clock = clock
-        self._session = requests.Session()
-        self._verify: str | bool = settings.tls_verify
+        self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
+                                     max_body=MAX_TOKEN_RESPONSE)
         self.callback_path = urlsplit(settings.redirect_uri).path or "/"
         self._state_cookie = settings.session_cookie_name + "_login"
 
@@ -80,7 +82,7 @@ class BrowserLogin:
         s = self._settings
         state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
         # One leading slash: "//evil.example" would be an open redirect after the login.
-        path = "/" + quote(environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")).lstrip("/")
+        path = "/" + quote(http.request_path(environ)).lstrip("/")
         query = environ.get("QUERY_STRING", "")
         self._sessions.put_once(
             state, {"nonce": nonce, "verifier": verifier, "return_to": path + (f"?{query}" if query else "")},
@@ -94,7 +96,7 @@ class BrowserLogin:
             "state": state,
             "nonce": nonce,
             # RFC 7636 section 4.2: S256.
-            "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest()),
+            "code_challenge": b64url_encode(hashlib.sha256(verifier.encode()).digest()),
             "code_challenge_method": "S256",
         }
         location = self._endpoint("authorization_endpoint")
@@ -119,7 +121,7 @@ class BrowserLogin:
         if not code or not state:
             raise InvalidRequest("the login callback lacks code or state")
         # The state must be the one this browser was given (CSRF, OAuth 2.0 Security BCP section 4.7).
-        expected = self._sessions.unsigned(environ, self._state_cookie)
+        expected = self._sessions.verified(environ, self._state_cookie)
         if expected is None or not equal_ascii(state, expected):
             raise InvalidRequest("the login state does not match this browser")
         login = self._sessions.take_once(expected)
@@ -141,26 +143,25 @@ class BrowserLogin:
         return self._sessions.clear_cookie(self._state_cookie, path=self.callback_path)
 
     def _exchange(self, code: str, verifier: str) -> dict[str, Any]:
+        """RFC 6749 section 4.1.3, with the PKCE verifier (RFC 7636 section 4.5)."""
         s = self._settings
+        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
+                "code_verifier": verifier}
+        # RFC 6749 section 2.3.1: both are form-urlencoded before Basic encoding.
+        auth = (quote(s.client_id, safe=""), quote(s.client_secret, safe=""))
         try:
-            response = self._session.post(
-                self._endpoint("token_endpoint"),
-                data={"grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
-                      "code_verifier": verifier},
-                auth=(quote(s.client_id, safe=""), quote(s.client_secret, safe="")),
-                verify=self._verify, timeout=s.http_timeout, allow_redirects=False,
-            )
-        except (requests.RequestException, ValueError) as exc:  # ValueError: an unparseable URL
-            raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({type(exc).__name__})") from None
-        if response.status_code >= 500:
+            answer = self._http.post(self._endpoint("token_endpoint"), data, auth=auth)
+        except http.Unreachable as exc:
+            raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({exc})") from None
+        except http.TooLarge:
+            raise TemporarilyUnavailable("the token endpoint's answer is too large") from None
+        if answer.status >= 500:
             raise TemporarilyUnavailable("the token endpoint failed")
-        try:
-            body = response.json()
-        except (ValueError, RecursionError):
-            body = None
-        if response.status_code != 200 or not isinstance(body, dict):
-            error = body.get("error") if isinstance(body, dict) else None
-            raise InvalidToken(f"the code exchange failed: {str(error)[:64] or response.status_code}")
+        body = answer.document
+        if answer.status != 200 or body is None:
+            # RFC 6749 section 5.2: the error code, if the issuer sent one.
+            error = body.get("error") if body is not None else None
+            raise InvalidToken(f"the code exchange failed: {str(error)[:64] if error else answer.status}")
         return body
 
     def _id_token_claims(self, id_token: object, nonce: str) -> Claims:
@@ -169,18 +170,16 @@ class BrowserLogin:
             raise InvalidToken("the issuer sent no ID token")
         claims = self._tokens.signed_claims(id_token, _ID_TOKEN_TYP)
         s = self._settings
-        now = self._clock()
-        if claims.get("iss") != s.issuer:
+        if not issued_by(claims, s.issuer):
             raise InvalidToken("the ID token was issued by another issuer")
         aud = audiences(claims)
         if s.client_id not in aud or (len(aud) > 1 and claims.get("azp") != s.client_id):
             raise InvalidToken("the ID token is not meant for this client")
-        exp = number(claims.get("exp"))
-        if exp is None or now >= exp + s.leeway:
-            raise InvalidToken("the ID token has expired")
-        iat = number(claims.get("iat"))
-        if iat is None or iat > now + s.leeway:
-            raise InvalidToken("the ID token's iat is invalid")
+        try:
+            # Steps 9 and 10: exp and iat are REQUIRED in an ID token (Core section 2).
+            check_time_claims(claims, self._clock(), s.leeway, required=("exp", "iat"))
+        except TimeClaimError as exc:
+            raise InvalidToken(_ID_TOKEN_TIME_ERRORS.get(exc.claim) or exc.describe("the ID token")) from None
         if not equal_ascii(claims.get("nonce"), nonce):
             raise InvalidToken("the ID token's nonce does not match the login")
         if not isinstance(claims.get("sub"), str):

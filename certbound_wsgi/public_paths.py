@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable
 from typing import Final
 
+from .http import request_path
 from .types import WSGIEnvironment
 
 __all__ = ["PublicPaths", "is_canonical"]
@@ -81,5 +82,5 @@ class PublicPaths:
         """Whether the request in ``environ`` is for a public path (``SCRIPT_NAME`` + ``PATH_INFO``)."""
         if not (self._exact or self._prefixes):
             return False
-        path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        path = request_path(environ)
         return isinstance(path, str) and self.matches(path)

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .cache import Store
+from .cache.memory import MemoryStore
 from .cache.redis import RedisCache, RedisUnavailable
 from .cache.seal import Sealer
-from .claims import equal_ascii
 from .credentials import read_cookie
 from .errors import InvalidToken, TemporarilyUnavailable
+from .jose import equal_ascii
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
 
@@ -83,35 +83,6 @@ class Session:
     set_cookie: str | None = None
 
 
-class _MemoryStore:
-    """Sessions of one process. Multi-worker deployments want Redis (``redis_url``)."""
-
-    def __init__(self, size: int, clock: Callable[[], float]) -> None:
-        self._data: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._size = size
-        self._clock = clock
-        self._lock = threading.Lock()
-
-    def fetch(self, key: str) -> bytes | None:
-        with self._lock:
-            item = self._data.get(key)
-            if item is None or item[1] <= self._clock():
-                self._data.pop(key, None)
-                return None
-            return item[0]
-
-    def store(self, key: str, value: bytes, ttl: float) -> None:
-        with self._lock:
-            self._data[key] = (value, self._clock() + ttl)
-            self._data.move_to_end(key)
-            while len(self._data) > self._size:
-                self._data.popitem(last=False)
-
-    def delete(self, key: str) -> None:
-        with self._lock:
-            self._data.pop(key, None)
-
-
 class _RedisStore:
     """Sessions in Redis, sealed; Redis trouble is a 503, never a decision."""
 
@@ -141,7 +112,8 @@ class _RedisStore:
 class Sessions:
     """Creates, loads, renews and destroys sessions.
 
-    :param settings: ``session_*`` options.
+    :param settings: the ``session_*`` options, and ``cache_l1_size`` (the most sessions kept in process
+        when there is no Redis).
     :param redis: the shared Redis cache, if configured.
     :param clock: wall-clock seconds; injectable for tests.
     """
@@ -152,8 +124,8 @@ class Sessions:
         # The secret keys the cookie MAC, the sealing and the namespace: instances with
         # different secrets sharing one Redis cannot use each other's sessions.
         self._sealer = Sealer(settings.session_secret, "session")
-        self._store_impl: _MemoryStore | _RedisStore = (
-            _MemoryStore(settings.cache_l1_size, clock) if redis is None else _RedisStore(redis, self._sealer)
+        self._store_impl: Store = (
+            MemoryStore(settings.cache_l1_size, clock) if redis is None else _RedisStore(redis, self._sealer)
         )
         self._clock = clock
         self._cookie = settings.session_cookie_name
@@ -202,8 +174,8 @@ class Sessions:
         """``value.mac``: what a cookie carries."""
         return f"{value}.{self._sealer.mac(value)}"
 
-    def unsigned(self, environ: WSGIEnvironment, name: str | None = None) -> str | None:
-        """The value of a signed cookie, or ``None`` when absent or its MAC is wrong."""
+    def verified(self, environ: WSGIEnvironment, name: str | None = None) -> str | None:
+        """The value of a cookie made by :meth:`signed`, once its MAC is verified; ``None`` when absent or wrong."""
         header = environ.get("HTTP_COOKIE")
         name = name or self._cookie
         if not header or name not in header:
@@ -242,7 +214,7 @@ class Sessions:
         :raises InvalidToken: the session has expired (its cookie is cleared).
         :raises TemporarilyUnavailable: the session store cannot be asked.
         """
-        sid = self.unsigned(environ)
+        sid = self.verified(environ)
         if sid is None:
             return None
         data = self._fetch(self._sealer.key_name("sid", sid))
@@ -298,7 +270,7 @@ class Sessions:
         :raises TemporarilyUnavailable: the store cannot be asked; the session may live on, so do not
             tell the user they are logged out.
         """
-        sid = self.unsigned(environ)
+        sid = self.verified(environ)
         if sid is not None:
             self._delete(self._sealer.key_name("sid", sid))
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from certbound_wsgi.cache import Entry
-from certbound_wsgi.cache.memory import MemoryCache
+from certbound_wsgi.cache.memory import MemoryCache, MemoryStore, TTLCache
 from certbound_wsgi.cache.redis import BREAKER_SECONDS, RedisCache, make_client
 from certbound_wsgi.cache.seal import Sealer
 from certbound_wsgi.settings import Settings
@@ -161,6 +161,55 @@ def test_entry_roundtrip() -> None:
 )
 def test_entry_from_garbage_is_none(data: bytes) -> None:
     assert Entry.from_bytes(data) is None
+
+
+# -- TTLCache and MemoryStore: the one bounded in-process store ----------------------
+
+
+def test_ttl_cache_add_is_first_writer_wins_until_the_deadline() -> None:
+    clock = Clock(0.0)
+    cache: TTLCache[str] = TTLCache(10, clock)
+    assert cache.add("k", "first", 10.0) is True
+    assert cache.add("k", "second", 20.0) is False
+    assert cache.get("k") == "first"
+    clock.now = 10.0
+    assert cache.get("k") is None
+    assert cache.add("k", "third", 20.0) is True
+    assert cache.get("k") == "third"
+
+
+def test_ttl_cache_add_is_atomic_across_threads() -> None:
+    cache: TTLCache[int] = TTLCache(1000, time.time)
+    wins: list[int] = []
+    barrier = threading.Barrier(8)
+
+    def race(n: int) -> None:
+        barrier.wait()
+        if cache.add("jti", n, time.time() + 60):
+            wins.append(n)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert cache.get("jti") == wins[0]
+
+
+def test_memory_store_is_bounded_and_expires() -> None:
+    clock = Clock(0.0)
+    store = MemoryStore(2, clock)
+    store.store("a", b"1", 10)
+    store.store("b", b"2", 100)
+    assert store.fetch("a") == b"1"  # a is now the most recently used
+    store.store("c", b"3", 100)
+    assert store.fetch("b") is None  # the least recently used made room
+    assert (store.fetch("a"), store.fetch("c")) == (b"1", b"3")
+    clock.now = 10.0
+    assert store.fetch("a") is None
+    store.delete("c")
+    assert store.fetch("c") is None
 
 
 # -- MemoryCache --------------------------------------------------------------------

@@ -25,8 +25,15 @@ ALL_PLACES: dict[str, Any] = {
 }
 
 
+def reader(**overrides: Any) -> CredentialReader:
+    """A reader with the options of ``make_settings(**overrides)``, as the middleware builds it."""
+    s = make_settings(**overrides)
+    return CredentialReader(s.bearer_token_param_type, cookie_name=s.bearer_token_cookie_name,
+                            dpop=s.proof_of_possession_dpop != "off")
+
+
 def read(environ: WSGIEnvironment, **overrides: Any) -> Credential | None:
-    return CredentialReader(make_settings(**overrides)).read(environ)
+    return reader(**overrides).read(environ)
 
 
 def env(**kwargs: Any) -> WSGIEnvironment:
@@ -252,7 +259,7 @@ _QUERY = st.one_of(
     st.lists(st.sampled_from(["access_token=", "access_token=ab", "&", "=", "%", "%FF", "%C3%A9", "a", ";"]))
     .map("".join),
 )
-_READER = CredentialReader(make_settings(**ALL_PLACES))
+_READER = reader(**ALL_PLACES)
 
 
 # What a server puts in the environ for UTF-8 bytes. Arbitrary bytes in the cookie are a known bug (below).

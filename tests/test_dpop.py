@@ -34,6 +34,7 @@ from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.dpop import NONCE_LIFETIME, DPoPError, DPoPVerifier, ReplayCache
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.middleware import CertBoundMiddleware
+from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats
 from tests.conftest import CountingApp, MakeClient, cert_env, make_settings, middleware_of
 from tests.support.dpop import DPoPKey, ath
@@ -172,16 +173,24 @@ class Clock:
 def install_clock(client: Client, clock: Callable[[], float]) -> None:
     """Replace the middleware's verifier by one reading ``clock`` (same settings, same nonce secret)."""
     middleware = middleware_of(client)
-    secret = middleware.settings.cache_secret or middleware.settings.client_secret or None
-    middleware.authenticator.dpop = DPoPVerifier(
-        middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer,
-        Sealer(secret, "dpop").key_name, clock=clock)
+    secret = middleware.settings.shared_secret or None
+    middleware.authenticator.dpop = dpop_verifier(
+        middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer, secret, clock)
+
+
+def dpop_verifier(s: Settings, replay: ReplayCache, is_trusted_peer: Callable[[str], bool], secret: str | None,
+                  clock: Callable[[], float]) -> DPoPVerifier:
+    """A verifier with the options of ``s``, as the middleware builds it."""
+    return DPoPVerifier(replay, is_trusted_peer, Sealer(secret, "dpop").key_name,
+                        algs=s.dpop_signing_alg_values_supported, proof_lifetime=s.dpop_proof_lifetime,
+                        leeway=s.leeway, use_nonce=s.dpop_use_nonce, public_base_url=s.public_base_url,
+                        secret=secret, clock=clock)
 
 
 def verifier(secret: str, clock: Callable[[], float]) -> DPoPVerifier:
     """A verifier of another "worker": only its nonces are used."""
-    return DPoPVerifier(make_settings(**{**NONCES, "cache_secret": secret}), ReplayCache(None), lambda _: False,
-                        Sealer(secret, "dpop").key_name, clock=clock)
+    return dpop_verifier(make_settings(**{**NONCES, "cache_secret": secret}), ReplayCache(None), lambda _: False,
+                         secret, clock)
 
 
 def nonce_with_stamp(stamp: int, secret: str = SECRET) -> str:

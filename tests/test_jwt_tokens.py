@@ -241,7 +241,9 @@ class Clock:
 def validator(issuer: TestIssuer, clock: Clock | None = None, **overrides: Any) -> tuple[JWTValidator, StaticDiscovery]:
     s = make_settings(**overrides)
     discovery = StaticDiscovery(s, issuer)
-    return JWTValidator(s, discovery, clock=clock or time.time), discovery
+    return JWTValidator(discovery, issuer=s.issuer, audience=s.audience, leeway=s.leeway,
+                        signing_algs=s.token_signing_algs, memo_size=s.token_cache_size,
+                        clock=clock or time.time), discovery
 
 
 def test_second_validation_does_not_verify_again(issuer: TestIssuer) -> None:

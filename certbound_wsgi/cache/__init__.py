@@ -1,4 +1,6 @@
-"""Caches for introspection answers: an in-process L1 and a shared, sealed Redis L2.
+"""Caches: the :class:`Store` protocol, and the :class:`Entry` of introspection answers.
+
+Introspection answers live in an in-process L1 (:mod:`.memory`) and a shared, sealed Redis L2 (:mod:`.redis`).
 
 Both hold :class:`Entry` values. An entry is *fresh* until ``fresh_until``
 and may be *resurrected* (used stale while the issuer is unreachable) until
@@ -10,11 +12,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..types import Claims
 
-__all__ = ["Entry"]
+__all__ = ["Entry", "Store"]
+
+
+class Store(Protocol):
+    """Bytes by key, each for a while: :class:`~.memory.MemoryStore`, or Redis sealed (as sessions keep them)."""
+
+    def fetch(self, key: str) -> bytes | None:
+        """The value, or ``None`` when absent or expired."""
+
+    def store(self, key: str, value: bytes, ttl: float) -> None:
+        """Keep ``value`` for ``ttl`` seconds."""
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Sealed cache entries: AES-256-GCM, with keys derived from a secret by HKDF (RFC 5869).
+"""Every key this package derives, and sealed cache entries: AES-256-GCM, keyed by HKDF (RFC 5869).
 
 Whoever can write to Redis must not be able to make a stolen token work. Each
 entry is encrypted and authenticated with the entry's own key name as
@@ -20,9 +20,20 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-__all__ = ["Sealer"]
+__all__ = ["Sealer", "derive_key"]
 
 _NONCE = 12
+
+
+def derive_key(secret: str | None, purpose: str, length: int = 32) -> bytes:
+    """``length`` bytes for ``purpose`` from ``secret`` (HKDF-SHA256, RFC 5869 section 2).
+
+    The purpose goes in HKDF's ``info``, so that keys for different uses never coincide
+    (RFC 5869 section 3.2). ``None`` or an empty secret gives a random per-process key.
+    """
+    material = secret.encode() if secret else os.urandom(32)
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
+                info=b"certbound-wsgi/v1/" + purpose.encode()).derive(material)
 
 
 class Sealer:
@@ -34,10 +45,7 @@ class Sealer:
     """
 
     def __init__(self, secret: str | None, purpose: str) -> None:
-        material = secret.encode() if secret else os.urandom(32)
-        okm = HKDF(
-            algorithm=hashes.SHA256(), length=64, salt=None, info=b"certbound-wsgi/v1/" + purpose.encode()
-        ).derive(material)
+        okm = derive_key(secret, purpose, 64)
         self._aead = AESGCM(okm[:32])
         self._mac_key = okm[32:]
         self.namespace = hmac.new(self._mac_key, b"namespace", hashlib.sha256).hexdigest()[:16]

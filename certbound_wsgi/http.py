@@ -1,0 +1,96 @@
+"""HTTP, both ways: the path a request addressed, and one size-capped JSON client for talking to the issuer.
+
+Discovery, introspection and the login's token exchange all fetch small JSON
+documents from the issuer. Each answer is read while streaming and at most
+``max_body`` bytes of it, so that a hostile or broken issuer cannot make a
+worker buffer an endless body; TLS verification is passed on every call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+import urllib3
+
+from .jose import JSONError, json_object
+from .types import WSGIEnvironment
+
+__all__ = ["JSONClient", "JSONResponse", "TooLarge", "Unreachable", "request_path"]
+
+
+def request_path(environ: WSGIEnvironment) -> str:
+    """The path the client addressed: ``SCRIPT_NAME + PATH_INFO`` (PEP 3333), still latin-1-decoded bytes."""
+    return str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
+
+
+class Unreachable(Exception):
+    """No answer at all: connection refused, timeout, TLS failure, an unparseable URL. The message names which."""
+
+
+class TooLarge(Exception):
+    """The answer was larger than the client's ``max_body``."""
+
+
+@dataclass(frozen=True, slots=True)
+class JSONResponse:
+    """An answer from the issuer.
+
+    :param status: the HTTP status code.
+    :param document: the body as a strict JSON object (see :func:`~certbound_wsgi.jose.json_object`), or ``None``.
+    :param problem: why ``document`` is ``None``: ``not JSON``, ``not a JSON object`` or ``nested too deeply``.
+    """
+
+    status: int
+    document: dict[str, Any] | None
+    problem: str = ""
+
+
+class JSONClient:
+    """GET and POST small JSON documents, never following redirects.
+
+    :param verify: ``requests``' ``verify`` (a CA file or ``True``), passed on every call: requests lets
+        ``REQUESTS_CA_BUNDLE`` override ``Session.verify``, but not a ``verify=`` passed on the call.
+    :param timeout: seconds for connecting and for each read.
+    :param max_body: the largest body read, in bytes.
+    :param session: a :class:`requests.Session` to reuse (one is made otherwise).
+    """
+
+    def __init__(self, *, verify: str | bool, timeout: float, max_body: int,
+                 session: requests.Session | None = None) -> None:
+        self._verify = verify
+        self._timeout = timeout
+        self._max_body = max_body
+        self._session = session or requests.Session()
+
+    def get(self, url: str) -> JSONResponse:
+        """:raises Unreachable: no answer. :raises TooLarge: the body exceeds ``max_body``."""
+        return self._send("GET", url)
+
+    def post(self, url: str, data: dict[str, str], *, auth: tuple[str, str] | None = None,
+             cert: tuple[str, str] | None = None) -> JSONResponse:
+        """POST a form (``application/x-www-form-urlencoded``).
+
+        :raises Unreachable: no answer. :raises TooLarge: the body exceeds ``max_body``.
+        """
+        return self._send("POST", url, data=data, auth=auth, cert=cert)
+
+    def _send(self, method: str, url: str, **options: Any) -> JSONResponse:
+        try:
+            response = self._session.request(
+                method, url, verify=self._verify, timeout=self._timeout, allow_redirects=False, stream=True,
+                headers={"Accept": "application/json"}, **options,
+            )
+            with response:
+                # Read at most one byte more than allowed, decoded, straight from the stream.
+                body = response.raw.read(self._max_body + 1, decode_content=True)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
+            # urllib3's errors: a read that fails mid-stream; ValueError: a URL it cannot parse.
+            raise Unreachable(type(exc).__name__) from None
+        if len(body) > self._max_body:
+            raise TooLarge(url)
+        try:
+            return JSONResponse(response.status_code, json_object(body))
+        except JSONError as exc:
+            return JSONResponse(response.status_code, None, exc.phrase)
