@@ -33,7 +33,7 @@ def _claims_of(environ: WSGIEnvironment) -> Any:
     """The token's claims when it validates (a binding failure comes after validation)."""
     try:
         credential = middleware.credentials.read(environ)
-        return None if credential is None else middleware._validate(credential.token)[0]
+        return None if credential is None else middleware.authenticator._validate(credential.token)[0]
     except Exception:
         return None
 
@@ -52,7 +52,7 @@ def application(environ: WSGIEnvironment, start_response: StartResponse) -> Iter
         reason = auditor.refused(environ, error, claims=_claims_of(environ), presented=presented)
         metrics.request("fault" if error.status >= 500 else "refused", reason, time.perf_counter() - started,
                         error.status)
-        return middleware.refuse(error, start_response)
+        return middleware.refuse(environ, error)(environ, start_response)
     auditor.accepted(environ, identity)
     metrics.request("accepted", "ok", time.perf_counter() - started, 200)
     return middleware.app(environ, start_response)
