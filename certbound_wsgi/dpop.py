@@ -268,9 +268,13 @@ class DPoPVerifier:
         """Check the request's DPoP proof for ``token``, bound to ``jkt`` (RFC 9449 sections 4.3 and 7.1).
 
         ``token`` is ``None`` for a DPoP-bound session, whose proof has no ``ath`` to check.
+        The work is one header check per client key (then remembered), one signature
+        verification and one claims parse; whatever can be refused without a signature
+        is refused first.
 
         :raises DPoPError: the proof is missing or invalid.
         :raises NonceRequired: nonces are on and the proof lacks a valid one.
+        :raises TemporarilyUnavailable: the replay store cannot be asked (503).
         :returns: the age of the proof's server nonce (for :meth:`nonce_for_response`); ``None`` when
             nonces are off.
         :raises DPoPError: (400 ``invalid_request``) more than one DPoP header.
