@@ -171,11 +171,12 @@ def dpop_path(ws: Workspace, out: io.TextIOBase, top: int, count: int = 3000) ->
     bare P-256 verification: the part of the proof check no cache can save."""
     from tests.support.dpop import DPoPKey
 
-    from .inprocess import _dpop_proofs, _es256_verify_us
+    from .inprocess import DPOP_BASE_URL, _dpop_proofs, _es256_verify_us
 
     client = DPoPKey("EC")
     token = ws.issuer.token(cnf={"jkt": client.jkt}, client_id="dpop", exp=int(time.time()) + 3600)
-    settings = ws.settings(proof_of_possession_dpop="optional", proof_of_possession_mtls="optional")
+    settings = ws.settings(proof_of_possession_dpop="optional", proof_of_possession_mtls="optional",
+                           public_base_url=DPOP_BASE_URL)
     mw = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
     proofs = _dpop_proofs(ws, client, token, count)
     loop_us(mw, proofs(-1), 100)

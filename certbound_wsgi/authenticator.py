@@ -11,6 +11,7 @@ Nothing here writes the environ: what a request established is returned as an :c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import NamedTuple
 
 from .binding import check_dpop_mode, check_mtls, cnf_jkt, cnf_x5t
 from .cache.memory import MemoryCache
-from .cache.redis import RedisCache, make_client
+from .cache.redis import RedisCache, check_replay_store, make_client, make_replay_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
 from .credentials import Credential, CredentialReader
@@ -35,6 +36,8 @@ from .stats import Stats
 from .types import Claims, WSGIEnvironment
 
 __all__ = ["Authenticator", "Identity", "build", "token_scopes"]
+
+log = logging.getLogger("certbound_wsgi")
 
 
 class Identity(NamedTuple):
@@ -211,12 +214,12 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     )
     dpop = None
     if settings.proof_of_possession_dpop != "off":
-        replay = ReplayCache(redis, fail_open=settings.dpop_replay_fail_open)
         dpop = DPoPVerifier(
-            replay, certificates.is_trusted_peer, Sealer(secret, "dpop").key_name,
+            _replay_cache(settings, secret, stats, clock), certificates.is_trusted_peer,
+            Sealer(secret, "dpop").key_name,
             algs=settings.dpop_signing_alg_values_supported, proof_lifetime=settings.dpop_proof_lifetime,
             leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
-            secret=secret, clock=clock,
+            allowed_hosts=settings.dpop_allowed_hosts, secret=secret, clock=clock,
         )
     sessions = Sessions(settings, redis, clock) if "session" in methods else None
     login = (
@@ -247,6 +250,24 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         scopes_claim=settings.scopes_claim,
         introspect_jwt=settings.introspect_jwt_tokens and jwt is not None and introspection is not None,
     )
+
+
+def _replay_cache(settings: Settings, secret: str | None, stats: Stats, clock: Callable[[], float]) -> ReplayCache:
+    """The DPoP replay store (RFC 9449 section 11.1): in Redis when there is one, with a client and a
+    circuit breaker of its own, checked now for a ``maxmemory-policy`` that would forget proofs early.
+
+    :raises ConfigurationError: the store's Redis evicts keys.
+    """
+    store = None
+    if settings.dpop_replay_redis_url or settings.uses_redis:
+        client = make_replay_client(settings)
+        warning = check_replay_store(client)
+        if warning is not None:
+            log.warning("certbound: %s", warning)
+        meanwhile = ("accepting DPoP proofs with this process's replay protection only"
+                     if settings.dpop_replay_fail_open else "refusing DPoP proofs with 503")
+        store = RedisCache(client, Sealer(secret, "dpop"), stats, clock=clock, meanwhile=meanwhile)
+    return ReplayCache(store, fail_open=settings.dpop_replay_fail_open)
 
 
 def _introspection(settings: Settings, discovery: Discovery, redis: RedisCache | None, sealer: Sealer,

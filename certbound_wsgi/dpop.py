@@ -14,42 +14,51 @@ import hmac
 import re
 import string
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from joserfc import jws
-from joserfc.errors import JoseError
-
 from .cache.memory import TTLCache
 from .cache.seal import derive_key
-from .errors import DPoPError, NonceRequired
+from .errors import DPoPError, NonceRequired, TemporarilyUnavailable
 from .http import request_path
 from .jose import (
+    PRIVATE_MEMBERS,
     JSONError,
-    JWKError,
-    PublicKey,
     b64url_decode,
     b64url_encode,
     equal_ascii,
     json_object,
-    jws_registry,
     number,
-    public_key,
     segment_object,
 )
+from .proof_keys import KeyRefused, ProofKey, ProofKeys
 from .types import Claims, WSGIEnvironment
 
 # DPoPError and NonceRequired live in errors.py with every other error; re-exported here.
 __all__ = ["DPoPError", "DPoPVerifier", "NonceRequired", "ReplayCache", "ath_of"]
 
 MAX_PROOF_LENGTH = 8 * 1024
+#: The longest protected header accepted: 4096 bytes, base64url-encoded (a 4096-bit RSA key fits).
+MAX_HEADER_SEGMENT = (4096 * 4 + 2) // 3
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
+#: Path characters left as they are when the request's path is quoted for htu (RFC 3986 section 3.3).
+_PATH_SAFE = "/;=,:@!$&'()*+~"
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9/;=,:@!$&'()*+~._-]*")
+#: RFC 3986 section 3.2.2: reg-name or IP-literal characters, and ":" for the port.
+_HOST = re.compile(r"[A-Za-z0-9._~!$&'()*+,;=%:\[\]-]+")
 #: How long a server nonce stays valid; a fresh one is sent once a third of it is left.
 NONCE_LIFETIME = 300
+#: Proof headers (a client's typ, alg and key) remembered with their prepared key.
+HEADER_MEMO_SIZE = 1024
+#: Access tokens whose ``ath`` is remembered (cleared when full: a cheap bound).
+ATH_MEMO_SIZE = 1024
+#: Seconds a client is asked to wait when the replay store cannot be asked (its circuit breaker is 1 s).
+REPLAY_RETRY_AFTER = 2
 
 
 
@@ -84,10 +93,14 @@ def _normalize_escape(match: re.Match[str]) -> str:
 
 
 _MALFORMED = "the DPoP proof is not a well-formed JWT"
-# 4.3 (7): a public key, never a private one.
-_JWK_ERRORS = {"private": "the DPoP proof's jwk contains a private key",
-               "kty": "the DPoP proof's jwk is not an asymmetric key",
-               "invalid": "the DPoP proof's jwk is not a valid key"}
+#: What a refused key is told (see :class:`~certbound_wsgi.proof_keys.KeyRefused`).
+_KEY_REFUSALS = {
+    "kty": "the DPoP proof's jwk is not an asymmetric key",
+    "invalid": "the DPoP proof's jwk is not a valid key",
+    "mismatch": "the DPoP proof's signature is invalid",
+    "curve": "the DPoP proof's key is on a curve this server does not accept",
+    "rsa": "the DPoP proof's RSA key is not accepted: it needs e = 65537 and at most 4096 bits",
+}
 
 
 def _required_claims(claims: Claims, with_ath: bool) -> float:
@@ -123,7 +136,8 @@ class ReplayCache:
     def first_use(self, key: str, ttl: float) -> bool:
         """True the first time ``key`` is seen within ``ttl`` seconds.
 
-        :raises DPoPError: Redis cannot be asked and failing open is not allowed.
+        :raises TemporarilyUnavailable: Redis cannot be asked (down, timed out, out of memory) and failing
+            open is not allowed: a server fault, so 503 with ``Retry-After``, never a client error.
         """
         if self._redis is not None:
             if len(self._seen) and self._seen.get(key) is not None:
@@ -133,7 +147,8 @@ class ReplayCache:
             if added is not None:
                 return bool(added)
             if not self._fail_open:
-                raise DPoPError("DPoP replay protection is unavailable; try again shortly")
+                raise TemporarilyUnavailable("DPoP replay protection is unavailable; try again shortly",
+                                             retry_after=REPLAY_RETRY_AFTER)
         return self._seen.add(key, True, self._clock() + ttl)
 
 
@@ -148,13 +163,15 @@ class DPoPVerifier:
     :param leeway: seconds of clock skew allowed (``leeway``).
     :param use_nonce: whether proofs must carry a server nonce (``dpop_use_nonce``).
     :param public_base_url: the scheme and authority clients address, if fixed (``public_base_url``).
+    :param allowed_hosts: otherwise, the ``Host`` values for which the URI is rebuilt from the request
+        (``dpop_allowed_hosts``); a request for any other host is refused.
     :param secret: keys the nonces, so that every worker accepts every other's (``cache_secret``
         or ``client_secret``); without one, nonces are per process.
     """
 
     def __init__(self, replay: ReplayCache, is_trusted_peer: Callable[[str], bool], key_name: Callable[..., str], *,
                  algs: Iterable[str], proof_lifetime: float, leeway: float, use_nonce: bool,
-                 public_base_url: str = "", secret: str | None = None,
+                 public_base_url: str = "", allowed_hosts: Iterable[str] = (), secret: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._alg_list = tuple(algs)
         self._algs = frozenset(self._alg_list)
@@ -166,7 +183,19 @@ class DPoPVerifier:
         self._key_name = key_name
         self._clock = clock
         self._base = public_base_url.rstrip("/")
+        self._lifetime = proof_lifetime + 2 * leeway
+        # Section 4.3 (9) compares htu with the URI the client addressed. The client also chooses
+        # Host, so a Host is believed only when the operator listed it (issue 11 item 4); every
+        # allowed origin is kept normalized, with either scheme (the scheme comes from the proxy).
+        self._origins = frozenset(
+            origin for host in allowed_hosts for scheme in _DEFAULT_PORTS
+            if (origin := _normalize_uri(f"{scheme}://{host}/")) is not None
+        )
         self._nonce_key = derive_key(secret, "dpop-nonce")
+        self._keys = ProofKeys()
+        self._headers: dict[str, tuple[str, ProofKey]] = {}
+        self._headers_lock = threading.Lock()
+        self._aths: dict[str, str] = {}
 
     @property
     def algs_param(self) -> str:
@@ -203,14 +232,22 @@ class DPoPVerifier:
 
     # -- the proof --------------------------------------------------------------
 
-    def htu(self, environ: WSGIEnvironment) -> str:
-        """The request's URI without query and fragment, as the client addressed it."""
-        # PEP 3333: the path arrives as latin-1-decoded bytes; quote those bytes, not their UTF-8.
+    def htu(self, environ: WSGIEnvironment) -> str | None:
+        """The request's URI without query and fragment, as the client addressed it.
+
+        ``public_base_url`` followed by the path; or, with ``dpop_allowed_hosts``, the
+        request's scheme and ``Host`` when that host is listed. ``None``: the request's
+        ``Host`` is not one this server answers for.
+        """
         raw = request_path(environ)
-        try:
-            path = quote(raw.encode("latin-1"), safe="/;=,:@!$&'()*+~")
-        except UnicodeEncodeError:
-            path = quote(raw, safe="/;=,:@!$&'()*+~")
+        if _PLAIN_PATH.fullmatch(raw):
+            path = raw  # what quote() would return, at a fraction of its cost
+        else:
+            # PEP 3333: the path arrives as latin-1-decoded bytes; quote those bytes, not their UTF-8.
+            try:
+                path = quote(raw.encode("latin-1"), safe=_PATH_SAFE)
+            except UnicodeEncodeError:
+                path = quote(raw, safe=_PATH_SAFE)
         if self._base:
             return self._base + path
         scheme = str(environ.get("wsgi.url_scheme", "http"))
@@ -219,15 +256,25 @@ class DPoPVerifier:
             if forwarded in _DEFAULT_PORTS:
                 scheme = forwarded
         host = environ.get("HTTP_HOST") or f"{environ.get('SERVER_NAME', '')}:{environ.get('SERVER_PORT', '')}"
-        return f"{scheme}://{host}{path}"
+        # RFC 9110 section 7.2: Host is uri-host [":" port]; userinfo, a path or spaces make it no Host at all.
+        if not _HOST.fullmatch(host):
+            return None
+        origin = _normalize_uri(f"{scheme}://{host}/")
+        if origin is None or origin not in self._origins:
+            return None
+        return origin[:-1] + path
 
     def verify(self, environ: WSGIEnvironment, token: str | None, jkt: object) -> float | None:
         """Check the request's DPoP proof for ``token``, bound to ``jkt`` (RFC 9449 sections 4.3 and 7.1).
 
         ``token`` is ``None`` for a DPoP-bound session, whose proof has no ``ath`` to check.
+        The work is one header check per client key (then remembered), one signature
+        verification and one claims parse; whatever can be refused without a signature
+        is refused first.
 
         :raises DPoPError: the proof is missing or invalid.
         :raises NonceRequired: nonces are on and the proof lacks a valid one.
+        :raises TemporarilyUnavailable: the replay store cannot be asked (503).
         :returns: the age of the proof's server nonce (for :meth:`nonce_for_response`); ``None`` when
             nonces are off.
         :raises DPoPError: (400 ``invalid_request``) more than one DPoP header.
@@ -242,31 +289,44 @@ class DPoPVerifier:
         # 4.3 (2): a single well-formed JWT.
         if len(proof) > MAX_PROOF_LENGTH or proof.count(".") != 2:
             raise DPoPError(_MALFORMED)
-        key, alg = self._header_key(proof)
+        header_segment, payload_segment, signature_segment = proof.split(".")
+        # A client sends the same header (typ, alg, its key) with every proof: its checks are a
+        # function of its text, so a header seen before with a usable key skips them all.
+        known = self._headers.get(header_segment)
+        if known is not None:
+            alg, key = known
+            if not equal_ascii(jkt, key.thumbprint):
+                raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
+        else:
+            alg, key = self._check_header(header_segment, jkt)
         # 4.3 (6): the signature, with the embedded key.
         try:
-            payload = jws.deserialize_compact(proof, key, registry=jws_registry(alg)).payload
-        except (JoseError, ValueError, TypeError):
+            signature = b64url_decode(signature_segment)
+            payload = b64url_decode(payload_segment)
+        except ValueError:
             raise DPoPError("the DPoP proof's signature is invalid") from None
+        if not key.verify(alg, proof[: len(header_segment) + 1 + len(payload_segment)].encode("ascii"), signature):
+            raise DPoPError("the DPoP proof's signature is invalid")
         try:
             claims = json_object(payload)
         except JSONError as exc:
             raise DPoPError(exc.describe("the DPoP proof's claims", "are")) from None
         nonce_age = self._check_claims(environ, claims, token)
-        # 7.1: the token is bound to this very key (RFC 7638 thumbprint).
-        if not equal_ascii(jkt, key.thumbprint()):
-            raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
         # 11.1: a proof is used once, by any worker on any host.
-        jti = claims["jti"]
-        lifetime = self._proof_lifetime + 2 * self._leeway
-        if not self._replay.first_use(self._key_name("dpop", claims["htu"], jti), lifetime):
+        if not self._replay.first_use(self._key_name("dpop", claims["htu"], claims["jti"]), self._lifetime):
             raise DPoPError("the DPoP proof has already been used")
         return nonce_age
 
-    def _header_key(self, proof: str) -> tuple[PublicKey, str]:
-        """The proof's public key and algorithm, from its protected header."""
+    def _check_header(self, header_segment: str, jkt: object) -> tuple[str, ProofKey]:
+        """Section 4.3 checks (2) to (7) on the header, and the key's thumbprint against ``jkt`` (7.1).
+
+        :returns: the algorithm and the prepared key, remembered for the next proof with this header.
+        """
+        # The header is remembered: no larger than a 4096-bit RSA key needs (joserfc's limit before).
+        if len(header_segment) > MAX_HEADER_SEGMENT:
+            raise DPoPError(_MALFORMED)
         try:
-            header = segment_object(proof.split(".", 1)[0])
+            header = segment_object(header_segment)
         except JSONError:
             raise DPoPError(_MALFORMED) from None
         # 4.3 (4), (5): typ, and an asymmetric algorithm we support (never "none" or HS*).
@@ -277,22 +337,49 @@ class DPoPVerifier:
             raise DPoPError("the DPoP proof's algorithm is not accepted")
         if "crit" in header:
             raise DPoPError("the DPoP proof has critical header parameters this server does not understand")
+        # 4.3 (7): a public key, never a private one.
         jwk = header.get("jwk")
         if not isinstance(jwk, dict):
             raise DPoPError("the DPoP proof has no jwk header")
+        if PRIVATE_MEMBERS & jwk.keys():
+            raise DPoPError("the DPoP proof's jwk contains a private key")
+        # 7.1: the token is bound to this very key (RFC 7638 thumbprint), compared before the
+        # key is imported or the signature checked: another key costs one hash, not a verification.
         try:
-            return public_key(jwk), alg
-        except JWKError as exc:
-            raise DPoPError(_JWK_ERRORS[exc.problem]) from None
+            key = self._keys.get(jwk, alg, jkt)
+        except KeyRefused as refused:
+            raise DPoPError(_KEY_REFUSALS[refused.problem]) from None
+        if key is None:
+            raise DPoPError("the DPoP proof's key does not match the token's cnf.jkt")
+        with self._headers_lock:
+            if len(self._headers) >= HEADER_MEMO_SIZE:
+                self._headers.pop(next(iter(self._headers)), None)  # the oldest: dicts keep insertion order
+            self._headers[header_segment] = (alg, key)
+        return alg, key
+
+    def _ath(self, token: str) -> str:
+        """:func:`ath_of`, remembered for the last tokens: a client sends one token with many proofs."""
+        ath = self._aths.get(token)
+        if ath is None:
+            ath = ath_of(token)
+            if len(self._aths) >= ATH_MEMO_SIZE:
+                self._aths.clear()
+            self._aths[token] = ath
+        return ath
 
     def _check_claims(self, environ: WSGIEnvironment, claims: Claims, token: str | None) -> float | None:
         iat = _required_claims(claims, token is not None)
         # 4.3 (8), (9): the method and the URI of this request.
         if claims["htm"] != environ.get("REQUEST_METHOD"):
             raise DPoPError("the DPoP proof's htm does not match the request method")
-        expected = _normalize_uri(self.htu(environ))
-        if expected is None or _normalize_uri(claims["htu"]) != expected:
-            raise DPoPError("the DPoP proof's htu does not match the request URI")
+        expected = self.htu(environ)
+        if expected is None:
+            raise DPoPError("the request's Host is not one this server accepts DPoP proofs for")
+        # The same text is the same URI; only a different spelling needs normalizing (RFC 3986 section 6.2).
+        if claims["htu"] != expected:
+            normalized = _normalize_uri(expected)
+            if normalized is None or _normalize_uri(claims["htu"]) != normalized:
+                raise DPoPError("the DPoP proof's htu does not match the request URI")
         # 4.3 (10): the nonce, when this server requires one.
         age: float | None = None
         if self._use_nonce:
@@ -305,6 +392,6 @@ class DPoPVerifier:
         if iat > now + leeway or iat < now - self._proof_lifetime - leeway:
             raise DPoPError("the DPoP proof's iat is outside the accepted window")
         # 4.3 (12) / 7.1: the proof is for this access token.
-        if token is not None and not equal_ascii(claims["ath"], ath_of(token)):
+        if token is not None and not equal_ascii(claims["ath"], self._ath(token)):
             raise DPoPError("the DPoP proof's ath does not match the access token")
         return age

@@ -33,7 +33,7 @@ from .settings import Settings
 from .stats import Stats
 from .types import Claims
 
-__all__ = ["IntrospectionClient", "IntrospectionError", "IntrospectionValidator"]
+__all__ = ["IntrospectionClient", "IntrospectionError", "IntrospectionValidator", "is_access_token"]
 
 log = logging.getLogger("certbound_wsgi")
 
@@ -317,6 +317,8 @@ class IntrospectionValidator:
         claims = entry.claims
         if settings.introspection_check_active and not entry.active:
             raise InvalidToken("the token is not active")
+        if entry.active and not is_access_token(claims, required=settings.introspection_token_type_required):
+            raise InvalidToken("the introspection answer does not say the token is an access token")
         try:
             # RFC 7662 section 2.2: exp and nbf are optional; iat says nothing about validity here.
             check_time_claims(claims, self._clock(), settings.leeway, required=(), checked=("exp", "nbf"))
@@ -327,6 +329,38 @@ class IntrospectionValidator:
         if not meant_for(claims, self._audience):
             raise InvalidToken("the token is not meant for this audience")
         return claims
+
+
+#: RFC 6749 section 7.1 and RFC 9449 section 5: the access token types (case-insensitive, section 5.1).
+ACCESS_TOKEN_TYPES = frozenset({"bearer", "dpop"})
+#: Keycloak's ``typ`` claim for what is not an access token (its introspection copies the token's claims).
+_KEYCLOAK_OTHER_TYPES = frozenset({"refresh", "offline", "id", "logout", "serialized-id"})
+
+
+def is_access_token(answer: Claims, *, required: bool = True) -> bool:
+    """Whether an active introspection answer is for an access token (issue 11 item 8).
+
+    An issuer introspects every token it issued, refresh tokens too, and a refresh token's
+    answer can carry the same ``aud`` and ``cnf`` as its access token. What issuers say:
+
+    - RFC 7662 section 2.2 ``token_type``: ``Bearer`` or ``DPoP`` for access tokens.
+      panva's oidc-provider omits it for refresh tokens, and only for them;
+      Keycloak sets it to the token's ``typ``: ``Refresh`` or ``Offline`` for refresh tokens.
+    - Keycloak's ``typ`` claim, and Ory Hydra's ``token_use`` (``access_token``/``refresh_token``).
+
+    :param required: refuse an answer without ``token_type`` (``introspection_token_type_required``).
+    """
+    token_type = answer.get("token_type")
+    if token_type is None:
+        if required:
+            return False
+    elif not isinstance(token_type, str) or token_type.lower() not in ACCESS_TOKEN_TYPES:
+        return False
+    typ = answer.get("typ")
+    if isinstance(typ, str) and typ.lower() in _KEYCLOAK_OTHER_TYPES:
+        return False
+    token_use = answer.get("token_use")
+    return token_use in (None, "access_token")
 
 
 def _newer(a: Entry | None, b: Entry | None) -> Entry | None:

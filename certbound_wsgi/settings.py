@@ -203,6 +203,18 @@ def _redis_url(url: str) -> None:
         raise ValueError("must start with redis://, rediss:// or unix://")
 
 
+def _hosts(hosts: tuple[str, ...]) -> None:
+    """``Host`` header values: ``host`` or ``host:port`` (RFC 9110 section 7.2)."""
+    for host in hosts:
+        parts = urlsplit(f"http://{host}/")
+        try:
+            parts.port  # noqa: B018 - a port out of range raises here
+        except ValueError:
+            raise ValueError(f"{host!r} has an invalid port") from None
+        if not _visible(host, '/?#@"\\') or not parts.hostname:
+            raise ValueError(f"{host!r} is not a host or host:port")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     """Everything the middleware needs to know, validated once at start-up.
@@ -404,14 +416,28 @@ class Settings:
     )
     dpop_replay_fail_open: bool = _option(
         False,
-        "When Redis is configured but unreachable, accept DPoP proofs with only this process's replay "
-        "protection instead of refusing them (401).",
+        "When the replay store (Redis) cannot be asked, accept DPoP proofs with only this process's replay "
+        "protection instead of refusing them (503).",
+    )
+    dpop_replay_redis_url: str = _option(
+        "",
+        "A Redis of its own for the DPoP replay store (``redis://``, ``rediss://`` or ``unix://``); its "
+        "``maxmemory-policy`` must be ``noeviction``. Empty: the cache's Redis (``redis_url``, Sentinel or "
+        "Cluster), which must then be ``noeviction`` too.",
+        check=_redis_url,
     )
     public_base_url: str = _option(
         "",
         "The public URL of this app (e.g. ``https://api.example.com``), against which a DPoP proof's ``htu`` is "
-        "checked. Empty: rebuilt from the request (``X-Forwarded-Proto`` from trusted proxies, ``Host``).",
+        "checked. DPoP needs it, or ``dpop_allowed_hosts``.",
         check=_https_url,
+    )
+    dpop_allowed_hosts: tuple[str, ...] = _option(
+        (),
+        "Instead of ``public_base_url``, for an app served under several host names: the ``Host`` values "
+        "(``host`` or ``host:port``) for which a DPoP proof's ``htu`` is rebuilt from the request "
+        "(``X-Forwarded-Proto`` from trusted proxies, ``Host``). A request for any other host is refused.",
+        check=_hosts,
     )
 
     # -- introspection (RFC 7662) ---------------------------------------------
@@ -444,6 +470,13 @@ class Settings:
     )
     introspection_check_active: bool = _option(
         True, "Refuse a token unless the introspection response says ``active: true``."
+    )
+    introspection_token_type_required: bool = _option(
+        True,
+        "Refuse an introspection answer without ``token_type`` (RFC 7662 section 2.2). oidc-provider omits it for "
+        "refresh tokens only, so without it a refresh token could pass as an access token; turn off only for an "
+        "issuer that never sends it. An answer whose ``token_type`` is not ``Bearer`` or ``DPoP`` is always "
+        "refused.",
     )
     introspect_jwt_tokens: bool = _option(
         False,
@@ -544,7 +577,24 @@ class Settings:
                 "cache_secret",
                 "dpop_use_nonce needs a shared secret of 16+ characters so that every worker checks every nonce",
             )
+        if self.proof_of_possession_dpop != "off":
+            self._validate_dpop()
         self._validate_cache()
+
+    def _validate_dpop(self) -> None:
+        # RFC 9449 section 4.3 (9): htu is the URI the client addressed. Rebuilt from the request
+        # alone, it is whatever Host the client sends: a proof made for another server would pass.
+        if not self.public_base_url and not self.dpop_allowed_hosts:
+            raise ConfigurationError(
+                "public_base_url",
+                "required with proof_of_possession_dpop: a DPoP proof's htu is checked against it (or list the "
+                "host names in dpop_allowed_hosts)",
+            )
+        if self.public_base_url and self.dpop_allowed_hosts:
+            raise ConfigurationError("dpop_allowed_hosts", "set public_base_url or dpop_allowed_hosts, not both")
+        if self.dpop_replay_redis_url and len(self.shared_secret) < 16:
+            raise ConfigurationError("cache_secret", "at least 16 characters with dpop_replay_redis_url "
+                                                     "(it names the replay store's keys)")
 
     def _validate_methods(self) -> None:
         methods = self.auth_methods

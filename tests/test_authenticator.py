@@ -22,7 +22,7 @@ INTROSPECTION: dict[str, Any] = {
 }
 NONCES: dict[str, Any] = {
     "proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional", "dpop_use_nonce": True,
-    "cache_secret": SECRET,
+    "cache_secret": SECRET, "public_base_url": "http://localhost",
 }
 
 
@@ -33,8 +33,10 @@ NONCES: dict[str, Any] = {
         pytest.param(INTROSPECTION, {"introspection"}, id="introspection-only"),
         pytest.param({**INTROSPECTION, "auth_methods": ("bearer", "introspection")}, {"jwt", "introspection"},
                      id="both-validators"),
-        pytest.param({"proof_of_possession_dpop": "optional"}, {"jwt", "dpop"}, id="dpop-optional"),
-        pytest.param({"proof_of_possession_dpop": "strict"}, {"jwt", "dpop"}, id="dpop-strict"),
+        pytest.param({"proof_of_possession_dpop": "optional", "public_base_url": "https://api.test"},
+                     {"jwt", "dpop"}, id="dpop-optional"),
+        pytest.param({"proof_of_possession_dpop": "strict", "public_base_url": "https://api.test"},
+                     {"jwt", "dpop"}, id="dpop-strict"),
         pytest.param(SESSION, {"jwt", "sessions"}, id="sessions"),
         pytest.param(LOGIN, {"jwt", "sessions", "login"}, id="sessions-and-login"),
     ],

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import struct
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -31,8 +33,8 @@ from certbound_wsgi.cache.redis import RedisCache
 from certbound_wsgi.cache.redis import make_client as make_redis_client
 from certbound_wsgi.cache.seal import Sealer
 from certbound_wsgi.dev.pki import Issued
-from certbound_wsgi.dpop import NONCE_LIFETIME, DPoPError, DPoPVerifier, ReplayCache
-from certbound_wsgi.errors import ConfigurationError
+from certbound_wsgi.dpop import NONCE_LIFETIME, DPoPVerifier, ReplayCache
+from certbound_wsgi.errors import ConfigurationError, TemporarilyUnavailable
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats
@@ -43,8 +45,11 @@ from tests.support.tokens import StaticDiscovery, TestIssuer, b64url, sign_es256
 
 HTU = "http://localhost/anything"
 ALGS = "ES256 ES384 ES512 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
-#: DPoP on beside mTLS, which governs x5t#S256 only (tokens here are mostly DPoP-bound only).
-ON: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional"}
+#: DPoP on beside mTLS, which governs x5t#S256 only (tokens here are mostly DPoP-bound only). The test
+#: client's Host is localhost; htu is rebuilt from it because the hosts are listed (issue 11 item 4).
+HOSTS = ["localhost", "localhost:8080"]
+ON: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional",
+                      "dpop_allowed_hosts": HOSTS}
 SECRET = "dpop-secret-0123456789abcdef"
 OTHER_SECRET = "another-secret-fedcba9876543210"
 NONCES: dict[str, Any] = {**ON, "dpop_use_nonce": True, "cache_secret": SECRET}
@@ -88,6 +93,15 @@ def assert_refused(response: TestResponse, description: str, *, error: str = "in
     expected = [challenge(s, error, description, algs) if s == scheme else challenge(s, algs=algs)
                 for s in offered(mode)]
     assert response.headers.getlist("WWW-Authenticate") == expected
+
+
+def assert_unavailable(response: TestResponse, mode: str = "optional") -> None:
+    """503 + Retry-After for a replay store that cannot be asked: a server fault, never 401 (issue 11 item 6)."""
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert response.json == {"error": "temporarily_unavailable", "error_description": REDIS_DOWN}
+    assert response.headers["Retry-After"] == "2"
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers.getlist("WWW-Authenticate") == [challenge(s) for s in offered(mode)]
 
 
 def assert_passed(response: TestResponse, jkt: str | None) -> dict[str, Any]:
@@ -184,7 +198,7 @@ def dpop_verifier(s: Settings, replay: ReplayCache, is_trusted_peer: Callable[[s
     return DPoPVerifier(replay, is_trusted_peer, Sealer(secret, "dpop").key_name,
                         algs=s.dpop_signing_alg_values_supported, proof_lifetime=s.dpop_proof_lifetime,
                         leeway=s.leeway, use_nonce=s.dpop_use_nonce, public_base_url=s.public_base_url,
-                        secret=secret, clock=clock)
+                        allowed_hosts=s.dpop_allowed_hosts, secret=secret, clock=clock)
 
 
 def verifier(secret: str, clock: Callable[[], float]) -> DPoPVerifier:
@@ -489,7 +503,8 @@ def test_untrusted_peer_cannot_claim_https(make_client: MakeClient, ctx: Ctx) ->
 )
 def test_public_base_url_governs_htu(base: str, htu: str, request_base: str, status: int, make_client: MakeClient,
                                      ctx: Ctx) -> None:
-    response = send(make_client(public_base_url=base, **ON), ctx.token, ctx.proof(htu=htu), base_url=request_base)
+    response = send(make_client(public_base_url=base, **{**ON, "dpop_allowed_hosts": []}), ctx.token,
+                    ctx.proof(htu=htu), base_url=request_base)
     if status == 200:
         assert_passed(response, ctx.key.jkt)
     else:
@@ -631,7 +646,8 @@ MODES: list[Any] = [
 def test_modes(mode: str, kind: str | None, scheme: str | None, with_proof: bool, status: int, error: str | None,
                description: str | None, on: str | None, make_client: MakeClient, ctx: Ctx) -> None:
     app = CountingApp()
-    client = make_client(app, proof_of_possession_dpop=mode, proof_of_possession_mtls="optional")
+    client = make_client(app, proof_of_possession_dpop=mode, proof_of_possession_mtls="optional",
+                         dpop_allowed_hosts=HOSTS)
     token = {"bound": ctx.token, "unbound": ctx.issuer.token(), None: None}[kind]
     proof = ctx.key.proof("GET", HTU, token) if with_proof else None
     response = send(client, token, proof, scheme=scheme or "Bearer")
@@ -670,7 +686,7 @@ def test_both_bindings(mtls: str, cert: str | None, scheme: str, with_proof: boo
     cnf = {"x5t#S256": alice_x5t, "jkt": ctx.key.jkt} if which == "both" else {"jkt": ctx.key.jkt}
     token = ctx.issuer.token(cnf=cnf)
     pem = {"alice": alice.cert_pem, "mallory": mallory.cert_pem, None: None}[cert]
-    client = make_client(proof_of_possession_dpop="optional", proof_of_possession_mtls=mtls)
+    client = make_client(proof_of_possession_dpop="optional", proof_of_possession_mtls=mtls, dpop_allowed_hosts=HOSTS)
     response = send(client, token, ctx.key.proof("GET", HTU, token) if with_proof else None, scheme=scheme,
                     environ_overrides=cert_env(pem))
     if status == 200:
@@ -888,8 +904,10 @@ def test_fail_open_falls_back_to_memory() -> None:
     redis = FlakyRedis()
     redis.down = True
     closed = ReplayCache(redis)
-    with pytest.raises(DPoPError, match="replay protection is unavailable"):
+    # A server fault, not a bad proof: 503 with Retry-After (issue 11 item 6).
+    with pytest.raises(TemporarilyUnavailable, match="replay protection is unavailable") as raised:
         closed.first_use("k", 10)
+    assert raised.value.status == 503 and raised.value.headers == [("Retry-After", "2")]
     opened = ReplayCache(redis, fail_open=True)
     assert opened.first_use("k", 10) is True
     assert opened.first_use("k", 10) is False
@@ -948,11 +966,12 @@ def test_redis_down_fails_closed_or_open(redis_server: RedisServer) -> None:
     key = f"certbound:test:{uuid.uuid4().hex}"
     redis_server.kill()
     try:
-        with pytest.raises(DPoPError, match="replay protection is unavailable") as raised:
+        with pytest.raises(TemporarilyUnavailable, match="replay protection is unavailable") as raised:
             closed.first_use(key, 10)
-        assert raised.value.status == 401 and raised.value.error == "invalid_dpop_proof"
+        assert raised.value.status == 503 and raised.value.error == "temporarily_unavailable"
+        assert raised.value.headers == [("Retry-After", "2")]
         # While the breaker is open, still refused (Redis is not even asked).
-        with pytest.raises(DPoPError):
+        with pytest.raises(TemporarilyUnavailable):
             closed.first_use(key + "2", 10)
         assert opened.first_use(key, 10) is True
         assert opened.first_use(key, 10) is False
@@ -989,7 +1008,7 @@ def test_middleware_with_redis_down(fail_open: bool, passes: bool, make_client: 
             assert_passed(response, ctx.key.jkt)
             assert_refused(send(client, ctx.token, proof), REPLAYED)
         else:
-            assert_refused(response, REDIS_DOWN)
+            assert_unavailable(response)
     finally:
         redis_server.start()
 
@@ -1171,3 +1190,486 @@ def test_fuzz_signed_random_header_and_claims(fuzz: Fuzz, header: dict[str, Any]
     proof = sign_es256((fuzz.key if signer == "own" else other).key, hdr, body)  # type: ignore[arg-type]
     assert_proper_refusal(fuzz, fuzz_send(fuzz, proof))
 
+
+
+# -- issue 11 item 4: htu is never built from a Host the operator did not list ---------------------------------
+
+
+@pytest.mark.parametrize("mode", ["optional", "strict"])
+def test_dpop_needs_public_base_url_or_allowed_hosts(mode: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"^public_base_url: required with proof_of_possession_dpop"):
+        make_settings(proof_of_possession_dpop=mode)
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        pytest.param({"public_base_url": "https://api.example.com", "dpop_allowed_hosts": ["api.example.com"]},
+                     "dpop_allowed_hosts", id="both"),
+        pytest.param({"dpop_allowed_hosts": ["api.example.com:99999"]}, "dpop_allowed_hosts", id="port-out-of-range"),
+        pytest.param({"dpop_allowed_hosts": ["https://api.example.com"]}, "dpop_allowed_hosts", id="a-url"),
+        pytest.param({"dpop_allowed_hosts": ["user@api.example.com"]}, "dpop_allowed_hosts", id="userinfo"),
+        pytest.param({"dpop_allowed_hosts": ["api.example.com/x"]}, "dpop_allowed_hosts", id="a-path"),
+        pytest.param({"dpop_allowed_hosts": [":8080"]}, "dpop_allowed_hosts", id="no-host"),
+        pytest.param({"public_base_url": "https://api.example.com", "dpop_replay_redis_url": "http://r:6379"},
+                     "dpop_replay_redis_url", id="replay-url-scheme"),
+        pytest.param({"public_base_url": "https://api.example.com", "dpop_replay_redis_url": "redis://r:6379"},
+                     "cache_secret", id="replay-url-without-secret"),
+    ],
+)
+def test_dpop_host_options_are_checked(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        make_settings(proof_of_possession_dpop="optional", **options)
+    assert raised.value.option == option
+
+
+def test_dpop_off_needs_neither() -> None:
+    assert make_settings().proof_of_possession_dpop == "off"
+
+
+OTHER_RS = "other-rs.example"
+
+
+@pytest.mark.parametrize(
+    ("options", "request_host", "htu", "description"),
+    [
+        # The attack of issue 11 item 4: a proof made for another resource server, sent with its Host.
+        pytest.param({"public_base_url": "https://api.example.com"}, OTHER_RS, f"http://{OTHER_RS}/anything",
+                     P + "htu does not match the request URI", id="public-url-other-host"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, OTHER_RS, f"http://{OTHER_RS}/anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="unlisted-host"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, "localhost:8081", "http://localhost:8081/anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="unlisted-port"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, "localhost.", "http://localhost./anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="trailing-dot"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, "localhost@evil", "http://localhost@evil/anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="userinfo-host"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, "evil@localhost", "http://evil@localhost/anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="userinfo-listed-host"),
+        pytest.param({"dpop_allowed_hosts": HOSTS}, "localhost/x", "http://localhost/x/anything",
+                     "the request's Host is not one this server accepts DPoP proofs for", id="path-in-host"),
+    ],
+)
+def test_host_trick_is_refused(options: dict[str, Any], request_host: str, htu: str, description: str,
+                               make_client: MakeClient, ctx: Ctx) -> None:
+    app = CountingApp()
+    client = make_client(app, **{**ON, "dpop_allowed_hosts": [], **options})
+    response = send(client, ctx.token, ctx.proof(htu=htu), headers={"Host": request_host})
+    assert_refused(response, description)
+    assert app.calls == []
+
+
+@pytest.mark.parametrize(
+    ("hosts", "request_host", "htu"),
+    [
+        pytest.param(["API.example.com"], "api.example.com", "http://api.example.com/anything", id="host-case"),
+        pytest.param(["api.example.com"], "API.EXAMPLE.COM:80", "http://api.example.com/anything",
+                     id="default-port"),
+        pytest.param(["api.example.com", "api.example.org"], "api.example.org", "http://api.example.org/anything",
+                     id="second-host"),
+        pytest.param(["[::1]:8443"], "[::1]:8443", "http://[::1]:8443/anything", id="ipv6"),
+    ],
+)
+def test_listed_hosts_pass(hosts: list[str], request_host: str, htu: str, make_client: MakeClient,
+                           ctx: Ctx) -> None:
+    client = make_client(**{**ON, "dpop_allowed_hosts": hosts})
+    assert_passed(send(client, ctx.token, ctx.proof(htu=htu), headers={"Host": request_host}), ctx.key.jkt)
+
+
+# -- issue 11 item 5: the thumbprint first, and only keys an honest client uses -------------------------------
+
+
+def _rsa_jwk(bits: int = 2048, e: int = 65537) -> dict[str, str]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    n = rsa.generate_private_key(65537, bits).public_key().public_numbers().n
+    return {"kty": "RSA", "n": b64url(n.to_bytes((n.bit_length() + 7) // 8)),
+            "e": b64url(e.to_bytes((e.bit_length() + 7) // 8))}
+
+
+def _jkt(jwk: dict[str, Any]) -> str:
+    members = {"RSA": ("e", "kty", "n"), "EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}[jwk["kty"]]
+    canonical = json.dumps({k: jwk[k] for k in members}, separators=(",", ":"), sort_keys=True)
+    return b64url(hashlib.sha256(canonical.encode()).digest())
+
+
+ECKEY_P256K = {"kty": "EC", "crv": "secp256k1", "x": "A" * 43, "y": "A" * 43}
+HUGE_E = "the DPoP proof's RSA key is not accepted: it needs e = 65537 and at most 4096 bits"
+CURVE = "the DPoP proof's key is on a curve this server does not accept"
+INVALID_KEY = P + "jwk is not a valid key"
+
+
+@pytest.mark.parametrize(
+    ("alg", "make_jwk", "description"),
+    [
+        pytest.param("RS256", lambda: _rsa_jwk(2048, 3), HUGE_E, id="rsa-e-3"),
+        pytest.param("RS256", lambda: _rsa_jwk(2048, 2**1000 + 1), HUGE_E, id="rsa-huge-e"),
+        pytest.param("RS256", lambda: {**_rsa_jwk(2048), "e": "AAEAAQ"}, HUGE_E, id="rsa-e-65537-leading-zero"),
+        pytest.param("RS256", lambda: _rsa_jwk(1024), INVALID_KEY, id="rsa-1024"),
+        pytest.param("PS256", lambda: {**_rsa_jwk(2048), "n": "A" * 700}, HUGE_E, id="rsa-over-4096-bits"),
+        pytest.param("RS256", lambda: {**_rsa_jwk(2048), "n": "AA" + _rsa_jwk(2048)["n"][2:]}, INVALID_KEY,
+                     id="rsa-leading-zero-octet"),
+        pytest.param("ES256", lambda: ECKEY_P256K, CURVE, id="ec-secp256k1"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": "P-192"}, CURVE, id="ec-p192"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": "P-256", "x": "A" * 42}, INVALID_KEY,
+                     id="ec-short-x"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": "P-256", "y": "A" * 44}, INVALID_KEY, id="ec-long-y"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": "P-256", "x": "A+" + "A" * 41}, INVALID_KEY,
+                     id="ec-not-base64url"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": ["P-256"]}, INVALID_KEY, id="ec-crv-list"),
+        pytest.param("ES256", lambda: {**ECKEY_P256K, "crv": "P-256"}, INVALID_KEY, id="ec-not-on-curve"),
+        pytest.param("ES256", lambda: ECKey.generate_key("P-384", private=True).as_dict(private=False),
+                     P + "signature is invalid", id="ec-p384-key-for-es256"),
+        pytest.param("EdDSA", lambda: {"kty": "OKP", "crv": "Ed448", "x": "A" * 76}, CURVE, id="okp-ed448"),
+        pytest.param("EdDSA", lambda: {"kty": "OKP", "crv": "X25519", "x": "A" * 43}, CURVE, id="okp-x25519"),
+        pytest.param("ES256", lambda: OKPKey.generate_key("Ed25519", private=True).as_dict(private=False),
+                     P + "signature is invalid", id="okp-key-for-es256"),
+        pytest.param("RS256", lambda: ECKey.generate_key("P-256", private=True).as_dict(private=False),
+                     P + "signature is invalid", id="ec-key-for-rs256"),
+    ],
+)
+def test_key_policy(alg: str, make_jwk: Callable[[], dict[str, Any]], description: str, make_client: MakeClient,
+                    ctx: Ctx) -> None:
+    """Refused whether or not the token is bound to the key: a token bound to it is used here."""
+    jwk = make_jwk()
+    token = ctx.issuer.token(cnf={"jkt": _jkt(jwk)})
+    app = CountingApp()
+    proof = ctx.unsigned({"alg": alg, "jwk": jwk}, b64url(b"\1" * 64))
+    proof = proof.split(".")[0] + "." + b64url({"jti": uuid.uuid4().hex, "htm": "GET", "htu": HTU,
+                                                "iat": int(time.time()), "ath": ath(token)}) + "." + b64url(b"\1" * 64)
+    assert_refused(send(make_client(app, **ON), token, proof), description)
+    assert app.calls == []
+
+
+class ImportCounter:
+    """Counts key imports and signature verifications done by certbound_wsgi.proof_keys."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from certbound_wsgi import proof_keys
+
+        self.imports = 0
+        self.verifications = 0
+        prepare, verify = proof_keys._prepare, proof_keys.ProofKey.verify
+
+        def counting_prepare(*args: Any) -> Any:
+            self.imports += 1
+            return prepare(*args)
+
+        def counting_verify(key: Any, *args: Any) -> bool:
+            self.verifications += 1
+            return verify(key, *args)
+
+        monkeypatch.setattr(proof_keys, "_prepare", counting_prepare)
+        monkeypatch.setattr(proof_keys.ProofKey, "verify", counting_verify)
+
+
+@pytest.mark.parametrize(
+    "make_jwk",
+    [
+        pytest.param(lambda: _rsa_jwk(3072, 2**3000 + 1), id="rsa-3072-huge-e"),
+        pytest.param(lambda: _rsa_jwk(3072), id="rsa-3072"),
+        pytest.param(lambda: DPoPKey().key.as_dict(private=False), id="another-ec-key"),
+    ],
+)
+def test_another_key_costs_no_import_and_no_verification(make_jwk: Callable[[], dict[str, Any]],
+                                                         make_client: MakeClient, ctx: Ctx,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stolen token with a proof made with the thief's key: refused on the thumbprint (or the policy) alone."""
+    counter = ImportCounter(monkeypatch)
+    jwk = make_jwk()
+    alg = "RS256" if jwk["kty"] == "RSA" else "ES256"
+    proof = ctx.unsigned({"alg": alg, "jwk": jwk}, b64url(b"\1" * 384))
+    response = send(make_client(**ON), ctx.token, proof)
+    assert response.status_code == 401
+    assert response.json is not None
+    assert response.json["error_description"] in (P + "key does not match the token's cnf.jkt", HUGE_E)
+    assert (counter.imports, counter.verifications) == (0, 0)
+
+
+def test_a_key_is_imported_once_for_many_proofs(make_client: MakeClient, ctx: Ctx,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = ImportCounter(monkeypatch)
+    client = make_client(**ON)
+    for _ in range(5):
+        assert_passed(send(client, ctx.token, ctx.proof()), ctx.key.jkt)
+    # The same key in another header spelling (a kid added): the header is checked anew, the key is not imported.
+    assert_passed(send(client, ctx.token, ctx.proof(header={"kid": "k1"})), ctx.key.jkt)
+    assert (counter.imports, counter.verifications) == (1, 6)
+
+
+def test_a_remembered_header_still_needs_the_tokens_jkt(make_client: MakeClient, ctx: Ctx) -> None:
+    """The header memo maps a header to its key; each token's cnf.jkt is still compared with it."""
+    client = make_client(**ON)
+    assert_passed(send(client, ctx.token, ctx.proof()), ctx.key.jkt)
+    other_token = ctx.issuer.token(cnf={"jkt": ctx.other.jkt})
+    response = send(client, other_token, ctx.key.proof("GET", HTU, other_token))
+    assert_refused(response, P + "key does not match the token's cnf.jkt")
+    # And a non-string jkt never matches.
+    odd = ctx.issuer.token(cnf={"jkt": [ctx.key.jkt]})
+    assert_refused(send(client, odd, ctx.key.proof("GET", HTU, odd)), P + "key does not match the token's cnf.jkt")
+
+
+def test_the_memos_are_bounded(monkeypatch: pytest.MonkeyPatch, make_client: MakeClient, issuer: TestIssuer) -> None:
+    from certbound_wsgi import dpop as dpop_module
+
+    monkeypatch.setattr(dpop_module, "HEADER_MEMO_SIZE", 3)
+    client = make_client(**ON)
+    verifier = middleware_of(client).dpop
+    assert verifier is not None
+    verifier._keys._size = 3
+    keys = [DPoPKey() for _ in range(5)]
+    tokens = [issuer.token(cnf={"jkt": k.jkt}) for k in keys]
+    for key, token in zip(keys, tokens, strict=True):
+        assert_passed(send(client, token, key.proof("GET", HTU, token)), key.jkt)
+    assert len(verifier._keys) == 3 and len(verifier._headers) == 3
+    # An evicted key works again (imported anew).
+    assert_passed(send(client, tokens[0], keys[0].proof("GET", HTU, tokens[0])), keys[0].jkt)
+
+
+def test_rfc7638_example_thumbprint() -> None:
+    """RFC 7638 section 3.1: the example key's thumbprint, from the canonical JSON written here."""
+    from certbound_wsgi.proof_keys import thumbprint_input, thumbprint_of
+
+    jwk = {
+        "kty": "RSA",
+        "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCi"
+             "FV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d"
+             "0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-"
+             "csFCur-kEgU8awapJzKnqDKgw",
+        "e": "AQAB",
+        "alg": "RS256",
+        "kid": "2011-04-29",
+    }
+    assert thumbprint_of(thumbprint_input(jwk, "RS256")) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+@pytest.mark.filterwarnings("ignore:EdDSA is deprecated")
+@pytest.mark.parametrize(
+    ("alg", "make_key"),
+    [
+        pytest.param("ES256", lambda: ECKey.generate_key("P-256", private=True), id="p256"),
+        pytest.param("ES384", lambda: ECKey.generate_key("P-384", private=True), id="p384"),
+        pytest.param("ES512", lambda: ECKey.generate_key("P-521", private=True), id="p521"),
+        pytest.param("EdDSA", lambda: OKPKey.generate_key("Ed25519", private=True), id="ed25519"),
+        pytest.param("PS256", lambda: DPoPKey("RSA").key, id="rsa-2048"),
+    ],
+)
+def test_thumbprint_agrees_with_joserfc(alg: str, make_key: Callable[[], Any]) -> None:
+    from certbound_wsgi.proof_keys import thumbprint_input, thumbprint_of
+
+    key = make_key()
+    assert thumbprint_of(thumbprint_input(key.as_dict(private=False), alg)) == key.thumbprint()
+
+
+_MEMBER = st.one_of(st.text(max_size=8), st.text(alphabet=_B64ISH[:64], min_size=40, max_size=700), st.integers(),
+                    st.none(), st.lists(st.none(), max_size=1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(jwk=st.fixed_dictionaries({}, optional={
+    "kty": st.sampled_from(["EC", "RSA", "OKP", "oct", "ec"]) | _MEMBER,
+    "crv": st.sampled_from(["P-256", "P-384", "P-521", "Ed25519", "Ed448", "secp256k1"]) | _MEMBER,
+    "x": _MEMBER, "y": _MEMBER, "n": _MEMBER, "e": st.sampled_from(["AQAB", "Aw", "AQAAAQ"]) | _MEMBER,
+}), alg=st.sampled_from(["ES256", "ES384", "ES512", "RS256", "PS512", "EdDSA"]))
+def test_fuzz_proof_keys(fuzz: Fuzz, jwk: dict[str, Any], alg: str) -> None:
+    """Any jwk, bound or not to the token: a proper 401, never a 500, never the app."""
+    hdr = {"typ": "dpop+jwt", "alg": alg, "jwk": jwk}
+    claims = {"jti": FUZZ_JTI, "htm": "GET", "htu": HTU, "iat": int(time.time()), "ath": ath(fuzz.token)}
+    signature = b64url(bytes(64))
+    assert_proper_refusal(fuzz, fuzz_send(fuzz, f"{b64url(hdr)}.{b64url(claims)}.{signature}"))
+
+
+# -- issue 11 item 6: a replay store that never forgets early ---------------------------------------------------
+
+
+@pytest.fixture()
+def own_redis(tmp_path: Any) -> Any:
+    """Start a redis-server of the test's own with ``*args``; every one started is stopped after the test."""
+    servers: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        servers.append(RedisServer(tmp_path / f"redis{len(servers)}", *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+REPLAY: dict[str, Any] = {**ON, "cache_secret": SECRET, "redis_timeout": 0.5}
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu",
+                                    "volatile-random", "volatile-ttl"])
+@pytest.mark.parametrize("option", ["redis_url", "dpop_replay_redis_url"])
+def test_an_evicting_replay_store_is_refused_at_start_up(policy: str, option: str, own_redis: Any,
+                                                         make_client: MakeClient) -> None:
+    server = own_redis("--maxmemory-policy", policy)
+    with pytest.raises(ConfigurationError, match=f"maxmemory-policy {policy}") as raised:
+        make_client(**REPLAY, **{option: server.url})
+    assert raised.value.option == "dpop_replay_redis_url"
+
+
+def test_an_evicting_cache_is_fine_beside_a_separate_replay_store(own_redis: Any, make_client: MakeClient,
+                                                                  ctx: Ctx) -> None:
+    """The documented layout: an evicting cache, and a noeviction Redis of its own for the proofs."""
+    cache, replay = own_redis("--maxmemory-policy", "allkeys-lru"), own_redis()
+    client = make_client(**REPLAY, redis_url=cache.url, dpop_replay_redis_url=replay.url)
+    proof = ctx.proof()
+    assert_passed(send(client, ctx.token, proof), ctx.key.jkt)
+    assert_refused(send(client, ctx.token, proof), REPLAYED)
+    cache_client, replay_client = cache.client(), replay.client()
+    try:
+        assert replay_client.dbsize() == 1 and cache_client.dbsize() == 0
+        # A second "worker" with the same options shares the replay store.
+        assert_refused(send(make_client(**REPLAY, redis_url=cache.url, dpop_replay_redis_url=replay.url), ctx.token,
+                            proof), REPLAYED)
+    finally:
+        cache_client.close()
+        replay_client.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "down"),
+    [
+        pytest.param(("--rename-command", "CONFIG", ""), False, id="config-disabled"),
+        pytest.param((), True, id="redis-down"),
+    ],
+)
+def test_an_unverifiable_replay_store_is_warned_about(args: tuple[str, ...], down: bool, own_redis: Any,
+                                                      make_client: MakeClient, ctx: Ctx,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    server = own_redis(*args)
+    if down:
+        server.kill()
+    with caplog.at_level("WARNING", logger="certbound_wsgi"):
+        client = make_client(**REPLAY, redis_url=server.url)
+    warnings = [r.getMessage() for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+    assert warnings == ["certbound: cannot verify the DPoP replay store's maxmemory-policy (CONFIG GET refused or "
+                        "Redis unreachable): it must be noeviction, or replayed proofs pass once Redis evicts their "
+                        "jti"]
+    if down:
+        assert_unavailable(send(client, ctx.token, ctx.proof()))
+    else:
+        proof = ctx.proof()
+        assert_passed(send(client, ctx.token, proof), ctx.key.jkt)
+        assert_refused(send(client, ctx.token, proof), REPLAYED)
+
+
+def test_a_full_noeviction_store_answers_503_and_forgets_nothing(own_redis: Any, make_client: MakeClient,
+                                                                  ctx: Ctx) -> None:
+    server = own_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    client = make_client(**REPLAY, redis_url=server.url)
+    proof = ctx.proof()
+    assert_passed(send(client, ctx.token, proof), ctx.key.jkt)
+    assert server.fill() > 100
+    admin = server.client()
+    try:
+        # Pinned full (a Redis at the limit lets a small write through now and then, as memory moves).
+        admin.config_set("maxmemory", 1)
+        # Full: writes are refused (OOM), so nothing can be remembered: 503, never 200, never 401.
+        assert_unavailable(send(client, ctx.token, ctx.proof()))
+        assert_unavailable(send(make_client(**REPLAY, redis_url=server.url), ctx.token, proof))
+        admin.config_set("maxmemory", "2mb")
+        admin.delete(*[f"junk:{i}" for i in range(500)])
+    finally:
+        admin.close()
+    time.sleep(1.1)  # the breaker
+    # Nothing was evicted: the first proof is still remembered.
+    assert_refused(send(client, ctx.token, proof), REPLAYED)
+    assert_passed(send(client, ctx.token, ctx.proof()), ctx.key.jkt)
+
+
+def test_a_replay_store_outage_leaves_the_cache_alone(own_redis: Any, make_client: MakeClient, ctx: Ctx) -> None:
+    """Separate clients and breakers: the replay store's OOM does not switch the introspection cache off."""
+    middleware = middleware_of(make_client(**REPLAY, redis_url=own_redis().url,
+                                           auth_methods=("bearer", "introspection"), client_id="rs",
+                                           client_secret="rs-secret-0123456789"))
+    dpop, introspection = middleware.authenticator.dpop, middleware.authenticator.introspection
+    assert dpop is not None and introspection is not None
+    store, cache = dpop._replay._redis, introspection._l2
+    assert store is not None and cache is not None and store is not cache
+    assert store._client is not cache._client
+
+
+class _ConfigClient:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def config_get(self, name: str) -> Any:
+        assert name == "maxmemory-policy"
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "policy"),
+    [
+        pytest.param({"maxmemory-policy": "noeviction"}, "noeviction", id="plain"),
+        pytest.param({b"maxmemory-policy": b"allkeys-lru"}, None, id="bytes-keys-unknown"),
+        pytest.param({"maxmemory-policy": b"volatile-ttl"}, "volatile-ttl", id="bytes-value"),
+        pytest.param({}, None, id="empty"),
+        pytest.param({"n1:6379": {"maxmemory-policy": "noeviction"}, "n2:6379": {"maxmemory-policy": "allkeys-lru"}},
+                     "allkeys-lru", id="cluster-weakest-node"),
+        pytest.param({"n1:6379": {"maxmemory-policy": "noeviction"}}, "noeviction", id="cluster-all-noeviction"),
+        pytest.param(__import__("redis").ResponseError("unknown command 'CONFIG'"), None, id="config-renamed"),
+        pytest.param(__import__("redis").ResponseError("NOPERM"), None, id="acl"),
+        pytest.param(ConnectionRefusedError(), None, id="down"),
+    ],
+)
+def test_eviction_policy(answer: Any, policy: str | None) -> None:
+    from certbound_wsgi.cache.redis import eviction_policy
+
+    assert eviction_policy(_ConfigClient(answer)) == policy
+
+
+def test_replay_store_warning_for_check_config(own_redis: Any) -> None:
+    from certbound_wsgi.cache.redis import replay_store_warning
+
+    fine, evicting = own_redis(), own_redis("--maxmemory-policy", "allkeys-lru")
+    assert replay_store_warning(make_settings(**REPLAY, redis_url=fine.url)) is None
+    assert replay_store_warning(make_settings(**REPLAY)) is None  # no Redis: check-config warns otherwise
+    assert replay_store_warning(make_settings(redis_url=evicting.url, cache_secret=SECRET)) is None  # DPoP off
+    with pytest.raises(ConfigurationError, match="maxmemory-policy allkeys-lru"):
+        replay_store_warning(make_settings(**REPLAY, redis_url=evicting.url))
+    with pytest.raises(ConfigurationError, match="maxmemory-policy allkeys-lru"):
+        replay_store_warning(make_settings(**REPLAY, redis_url=fine.url, dpop_replay_redis_url=evicting.url))
+    fine.kill()
+    warning = replay_store_warning(make_settings(**REPLAY, redis_url=fine.url))
+    assert warning is not None and warning.startswith("cannot verify")
+
+
+def test_an_oversized_header_is_refused(make_client: MakeClient, ctx: Ctx) -> None:
+    """Headers are remembered, so they are bounded: 4096 bytes, room for a 4096-bit RSA key."""
+    response = send(make_client(**ON), ctx.token, ctx.hand({"pad": "x" * 4100}))
+    assert_refused(response, NOT_A_JWT)
+    rsa4096 = _rsa_jwk(4096)
+    token = ctx.issuer.token(cnf={"jkt": _jkt(rsa4096)})
+    proof = ctx.unsigned({"alg": "RS256", "jwk": rsa4096}, b64url(bytes(512)))
+    # A 4096-bit key fits: refused only on its (garbage) signature.
+    assert_refused(send(make_client(**ON), token, proof), P + "signature is invalid")
+
+
+@settings(max_examples=200, deadline=None)
+@given(host=st.one_of(st.text(max_size=30), st.sampled_from(["localhost:80", "LOCALHOST", "localhost:8080",
+                                                            "localhost:8081", "evil.example", "localhost.evil",
+                                                            "localhost:0080", "[::1]", "localhost:"])))
+def test_fuzz_host_header(fuzz: Fuzz, host: str) -> None:
+    """A proof made for whatever Host is sent passes only when that Host is listed (localhost, localhost:8080)."""
+    proof = fuzz.key.proof("GET", f"http://{host}/anything", fuzz.token)
+    before = len(fuzz.app.calls)
+    response = fuzz.client.get("/anything", headers={"Authorization": f"DPoP {fuzz.token}", "DPoP": proof},
+                               environ_overrides={"HTTP_HOST": host})
+    try:
+        parts = urlsplit(f"http://{host}/")
+        listed = (re.fullmatch(r"[A-Za-z0-9._~!$&'()*+,;=%:\[\]-]+", host) is not None
+                  and parts.hostname == "localhost" and parts.port in (None, 80, 8080))
+    except ValueError:
+        listed = False
+    if listed:
+        assert response.status_code == 200, (host, response.get_data(as_text=True))
+        assert len(fuzz.app.calls) == before + 1
+        return
+    assert response.status_code in (400, 401), (host, response.get_data(as_text=True))
+    assert len(fuzz.app.calls) == before

@@ -133,7 +133,8 @@ def test_require_scope(
 def test_require_scope_challenges_like_the_middleware(dpop: str, scheme: str, offered: tuple[str, ...],
                                                      issuer: TestIssuer) -> None:
     """RFC 9449 section 7.1: the 403 lists every offered scheme, the error on the request's own."""
-    app, _ = build_app(issuer, CERTBOUND_PROOF_OF_POSSESSION_DPOP=dpop, CERTBOUND_PROOF_OF_POSSESSION_MTLS="off")
+    app, _ = build_app(issuer, CERTBOUND_PROOF_OF_POSSESSION_DPOP=dpop, CERTBOUND_PROOF_OF_POSSESSION_MTLS="off",
+                       CERTBOUND_PUBLIC_BASE_URL="http://localhost")
     key = DPoPKey()
     token = issuer.token(scope="read", cnf={"jkt": key.jkt}) if scheme == "DPoP" else issuer.token(scope="read")
     headers = {"Authorization": f"{scheme} {token}"}

@@ -52,7 +52,8 @@ OPAQUE = "opaque-token-0123456789"
 # -- settings of the rows -------------------------------------------------------------------------------------
 
 MTLS: dict[str, Any] = {}  # bearer JWTs, header only, proof_of_possession_mtls strict: the defaults
-DPOP: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional"}
+DPOP: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional",
+                        "dpop_allowed_hosts": ("localhost",)}
 PLACES: dict[str, Any] = {"bearer_token_param_type": ("header", "query", "body", "cookie"),
                           "bearer_token_cookie_name": "at"}
 SESSION: dict[str, Any] = {"auth_methods": ("bearer", "session"), "session_secret": "s" * 40}
@@ -422,7 +423,7 @@ CASES: list[Any] = [
                  id="exp-Infinity-string"),
     # -- JSON bombs in the introspection response (the real IntrospectionClient parses the raw body) --
     pytest.param(INTRO, lambda w: w.introspect_answer(json.dumps(
-        {"active": True, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300,
+        {"active": True, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300, "token_type": "Bearer",
          "cnf": {"x5t#S256": w.alice_x5t}}).encode()), OK, id="introspection-usable-control"),
     pytest.param(INTRO, lambda w: w.introspect_answer(deep(100_000)), UNAVAILABLE, id="bomb-depth-100000"),
     pytest.param(INTRO, lambda w: w.introspect_answer(
@@ -491,7 +492,7 @@ class Fuzz:
 def fuzz(world: World) -> Fuzz:
     app = CountingApp()
     client = client_for(world, {**PLACES, "bearer_token_param_type": ("header", "cookie"),
-                                "proof_of_possession_dpop": "optional"}, app)
+                                "proof_of_possession_dpop": "optional", "dpop_allowed_hosts": ("localhost",)}, app)
     t = world.token
     return Fuzz(
         world, app, client,

@@ -80,7 +80,7 @@ class FakeClient:
 
 
 def active(**claims: Any) -> dict[str, Any]:
-    return {"active": True, "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", **claims}
+    return {"active": True, "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "token_type": "Bearer", **claims}
 
 
 def validator(client: Any, clock: Callable[[], float] | None = None, **overrides: Any

@@ -50,7 +50,7 @@ class FakeClient:
         with self._lock:
             self.calls += 1
         return {"active": True, "iss": ISSUER, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 300,
-                "cnf": {"x5t#S256": self.x5t}}
+                "cnf": {"x5t#S256": self.x5t}, "token_type": "Bearer"}
 
 
 def settings(**redis: Any) -> Settings:

@@ -147,7 +147,7 @@ class FakeIntrospection:
     def introspect(self, token: str) -> dict[str, Any]:
         self.calls += 1
         return {"active": True, "aud": AUDIENCE, "sub": "alice", "exp": self.exp or int(time.time()) + 300,
-                "cnf": self.cnf}
+                "cnf": self.cnf, "token_type": "Bearer"}
 
 
 INTROSPECTION: dict[str, Any] = {
@@ -249,7 +249,8 @@ def test_a_bound_token_in_optional_mode_still_binds_its_session(
 # -- DPoP-bound sessions -------------------------------------------------------------------------------
 
 
-DPOP: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional"}
+DPOP: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional",
+                        "dpop_allowed_hosts": ("localhost",)}
 
 
 def dpop_session(issuer: TestIssuer, key: DPoPKey) -> tuple[Client, str]:
@@ -696,7 +697,8 @@ def test_logout_never_reports_success_when_the_record_survives(
     pytest.param({"proof_of_possession_auth_methods_validation": True, "proof_of_possession_mtls": "optional"}, True,
                  id="mtls-optional-validation-on"),
     pytest.param({"proof_of_possession_auth_methods_validation": True, "proof_of_possession_mtls": "off",
-                  "proof_of_possession_dpop": "optional"}, True, id="dpop-only-validation-on"),
+                  "proof_of_possession_dpop": "optional", "dpop_allowed_hosts": ("localhost",)}, True,
+                 id="dpop-only-validation-on"),
     pytest.param({"proof_of_possession_auth_methods_validation": False}, False, id="mtls-strict-validation-off"),
     pytest.param({"proof_of_possession_auth_methods_validation": True, "proof_of_possession_mtls": "off",
                   "proof_of_possession_dpop": "off"}, False, id="pop-off-validation-on"),

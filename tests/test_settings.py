@@ -39,6 +39,8 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
                                                        "CERTBOUND_CACHE_SECRET": "s" * 16}),
     "dpop_use_nonce": ("true", True, {"CERTBOUND_CACHE_SECRET": "s" * 16}),
     "public_base_url": ("https://api.example.com", "https://api.example.com", {}),
+    "proof_of_possession_dpop": ("optional", "optional", {"CERTBOUND_PUBLIC_BASE_URL": "https://api.example.com"}),
+    "dpop_replay_redis_url": ("redis://127.0.0.1:6380/0", "redis://127.0.0.1:6380/0", {}),
     "session_cookie_path": ("/app", "/app", {}),
     "logout_path": ("/logout", "/logout", {}),
     "logout_redirect_uri": ("/bye", "/bye", {}),

@@ -20,12 +20,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from ..errors import ConfigurationError
 from ..settings import Settings
 from ..stats import Stats
 from . import Entry
 from .seal import Sealer
 
-__all__ = ["RedisCache", "RedisUnavailable", "make_client"]
+__all__ = [
+    "NO_EVICTION", "RedisCache", "RedisUnavailable", "check_replay_store", "eviction_policy", "make_client",
+    "make_replay_client", "replay_store_warning",
+]
 
 log = logging.getLogger("certbound_wsgi")
 
@@ -40,14 +44,23 @@ class RedisUnavailable(Exception):
     """Redis cannot be asked now (an error, or the breaker is open)."""
 
 
-def make_client(settings: Settings) -> Any:
-    """A redis-py client for ``redis_url``, a Sentinel master, or a Cluster, with short timeouts and no retries."""
-    options: dict[str, Any] = {
+#: The one ``maxmemory-policy`` under which Redis never drops a key before its TTL: every other one
+#: evicts, and the ``volatile-*`` policies evict exactly our keys, which all have a TTL.
+NO_EVICTION = "noeviction"
+
+
+def _options(settings: Settings) -> dict[str, Any]:
+    return {
         "socket_timeout": settings.redis_timeout,
         "socket_connect_timeout": settings.redis_timeout,
         # redis-py retries with back-off by default; a retry would multiply the stall.
         "retry": Retry(NoBackoff(), 0),
     }
+
+
+def make_client(settings: Settings) -> Any:
+    """A redis-py client for ``redis_url``, a Sentinel master, or a Cluster, with short timeouts and no retries."""
+    options = _options(settings)
     if settings.redis_sentinel_master:
         from redis.sentinel import Sentinel
 
@@ -64,6 +77,71 @@ def make_client(settings: Settings) -> Any:
     return redis.Redis.from_url(settings.redis_url, **options)
 
 
+def make_replay_client(settings: Settings) -> Any:
+    """A client of its own for the DPoP replay store: ``dpop_replay_redis_url``, else the cache's Redis.
+
+    Its own connection pool and circuit breaker (in its :class:`RedisCache`): trouble with
+    one store (an OOM refusal, say) never switches the other off.
+    """
+    if settings.dpop_replay_redis_url:
+        return redis.Redis.from_url(settings.dpop_replay_redis_url, **_options(settings))
+    return make_client(settings)
+
+
+def eviction_policy(client: Any) -> str | None:
+    """The server's ``maxmemory-policy``; ``None`` when it cannot be read (``CONFIG`` disabled or
+    renamed, as managed services do; an ACL without ``+config``; Redis unreachable)."""
+    try:
+        answer = client.config_get("maxmemory-policy")
+    except (redis.RedisError, OSError):
+        return None
+    if isinstance(answer, dict) and answer and all(isinstance(v, dict) for v in answer.values()):
+        # A Cluster answers per node: the weakest node decides.
+        policies = {str(_text(v.get("maxmemory-policy"))) for v in answer.values()}
+        return next(iter(policies - {NO_EVICTION}), NO_EVICTION) if policies else None
+    policy = answer.get("maxmemory-policy") if isinstance(answer, dict) else None
+    return _text(policy) if policy is not None else None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_replay_store(client: Any) -> str | None:
+    """The start-up check of the DPoP replay store (RFC 9449 section 11.1): a proof's ``jti`` must be
+    remembered for the proof's whole lifetime, so Redis must never evict it.
+
+    :returns: a warning when the policy cannot be verified; ``None`` when it is ``noeviction``.
+    :raises ConfigurationError: an evicting policy: a replayed proof would pass once other writes evict it.
+    """
+    policy = eviction_policy(client)
+    if policy is None:
+        return ("cannot verify the DPoP replay store's maxmemory-policy (CONFIG GET refused or Redis unreachable): "
+                "it must be noeviction, or replayed proofs pass once Redis evicts their jti")
+    if policy != NO_EVICTION:
+        raise ConfigurationError(
+            "dpop_replay_redis_url",
+            f"the DPoP replay store's Redis has maxmemory-policy {policy}, which evicts remembered proofs so "
+            "that a replay passes; give the replay store a Redis with maxmemory-policy noeviction",
+        )
+    return None
+
+
+def replay_store_warning(settings: Settings) -> str | None:
+    """:func:`check_replay_store` for ``settings``' replay store, for ``check-config``.
+
+    :returns: ``None`` also when DPoP is off or no Redis is configured.
+    :raises ConfigurationError: the replay store evicts.
+    """
+    if settings.proof_of_possession_dpop == "off" or not (settings.dpop_replay_redis_url or settings.uses_redis):
+        return None
+    client = make_replay_client(settings)
+    try:
+        return check_replay_store(client)
+    finally:
+        client.close()
+
+
 class RedisCache:
     """Sealed :class:`Entry` values in Redis, plus a per-key lock for single flight across workers.
 
@@ -76,8 +154,9 @@ class RedisCache:
     """
 
     def __init__(self, client: Any, sealer: Sealer, stats: Stats, *, lock_ttl: float = LOCK_SECONDS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, meanwhile: str = "using the in-process cache") -> None:
         self._client = client
+        self._meanwhile = meanwhile
         self._sealer = sealer
         self._stats = stats
         self._lock_ms = int(lock_ttl * 1000)
@@ -97,8 +176,8 @@ class RedisCache:
             first = self.available
             self._open_until = time.monotonic() + BREAKER_SECONDS
         if first:
-            log.warning("certbound: Redis unavailable (%s); using the in-process cache for %.0fs",
-                        type(exc).__name__, BREAKER_SECONDS)
+            log.warning("certbound: Redis unavailable (%s); %s for %.0fs", type(exc).__name__, self._meanwhile,
+                        BREAKER_SECONDS)
 
     def get(self, key: str) -> Entry | None:
         """The entry, or ``None`` on a miss, a foreign or altered entry, or Redis trouble."""
@@ -165,7 +244,8 @@ class RedisCache:
             raise RedisUnavailable() from None
 
     def add_once(self, key: str, ttl: float) -> bool | None:
-        """``SET key NX`` with a TTL: True if it was new, False if it existed, None if Redis cannot be asked."""
+        """``SET key NX`` with a TTL: True if it was new, False if it existed, None if Redis cannot be asked
+        (down, timed out, or refusing writes: ``OOM`` under ``noeviction``)."""
         if not self.available:
             return None
         try:

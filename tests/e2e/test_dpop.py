@@ -36,12 +36,21 @@ NONCE_REQUIRED = "a fresh DPoP nonce is required"
 REDIS_DOWN = "DPoP replay protection is unavailable; try again shortly"
 
 
+def assert_unavailable(response: requests.Response) -> None:
+    """The replay store cannot be asked: a server fault, 503 with Retry-After, never 401 (issue 11 item 6)."""
+    assert response.status_code == 503, response.text
+    assert response.json() == {"error": "temporarily_unavailable", "error_description": REDIS_DOWN}
+    assert response.headers["Retry-After"] == "2"
+    assert response.headers["WWW-Authenticate"] == challenges()
+
+
 # -- fixtures and helpers -----------------------------------------------------------------
 
 
 def options(redis_server: RedisServer, **extra: str) -> dict[str, str]:
+    # htu is checked against the stack's public URL (issue 11 item 4), never against Host.
     return {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional",
-            "redis_url": redis_server.url, "cache_secret": SECRET, **extra}
+            "redis_url": redis_server.url, "cache_secret": SECRET, "public_base_url": "{nginx_url}", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +259,7 @@ def test_redis_killed_then_restarted(stack: Stack, idp: OidcProvider, key: DPoPK
     try:
         responses = concurrently(8, lambda _: call(stack, token, key.proof("GET", htu(stack), token)))
         for response in responses:
-            assert_refused(response, REDIS_DOWN)
+            assert_unavailable(response)
     finally:
         redis_server.start()
     time.sleep(1.2)  # the breaker
@@ -259,7 +268,7 @@ def test_redis_killed_then_restarted(stack: Stack, idp: OidcProvider, key: DPoPK
         batch = concurrently(8, lambda _: call(stack, token, key.proof("GET", htu(stack), token)))
         for response in batch:
             if response.status_code != 200:
-                assert_refused(response, REDIS_DOWN)  # a worker meeting its stale connection: still fails closed
+                assert_unavailable(response)  # a worker meeting its stale connection: still fails closed
         return all(r.status_code == 200 for r in batch)
 
     assert wait_until(round_passes, timeout=10, interval=0.5), "DPoP requests did not recover after Redis returned"
@@ -280,3 +289,54 @@ def test_uwsgi_rebuilds_htu(stacks: StackFactory, idp: OidcProvider, key: DPoPKe
     assert_refused(call(uwsgi, token, proof), REPLAYED)
     assert_refused(call(uwsgi, token, key.proof("GET", htu(uwsgi).replace("https://", "http://"), token)),
                    P + "htu does not match the request URI")
+
+
+# -- issue 11 items 4 and 5 through nginx and gunicorn ----------------------------------------------------------
+
+
+def _raw(stack: Stack, token: str, proof: str, host: str) -> requests.Response:
+    """A request to nginx's address with another ``Host`` (the TLS connection and SNI stay 127.0.0.1's)."""
+    with requests.Session() as session:
+        session.trust_env = False
+        return session.get(htu(stack), headers={"Authorization": f"DPoP {token}", "DPoP": proof, "Host": host},
+                           verify=stack.ca_file, timeout=15)
+
+
+@pytest.mark.parametrize("upstream", ["gunicorn", "uwsgi"])
+def test_host_trick_is_refused(upstream: str, stacks: StackFactory, idp: OidcProvider, key: DPoPKey, token: str,
+                               redis_server: RedisServer) -> None:
+    """A proof made for another resource server, sent here with that server's Host: never accepted."""
+    stack = stacks(idp, upstream, workers=WORKERS, **options(redis_server)) if upstream == "gunicorn" else \
+        stacks(idp, upstream, **options(redis_server))
+    for host in ("other-rs.example", "other-rs.example:443"):
+        proof = key.proof("GET", "https://other-rs.example/anything", token)
+        try:
+            response = _raw(stack, token, proof, host)
+        except requests.ConnectionError:
+            continue  # nginx's default server closed the connection on the unknown Host (444): refused
+        # nginx may refuse the unknown Host itself (4xx); the app refuses the proof; never 200, never 5xx.
+        assert 400 <= response.status_code < 500, (response.status_code, response.text)
+        if response.status_code == 401:
+            assert_refused(response, P + "htu does not match the request URI")
+    # The same client's proof for this server still passes.
+    assert_passed(call(stack, token, key.proof("GET", htu(stack), token)), key, idp)
+
+
+def _huge_exponent_jwk() -> dict[str, str]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    n = rsa.generate_private_key(65537, 3072).public_key().public_numbers().n
+    e = n - 2 if n % 2 else n - 1
+    return {"kty": "RSA", "n": b64url(n.to_bytes(384)), "e": b64url(e.to_bytes((e.bit_length() + 7) // 8))}
+
+
+def test_expensive_rsa_proof_with_a_stolen_token_is_refused(stack: Stack, idp: OidcProvider, key: DPoPKey,
+                                                            token: str) -> None:
+    """Issue 11 item 5: refused before any key import or signature work (bench.dpop measures its cost)."""
+    header = {"typ": "dpop+jwt", "alg": "RS256", "jwk": _huge_exponent_jwk()}
+    claims = {"jti": f"rsa-{time.monotonic_ns()}", "htm": "GET", "htu": htu(stack), "iat": int(time.time()),
+              "ath": ath(token)}
+    proof = f"{b64url(header)}.{b64url(claims)}.{b64url(b'x' * 384)}"
+    assert_refused(call(stack, token, proof), "the DPoP proof's RSA key is not accepted: it needs e = 65537 and "
+                   "at most 4096 bits")
+    assert_passed(call(stack, token, key.proof("GET", htu(stack), token)), key, idp)

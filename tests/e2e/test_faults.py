@@ -680,7 +680,8 @@ class FakeIssuer:
         token = secrets.token_urlsafe(32)
         now = int(time.time())
         self.tokens[token] = {"active": True, "iss": self.issuer, "aud": OPAQUE_RESOURCE, "sub": "alice",
-                              "iat": now, "exp": now + 300, "cnf": {"x5t#S256": x5t_s256(cert)}}
+                              "iat": now, "exp": now + 300, "cnf": {"x5t#S256": x5t_s256(cert)},
+                              "token_type": "Bearer"}
         return token
 
     def metadata(self, mode: str) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class _Introspection:
         self.calls += 1
         if self.during is not None:
             self.during()
-        return {"active": True, "aud": "https://opaque.test", "exp": int(time.time()) + 300}
+        return {"active": True, "aud": "https://opaque.test", "exp": int(time.time()) + 300, "token_type": "Bearer"}
 
 
 def test_redis_stall_during_an_introspection_does_not_stall_other_workers(tmp_path: Path) -> None:

@@ -203,8 +203,9 @@ function providerFor(issuer) {
     jwks: loadKeys(config.keys),
     clients,
     findAccount,
-    // openid, profile and email come from the claims below.
-    scopes: ['read', 'write'],
+    // openid, profile and email come from the claims below. offline_access (config
+    // "refresh_tokens") enables the refresh_token grant: refresh tokens to introspect.
+    scopes: ['read', 'write', ...(config.refresh_tokens ? ['offline_access'] : [])],
     claims: {
       openid: ['sub'],
       profile: ['name', 'preferred_username'],

@@ -183,6 +183,7 @@ class OidcProvider:
         access_token_ttl: int = 600,
         startup_timeout: float = 30.0,
         redirect_uris: Sequence[str] = (),
+        refresh_tokens: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -191,6 +192,8 @@ class OidcProvider:
         self.extra_clients = [dict(c) for c in extra_clients]
         self.redirect_uris: list[str] = list(redirect_uris)
         self.access_token_ttl = access_token_ttl
+        #: Whether ``offline_access`` is a scope, which turns the refresh_token grant on.
+        self.refresh_tokens = refresh_tokens
         self.startup_timeout = startup_timeout
         self.keys_path = self.directory / "keys.json"
         self.config_path = self.directory / "config.json"
@@ -303,6 +306,7 @@ class OidcProvider:
             },
             "keys": str(self.keys_path),
             "access_token_ttl": self.access_token_ttl,
+            "refresh_tokens": self.refresh_tokens,
             "clients": clients,
         }
 

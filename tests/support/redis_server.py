@@ -63,6 +63,23 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
+    def fill(self) -> int:
+        """Write junk keys (``junk:<n>``, with a TTL, as cache entries have) until a server with a
+        ``maxmemory`` refuses even a one-byte write; return how many were written."""
+        admin = self.client()
+        written = 0
+        try:
+            for size in (4096, 64, 1):
+                while True:
+                    try:
+                        admin.set(f"junk:{written}", b"x" * size, ex=600)
+                    except redis.exceptions.OutOfMemoryError:
+                        break
+                    written += 1
+        finally:
+            admin.close()
+        return written
+
 
 class RedisSentinel:
     """One Redis Sentinel (``redis-server CONF --sentinel``) monitoring ``master_name`` at ``master_port``.
