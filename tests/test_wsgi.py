@@ -27,6 +27,8 @@ def wsgi(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
             monkeypatch.delenv(key)
     for key, value in ENV.items():
         monkeypatch.setenv(key, value)
+    # Imported afresh: an earlier test may have imported it under another environment.
+    monkeypatch.delitem(sys.modules, "certbound_wsgi.wsgi", raising=False)
     return importlib.import_module("certbound_wsgi.wsgi")
 
 
