@@ -35,22 +35,22 @@ from tests.support.redis_server import RedisServer
 
 from .conftest import Stack, StackFactory
 from .test_sessions import (
-    APP,
     COOKIE,
     HTML,
     STATE_COOKIE,
     assert_bare_401,
     assert_invalid_token,
+    bearer_options,
     call,
     cookie_of,
     get_callback,
     login_options,
+    redis_client,  # noqa: F401  (a fixture, used by db)
     set_cookies,
     stop_before_callback,
 )
 
 SECRET = "session-costs-secret-0123456789abcdefghij"
-CACHE_SECRET = "session-costs-cache-0123456789abcdef"
 #: Commands that change the data set: what "a store write" means here.
 WRITES = frozenset({"set", "setex", "psetex", "setnx", "getset", "getdel", "del", "unlink", "expire", "pexpire",
                     "eval", "evalsha", "hset", "incr", "mset"})
@@ -81,17 +81,13 @@ def no_cookies_session(stack: Stack, cert: Any) -> requests.Session:
 
 
 @pytest.fixture(scope="module")
-def db(redis_server: RedisServer) -> Iterator[Any]:
-    client = redis_server.client()
-    try:
-        yield client
-    finally:
-        client.close()
+def db(redis_client: Any) -> Any:
+    """The stacks' Redis, to count its commands."""
+    return redis_client
 
 
 def token_options(redis_server: RedisServer, **extra: str) -> dict[str, str]:
-    return {"app": APP, "auth_methods": "bearer,session", "session_secret": SECRET, "redis_url": redis_server.url,
-            "cache_secret": CACHE_SECRET, "logout_path": "/logout", "redis_timeout": "0.5", **extra}
+    return bearer_options(redis_server, SECRET, redis_timeout="0.5", **extra)
 
 
 @pytest.fixture(scope="module")
