@@ -45,7 +45,6 @@ from .test_sessions import (
     cookie_of,
     get_callback,
     login_options,
-    redis_client,  # noqa: F401  (a fixture, used by db)
     set_cookies,
     stop_before_callback,
 )
@@ -81,9 +80,10 @@ def no_cookies_session(stack: Stack, cert: Any) -> requests.Session:
 
 
 @pytest.fixture(scope="module")
-def db(redis_client: Any) -> Any:
+def db(redis_server: RedisServer) -> Iterator[Any]:
     """The stacks' Redis, to count its commands."""
-    return redis_client
+    with redis_server.client() as client:
+        yield client
 
 
 def token_options(redis_server: RedisServer, **extra: str) -> dict[str, str]:
