@@ -102,11 +102,11 @@ class BrowserLogin:
     """Starts logins and handles the issuer's redirect back.
 
     :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``,
-        ``session_cookie_name`` (the login cookie is named after it); ``issuer``, ``leeway`` and
-        ``token_signing_algs`` for the ID token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the
-        token endpoint.
+        ``session_cookie_name`` and ``session_cookie_secure`` (the login cookie is named after them),
+        ``session_secret`` (its sealing key); ``issuer``, ``leeway`` and ``token_signing_algs`` for the ID
+        token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the token endpoint.
     :param discovery: the issuer's endpoints and keys.
-    :param sessions: where logins and sessions are kept.
+    :param sessions: where the login's session is opened and its state marked used.
     """
 
     def __init__(self, settings: Settings, discovery: Discovery, sessions: Sessions,
