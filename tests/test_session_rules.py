@@ -16,8 +16,12 @@ import redis
 
 from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING
 from certbound_wsgi.cache.memory import MemoryStore
+from certbound_wsgi.cache.redis import RedisCache, make_client
+from certbound_wsgi.cache.seal import Sealer
 from certbound_wsgi.introspection import IntrospectionError
-from certbound_wsgi.sessions import CookieId, cookie_name
+from certbound_wsgi.sessions import CookieId, _RedisStore, cookie_name
+from certbound_wsgi.stats import Stats
+from tests.conftest import make_settings
 from tests.support.dpop import DPoPKey
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER, TestIssuer
@@ -440,3 +444,23 @@ def test_what_a_use_checks(
         assert description(without_cert) == CERT_MISSING
     else:
         assert without_cert.status_code == 200, without_cert.json
+
+
+def test_store_add_is_first_writer_wins(redis_server: RedisServer, db: redis.Redis) -> None:
+    """``Store.add`` (SET NX): what makes one record win when two workers open a session at once."""
+    clock = FakeClock()
+    memory = MemoryStore(10, clock)
+    assert memory.add("k", b"first", 10) is True
+    assert memory.add("k", b"second", 10) is False
+    assert memory.fetch("k") == b"first"
+    clock.advance(11)
+    assert memory.add("k", b"third", 10) is True and memory.fetch("k") == b"third"
+
+    settings = make_settings(redis_url=redis_server.url, cache_secret=CACHE_SECRET, redis_timeout=0.5)
+    sealer = Sealer(CACHE_SECRET, "session")
+    shared = _RedisStore(RedisCache(make_client(settings), sealer, Stats()), sealer)
+    key = sealer.key_name("sid", "x")
+    assert shared.add(key, b"first", 10) is True
+    assert shared.add(key, b"second", 10) is False
+    assert shared.fetch(key) == b"first"
+    assert 0 < db.pttl(key) <= 10_000
