@@ -196,7 +196,8 @@ class RevocableIntrospection:
             raise IntrospectionError("the issuer is down")
         if not self.active:
             return {"active": False}
-        return {"active": True, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 3600, "cnf": self.cnf}
+        return {"active": True, "aud": AUDIENCE, "sub": "alice", "exp": int(time.time()) + 3600, "cnf": self.cnf,
+                "token_type": "Bearer"}
 
 
 def revocable(issuer: TestIssuer, alice_x5t: str, clock: FakeClock, **overrides: Any) -> tuple[Any, Any]:
@@ -419,7 +420,9 @@ def test_what_a_use_checks(
         cnf["x5t#S256"] = alice_x5t
     if made_by in ("jkt", "both"):
         cnf["jkt"] = key.jkt
-    maker = on_redis(issuer, redis_server, proof_of_possession_mtls="optional", proof_of_possession_dpop="optional")
+    hosts = ("localhost",)  # the htu's host (issue 13: never from an unlisted Host)
+    maker = on_redis(issuer, redis_server, proof_of_possession_mtls="optional", proof_of_possession_dpop="optional",
+                     dpop_allowed_hosts=hosts)
     token = issuer.token(cnf=cnf) if cnf else issuer.token()
     if "jkt" in cnf:
         made = get(maker, token=token, cert=alice, scheme="DPoP", headers={"DPoP": key.proof("GET", HTU, token)})
@@ -428,7 +431,8 @@ def test_what_a_use_checks(
     assert made.status_code == 200, made.json
     cookie = new_cookie(made)
     assert cookie is not None
-    user = on_redis(issuer, redis_server, proof_of_possession_mtls=mtls, proof_of_possession_dpop=dpop)
+    user = on_redis(issuer, redis_server, proof_of_possession_mtls=mtls, proof_of_possession_dpop=dpop,
+                    **({"dpop_allowed_hosts": hosts} if dpop != "off" else {}))
     cells = (POP_TABLE[made_by][mtls], POP_TABLE[made_by][f"dpop-{dpop}"])
     refusal = next((c for c in cells if c not in ("cert", "proof", "-")), None)
     with_everything = get(user, cookie=cookie, cert=alice, headers={"DPoP": key.proof("GET", HTU)})
