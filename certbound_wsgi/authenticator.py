@@ -116,7 +116,12 @@ class Authenticator:
             if session is None or self.sessions is None:
                 raise MissingToken("an access token is required")
             nonce_age = self.check_session_proofs(environ, session, thumbprint)
-            self._check_scopes(session.record.claims, "session")
+            record = session.record
+            # A login's scope is what the token response granted, kept beside the ID token's claims.
+            self._check_scopes(record.claims, "session",
+                               granted=frozenset(record.scope.split()) if record.scope is not None else None)
+            # Revocation: a kept token is asked about again (the validator's cache: cache_ttl_max).
+            self.sessions.recheck(session)
             # Only now, with every proof checked, may the use renew or touch the session.
             session = self.sessions.touch(session)
             claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
@@ -132,7 +137,7 @@ class Authenticator:
             check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
             self._check_scopes(claims, "token")
             token = credential.token
-            set_cookie = self._open_session(environ, method, claims) if self.sessions is not None else None
+            set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
         fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
         return Identity(claims, token, thumbprint, method, set_cookie, fresh)
 
@@ -165,28 +170,34 @@ class Authenticator:
     def _fresh_nonce(self, nonce_age: float) -> str | None:
         return self.dpop.nonce_for_response(nonce_age) if self.dpop is not None else None
 
-    def _check_scopes(self, claims: Claims, what: str) -> None:
-        """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted."""
-        if self.scopes_required and not self.scopes_required <= token_scopes(claims, self.scopes_claim):
+    def _check_scopes(self, claims: Claims, what: str, *, granted: frozenset[str] | None = None) -> None:
+        """RFC 6750 section 3.1: 403 ``insufficient_scope`` unless every required scope is granted.
+
+        :param granted: the scopes granted, when not the claims' (a login's token response).
+        """
+        if not self.scopes_required:
+            return
+        if granted is None:
+            granted = token_scopes(claims, self.scopes_claim)
+        if not self.scopes_required <= granted:
             raise InsufficientScope(f"the {what} lacks a required scope", scope=" ".join(sorted(self.scopes_required)))
 
-    def _open_session(self, environ: WSGIEnvironment, method: str, claims: Claims) -> str | None:
-        """As in Kong, a successful token login opens a session; it remembers the token's
-        bindings and demands them on every later use. The ``Set-Cookie`` value, if any."""
+    def _open_session(self, environ: WSGIEnvironment, token: str, method: str, claims: Claims) -> str | None:
+        """As in Kong, a successful token login opens a session (one per token); it remembers the
+        token's bindings and demands them on every later use. The ``Set-Cookie`` value, if any."""
         if self.sessions is None:
             return None
+        x5t, jkt = cnf_x5t(claims), cnf_jkt(claims)
+        # Kept only when it can be asked about again: then its revocation ends the session.
+        keep = self.introspection is not None and (method == "introspection" or self.introspect_jwt)
         try:
-            if self.sessions.is_live(environ):
-                return None
-            x5t, jkt = cnf_x5t(claims), cnf_jkt(claims)
-            session = self.sessions.create(
-                method, claims, x5t=x5t if isinstance(x5t, str) else None,
-                jkt=jkt if isinstance(jkt, str) else None, pop=True, token_exp=expiry(claims),
+            return self.sessions.for_token(
+                environ, token, method, claims, x5t=x5t if isinstance(x5t, str) else None,
+                jkt=jkt if isinstance(jkt, str) else None, token_exp=expiry(claims), keep_token=keep,
             )
         except TemporarilyUnavailable:
             # The token is valid; the session is a convenience: serve the request without one.
             return None
-        return session.set_cookie
 
 
 def build(settings: Settings, *, discovery: Discovery | None = None,
@@ -221,7 +232,10 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
             leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
             allowed_hosts=settings.dpop_allowed_hosts, secret=secret, clock=clock,
         )
-    sessions = Sessions(settings, redis, clock) if "session" in methods else None
+    sessions = (
+        Sessions(settings, redis, clock, recheck=introspection.validate if introspection is not None else None)
+        if "session" in methods else None
+    )
     login = (
         BrowserLogin(settings, discovery, sessions, clock)
         if sessions is not None and "authorization_code" in methods

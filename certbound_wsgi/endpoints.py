@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from .authenticator import Authenticator
-from .errors import AuthError
+from .errors import AuthError, InvalidToken
 from .http import request_path
 from .oidc_login import BrowserLogin, wants_html
 from .sessions import Sessions
@@ -59,12 +59,15 @@ class Endpoints:
     def logout(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         sessions = self._sessions
         try:
-            # Only the session's owner may end it: the same proofs as for using it.
-            session = sessions.load(environ)
+            try:
+                session = sessions.load(environ)
+            except InvalidToken:
+                session = None  # already ended (and deleted): only the cookie is left to clear
             if session is not None:
+                # Only the owner may end a live session: the same proofs as for using it.
                 thumbprint = self._authenticator.certificates.thumbprint(environ)
                 self._authenticator.check_session_proofs(environ, session, thumbprint)
-                sessions.destroy(environ)
+                sessions.end(session)
         except AuthError as error:
             return self._refuse(environ, error)(environ, start_response)
         headers = [("Set-Cookie", sessions.clear_cookie()), ("Cache-Control", "no-store")]

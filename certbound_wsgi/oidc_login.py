@@ -6,11 +6,17 @@ A browser without a session is redirected to the issuer with ``state``,
 cookie bound to the browser, exchanges the code with the verifier, validates
 the ID token (OpenID Connect Core section 3.1.3.7) and creates a session.
 Sessions made here carry no proof-of-possession binding.
+
+Nothing is stored before the issuer has authenticated the user: the login's
+nonce, PKCE verifier, return path and end travel sealed in the state cookie,
+and the callback takes the state atomically (a used-state marker) before it
+exchanges the code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -19,19 +25,36 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from . import http
+from .cache.seal import Sealer
+from .credentials import read_cookie
 from .discovery import Discovery, DiscoveryError
 from .errors import InvalidRequest, InvalidToken, TemporarilyUnavailable
-from .jose import TimeClaimError, audiences, b64url_encode, check_time_claims, equal_ascii, issued_by, number
+from .jose import (
+    TimeClaimError,
+    audiences,
+    b64url_decode,
+    b64url_encode,
+    check_time_claims,
+    equal_ascii,
+    issued_by,
+    number,
+)
 from .jwt_tokens import JWTValidator
-from .sessions import Session, Sessions
+from .sessions import Session, Sessions, cookie_name
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
 
-__all__ = ["BrowserLogin", "wants_html"]
+__all__ = ["BrowserLogin", "return_path", "wants_html"]
 
 log = logging.getLogger("certbound_wsgi")
 
 LOGIN_TTL = 600
+#: The longest state cookie read: the sealed login with a return path of at most MAX_RETURN_PATH.
+MAX_STATE_COOKIE = 3072
+#: The longest page path kept to return to; a longer one returns to its path alone, or to "/".
+MAX_RETURN_PATH = 1024
+# RFC 3986 section 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@".
+_PCHAR_SAFE = "!$&'()*+,;=:@"
 _ID_TOKEN_TYP = frozenset({"jwt"})
 #: The largest token response read: an ID token and a few tokens, with room to spare.
 MAX_TOKEN_RESPONSE = 256 * 1024
@@ -43,15 +66,47 @@ def wants_html(environ: WSGIEnvironment) -> bool:
     return environ.get("REQUEST_METHOD") in ("GET", "HEAD") and "text/html" in environ.get("HTTP_ACCEPT", "")
 
 
+def _raw(value: str) -> bytes:
+    """The bytes a WSGI server received: PEP 3333 hands them over decoded as latin-1."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:  # a server that decoded as UTF-8 after all
+        return value.encode("utf-8", "surrogateescape")
+
+
+def return_path(environ: WSGIEnvironment) -> str:
+    """The page that started a login, as a local path on this origin.
+
+    Percent-encoded once from the raw bytes (so UTF-8 survives: no double encoding),
+    dot segments removed (RFC 3986 section 5.2.4) and empty segments dropped, so that
+    it can never become ``//host`` or ``/\\host`` (another origin to a browser).
+    """
+    segments: list[str] = []
+    raw = _raw(http.request_path(environ))
+    for segment in raw.split(b"/"):
+        if segment == b"..":
+            if segments:
+                segments.pop()
+        elif segment not in (b"", b"."):
+            segments.append(quote(segment, safe=_PCHAR_SAFE))
+    path = "/" + "/".join(segments)
+    if segments and raw.endswith((b"/", b"/.", b"/..")):
+        path += "/"
+    query = quote(_raw(environ.get("QUERY_STRING", "")), safe=_PCHAR_SAFE + "/?%")
+    if query and len(path) + 1 + len(query) <= MAX_RETURN_PATH:
+        return f"{path}?{query}"
+    return path if len(path) <= MAX_RETURN_PATH else "/"
+
+
 class BrowserLogin:
     """Starts logins and handles the issuer's redirect back.
 
     :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``,
-        ``session_cookie_name`` (the login cookie is named after it); ``issuer``, ``leeway`` and
-        ``token_signing_algs`` for the ID token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the
-        token endpoint.
+        ``session_cookie_name`` and ``session_cookie_secure`` (the login cookie is named after them),
+        ``session_secret`` (its sealing key); ``issuer``, ``leeway`` and ``token_signing_algs`` for the ID
+        token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the token endpoint.
     :param discovery: the issuer's endpoints and keys.
-    :param sessions: where logins and sessions are kept.
+    :param sessions: where the login's session is opened and its state marked used.
     """
 
     def __init__(self, settings: Settings, discovery: Discovery, sessions: Sessions,
@@ -66,7 +121,10 @@ class BrowserLogin:
         self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
                                      max_body=MAX_TOKEN_RESPONSE)
         self.callback_path = urlsplit(settings.redirect_uri).path or "/"
-        self._state_cookie = settings.session_cookie_name + "_login"
+        self._state_cookie = cookie_name(settings.session_cookie_name + "_login",
+                                         secure=settings.session_cookie_secure, host_only=True, path="/")
+        # Seals the login state cookie; keyed from session_secret, apart from every other use.
+        self._sealer = Sealer(settings.session_secret, "login")
 
     def _endpoint(self, name: str) -> str:
         try:
@@ -78,16 +136,16 @@ class BrowserLogin:
         return value
 
     def start(self, environ: WSGIEnvironment) -> tuple[str, list[tuple[str, str]]]:
-        """Redirect to the issuer: the status line and headers of the answer."""
+        """Redirect to the issuer: the status line and headers of the answer.
+
+        Nothing is stored: the nonce, the PKCE verifier, the page to return to and the login's
+        end travel sealed in the state cookie, bound to ``state``, so that an unauthenticated
+        client can start any number of logins without costing the store anything.
+        """
         s = self._settings
         state, nonce, verifier = (secrets.token_urlsafe(32) for _ in range(3))
-        # One leading slash: "//evil.example" would be an open redirect after the login.
-        path = "/" + quote(http.request_path(environ)).lstrip("/")
-        query = environ.get("QUERY_STRING", "")
-        self._sessions.put_once(
-            state, {"nonce": nonce, "verifier": verifier, "return_to": path + (f"?{query}" if query else "")},
-            LOGIN_TTL,
-        )
+        login = {"n": nonce, "v": verifier, "r": return_path(environ), "e": int(self._clock()) + LOGIN_TTL}
+        sealed = b64url_encode(self._sealer.seal(state, json.dumps(login, separators=(",", ":")).encode()))
         params = {
             "response_type": "code",
             "client_id": s.client_id,
@@ -101,10 +159,29 @@ class BrowserLogin:
         }
         location = self._endpoint("authorization_endpoint")
         location += ("&" if "?" in location else "?") + urlencode(params)
-        # Lax, and scoped to the callback: the issuer's redirect back is a cross-site top-level GET.
-        state_cookie = self._sessions.cookie(self._sessions.signed(state), max_age=LOGIN_TTL, name=self._state_cookie,
-                                             path=self.callback_path, same_site="Lax")
+        # Lax: the issuer's redirect back is a cross-site top-level GET. Host-only with Path=/, so
+        # that it takes the __Host- prefix and no sibling host can plant a login state.
+        state_cookie = self._sessions.cookie(f"{state}.{sealed}", max_age=LOGIN_TTL, name=self._state_cookie,
+                                             same_site="Lax", host_only=True)
         return "302 Found", [("Location", location), ("Set-Cookie", state_cookie), ("Cache-Control", "no-store")]
+
+    def _login_of(self, environ: WSGIEnvironment, state: str) -> dict[str, Any]:
+        """The login this browser started for ``state``, opened from its state cookie."""
+        header = environ.get("HTTP_COOKIE")
+        raw = read_cookie(header, self._state_cookie) if header and self._state_cookie in header else None
+        cookie_state, _, sealed = (raw or "").rpartition(".")
+        # The state must be the one this browser was given (CSRF, OAuth 2.0 Security BCP section 4.7).
+        if not raw or len(raw) > MAX_STATE_COOKIE or not equal_ascii(state, cookie_state):
+            raise InvalidRequest("the login state does not match this browser")
+        try:
+            opened = self._sealer.open(state, b64url_decode(sealed))
+            login: Any = json.loads(opened) if opened is not None else None
+        except (ValueError, RecursionError):
+            login = None
+        if (not isinstance(login, dict) or not all(isinstance(login.get(k), str) for k in "nvr")
+                or not isinstance(login.get("e"), int)):
+            raise InvalidRequest("the login state does not match this browser")
+        return login
 
     def callback(self, environ: WSGIEnvironment) -> tuple[Session, str]:
         """Finish a login: the new session and where to send the browser.
@@ -120,27 +197,26 @@ class BrowserLogin:
         code, state = params.get("code"), params.get("state")
         if not code or not state:
             raise InvalidRequest("the login callback lacks code or state")
-        # The state must be the one this browser was given (CSRF, OAuth 2.0 Security BCP section 4.7).
-        expected = self._sessions.verified(environ, self._state_cookie)
-        if expected is None or not equal_ascii(state, expected):
-            raise InvalidRequest("the login state does not match this browser")
-        login = self._sessions.take_once(expected)
-        if login is None:
+        login = self._login_of(environ, state)
+        left = login["e"] - self._clock()
+        # Taken atomically before the exchange: of simultaneous callbacks, exactly one goes on.
+        if left <= 0 or not self._sessions.first_use(state, left):
             raise InvalidRequest("the login has expired or was already used")
-        tokens = self._exchange(code, str(login["verifier"]))
-        claims = self._id_token_claims(tokens.get("id_token"), str(login["nonce"]))
-        if "scope" not in claims and isinstance(tokens.get("scope"), str):
-            # ID tokens rarely say what was granted; the token response does (RFC 6749 section 5.1).
-            claims["scope"] = tokens["scope"]
+        tokens = self._exchange(code, login["v"])
+        claims = self._id_token_claims(tokens.get("id_token"), login["n"])
+        # RFC 6749 section 5.1: the granted scope; absent, it is the scope requested (section 3.3).
+        # Kept beside the claims, not among them: the ID token never had a scope claim.
+        granted = tokens.get("scope")
+        scope = granted if isinstance(granted, str) else " ".join(self._settings.scopes)
         expires_in = number(tokens.get("expires_in"))
         token_exp = self._clock() + expires_in if expires_in else number(claims.get("exp"))
         session = self._sessions.create("authorization_code", claims, x5t=None, jkt=None, pop=False,
-                                        token_exp=token_exp)
-        return session, self._settings.login_redirect_uri or str(login["return_to"])
+                                        token_exp=token_exp, scope=scope)
+        return session, self._settings.login_redirect_uri or login["r"]
 
     @property
     def clear_state_cookie(self) -> str:
-        return self._sessions.clear_cookie(self._state_cookie, path=self.callback_path)
+        return self._sessions.cookie("", max_age=0, name=self._state_cookie, same_site="Lax", host_only=True)
 
     def _exchange(self, code: str, verifier: str) -> dict[str, Any]:
         """RFC 6749 section 4.1.3, with the PKCE verifier (RFC 7636 section 4.5)."""

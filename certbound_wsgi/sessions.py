@@ -1,10 +1,16 @@
 """Server-side sessions that remember how they were made.
 
-The cookie carries only a random id and its MAC (keyed by ``session_secret``);
-the record lives server-side, sealed in Redis or in process. A record keeps the
-method that created it and the binding of the token it came from
-(``x5t#S256``, ``jkt``), so that a session made by a bound token demands the
-same proof on every use: a stolen cookie is as useless as a stolen token.
+The cookie carries a session id, a generation, the session's absolute end and a
+MAC over all three (keyed by ``session_secret``); the record lives server-side,
+sealed in Redis or in process. A record keeps the method that created it and the
+binding of the token it came from (``x5t#S256``, ``jkt``), so that a session made
+by a bound token demands the same proof on every use: a stolen cookie is as
+useless as a stolen token.
+
+A token opens at most one session: its id is an HMAC of the token and its
+binding, so a client that never returns the cookie finds the same session on
+every request instead of making a new one, and a request whose session exists
+writes nothing (this process remembers the sessions it has seen).
 """
 
 from __future__ import annotations
@@ -14,19 +20,34 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .cache import Store
-from .cache.memory import MemoryStore
+from .cache.memory import MemoryStore, TTLCache
 from .cache.redis import RedisCache, RedisUnavailable
 from .cache.seal import Sealer
 from .credentials import read_cookie
-from .errors import InvalidToken, TemporarilyUnavailable
+from .errors import AuthError, InvalidToken, TemporarilyUnavailable
 from .jose import equal_ascii
 from .settings import Settings
 from .types import Claims, WSGIEnvironment
 
-__all__ = ["Session", "SessionRecord", "Sessions"]
+__all__ = ["CookieId", "Session", "SessionRecord", "Sessions", "cookie_name"]
+
+#: The longest session cookie value read; anything longer is not ours.
+MAX_COOKIE = 256
+
+
+def cookie_name(name: str, *, secure: bool, host_only: bool, path: str) -> str:
+    """``name`` with the strongest prefix its attributes allow (RFC 6265bis section 4.1.3).
+
+    ``__Host-`` needs ``Secure``, no ``Domain`` and ``Path=/``: the cookie can then be set only by
+    this very host over HTTPS, never by a sibling subdomain (no session fixation from there).
+    ``__Secure-`` needs ``Secure`` only.
+    """
+    if not secure:
+        return name
+    return ("__Host-" if host_only and path == "/" else "__Secure-") + name
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +59,11 @@ class SessionRecord:
     :param x5t: the certificate thumbprint its token was bound to (RFC 8705), if any.
     :param jkt: the DPoP key thumbprint its token was bound to (RFC 9449), if any.
     :param pop: whether every use must repeat the proof (false for incompatible methods).
-    :param created: when it was created; ``rolled``: when its id was last renewed;
+    :param created: when it was created; ``rolled``: when its cookie was last renewed;
         ``seen``: when it was last used; ``expires``: when it ends at the latest.
+    :param gen: the generation its cookie must name; renewal changes it, so older cookies stop working.
+    :param token: the token it was opened with, kept (sealed) only when it can be introspected again.
+    :param scope: the scope granted to a login (RFC 6749 section 5.1); ``None``: the claims' scopes.
     """
 
     method: str
@@ -51,11 +75,15 @@ class SessionRecord:
     rolled: float
     seen: float
     expires: float
+    gen: str = ""
+    token: str | None = None
+    scope: str | None = None
 
     def to_bytes(self) -> bytes:
         return json.dumps(
             {"m": self.method, "c": self.claims, "x": self.x5t, "j": self.jkt, "p": self.pop,
-             "t": [self.created, self.rolled, self.seen, self.expires]},
+             "t": [self.created, self.rolled, self.seen, self.expires], "g": self.gen, "k": self.token,
+             "s": self.scope},
             separators=(",", ":"),
         ).encode()
 
@@ -64,10 +92,34 @@ class SessionRecord:
         try:
             raw: Any = json.loads(data)
             created, rolled, seen, expires = (float(t) for t in raw["t"])
+            token, scope = raw.get("k"), raw.get("s")
             return cls(str(raw["m"]), dict(raw["c"]), raw["x"], raw["j"], bool(raw["p"]),
-                       created, rolled, seen, expires)
-        except (ValueError, KeyError, TypeError, RecursionError):
+                       created, rolled, seen, expires, str(raw["g"]),
+                       token if isinstance(token, str) else None, scope if isinstance(scope, str) else None)
+        except (ValueError, KeyError, TypeError, RecursionError, AttributeError):
             return None
+
+
+class CookieId(NamedTuple):
+    """What a session cookie names: the record, its generation, and the session's absolute end."""
+
+    sid: str
+    gen: str
+    end: int
+
+    @property
+    def value(self) -> str:
+        return f"{self.sid}.{self.gen}.{self.end}"
+
+    @classmethod
+    def parse(cls, value: str) -> CookieId | None:
+        parts = value.split(".")
+        if len(parts) != 3:
+            return None
+        sid, gen, end = parts
+        if not sid or not gen or not (end.isascii() and end.isdigit()) or len(end) > 12:
+            return None
+        return cls(sid, gen, int(end))
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +135,17 @@ class Session:
     set_cookie: str | None = None
 
 
+class _Known(NamedTuple):
+    """A token's session as this process last saw it: enough to answer a token request without I/O."""
+
+    key: str
+    gen: str
+    cookie: str  # the signed cookie value
+    set_cookie: str
+
+
 class _RedisStore:
-    """Sessions in Redis, sealed; Redis trouble is a 503, never a decision."""
+    """Values in Redis, sealed; Redis trouble is a 503, never a decision."""
 
     def __init__(self, redis: RedisCache, sealer: Sealer) -> None:
         self._redis = redis
@@ -94,69 +155,120 @@ class _RedisStore:
         try:
             return self._redis.fetch(key, self._sealer)
         except RedisUnavailable:
-            raise TemporarilyUnavailable("the session store is unavailable", retry_after=2) from None
+            raise _unavailable() from None
 
     def store(self, key: str, value: bytes, ttl: float) -> None:
         try:
             self._redis.store(key, self._sealer, value, ttl)
         except RedisUnavailable:
-            raise TemporarilyUnavailable("the session store is unavailable", retry_after=2) from None
+            raise _unavailable() from None
+
+    def add(self, key: str, value: bytes, ttl: float) -> bool:
+        try:
+            return self._redis.store(key, self._sealer, value, ttl, only_new=True)
+        except RedisUnavailable:
+            raise _unavailable() from None
 
     def delete(self, key: str) -> None:
         try:
             self._redis.delete(key)
         except RedisUnavailable:
-            raise TemporarilyUnavailable("the session store is unavailable", retry_after=2) from None
+            raise _unavailable() from None
+
+
+def _unavailable() -> TemporarilyUnavailable:
+    return TemporarilyUnavailable("the session store is unavailable", retry_after=2)
 
 
 class Sessions:
-    """Creates, loads, renews and destroys sessions.
+    """Opens, loads, renews and ends sessions.
 
-    :param settings: the ``session_*`` options, and ``cache_l1_size`` (the most sessions kept in process
-        when there is no Redis).
+    :param settings: ``session_*`` options, ``cache_l1_size`` (each in-process bound),
+        ``cache_l1_ttl`` (how long this process trusts what it knows of a session in Redis).
     :param redis: the shared Redis cache, if configured.
+    :param recheck: validates a kept token again (introspection); raises :class:`InvalidToken` once
+        it is revoked. ``None``: no token is kept.
     :param clock: wall-clock seconds; injectable for tests.
     """
 
     def __init__(self, settings: Settings, redis: RedisCache | None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *,
+                 recheck: Callable[[str], object] | None = None) -> None:
         self._settings = settings
         # The secret keys the cookie MAC, the sealing and the namespace: instances with
         # different secrets sharing one Redis cannot use each other's sessions.
         self._sealer = Sealer(settings.session_secret, "session")
+        # A separate key for the ids derived from tokens (domain separation from the cookie MAC).
+        self._token_ids = Sealer(settings.session_secret, "session-token")
         self._store_impl: Store = (
             MemoryStore(settings.cache_l1_size, clock) if redis is None else _RedisStore(redis, self._sealer)
         )
+        # The hot path of a bearer request: token -> its session id (an HMAC, computed once), and
+        # id -> the session as last seen here, so that a repeated token request costs no store I/O
+        # and no parsing. Trusted for cache_l1_ttl at most, as another worker may end the session.
+        self._sids: TTLCache[str] = TTLCache(settings.cache_l1_size, clock)
+        self._known: TTLCache[_Known] = TTLCache(settings.cache_l1_size, clock)
+        self._known_ttl = float(settings.cache_l1_ttl)
+        self._redis = redis
+        # Used login states: their own bound, so that login attempts can never evict sessions.
+        self._used_states = MemoryStore(settings.cache_l1_size, clock)
+        self._recheck = recheck
         self._clock = clock
-        self._cookie = settings.session_cookie_name
+        s = settings
+        self.cookie_name = cookie_name(s.session_cookie_name, secure=s.session_cookie_secure,
+                                       host_only=not s.session_cookie_domain, path=s.session_cookie_path or "/")
 
     # -- the store -------------------------------------------------------------------
 
-    def _fetch(self, key: str) -> bytes | None:
-        return self._store_impl.fetch(key)
+    def _key(self, sid: str) -> str:
+        return self._sealer.key_name("sid", sid)
 
-    def _store(self, key: str, value: bytes, ttl: float) -> None:
-        self._store_impl.store(key, value, ttl)
+    def _fetch_record(self, sid: str) -> SessionRecord | None:
+        data = self._store_impl.fetch(self._key(sid))
+        return SessionRecord.from_bytes(data) if data is not None else None
 
-    def _delete(self, key: str) -> None:
-        self._store_impl.delete(key)
-
-    def _put(self, sid: str, record: SessionRecord) -> None:
+    def _put(self, sid: str, record: SessionRecord, *, only_new: bool = False) -> bool:
+        """Store ``record``; with ``only_new``, only if nothing is stored for ``sid`` (whether it was)."""
         ttl = record.expires - self._clock()
         idle = self._settings.session_idling_timeout
         if idle:
             # An idle session is dead: the store need not keep it past that (touch() extends it).
             ttl = min(ttl, record.seen - self._clock() + idle + 60)
-        self._store(self._sealer.key_name("sid", sid), record.to_bytes(), ttl)
+        if only_new:
+            return self._store_impl.add(self._key(sid), record.to_bytes(), ttl)
+        self._store_impl.store(self._key(sid), record.to_bytes(), ttl)
+        return True
+
+    def _delete(self, sid: str) -> None:
+        self._known.pop(sid)
+        self._store_impl.delete(self._key(sid))
+
+    def _deadline(self, record: SessionRecord) -> float:
+        """When the record ends unless it is used (or renewed) before."""
+        s = self._settings
+        deadline = record.expires
+        if s.session_idling_timeout:
+            deadline = min(deadline, record.seen + s.session_idling_timeout)
+        if s.session_rolling_timeout:
+            deadline = min(deadline, record.rolled + s.session_rolling_timeout)
+        return deadline
+
+    def _ended(self, record: SessionRecord, now: float) -> bool:
+        return now >= record.expires or now > self._deadline(record)
 
     # -- cookies ----------------------------------------------------------------------
 
     def cookie(self, value: str, max_age: int | None = None, name: str | None = None, *,
-               path: str | None = None, same_site: str | None = None) -> str:
-        """A ``Set-Cookie`` value with the configured attributes (``path`` and ``same_site`` override them)."""
+               same_site: str | None = None, host_only: bool = False) -> str:
+        """A ``Set-Cookie`` value with the configured attributes.
+
+        :param host_only: no ``Domain`` and ``Path=/`` whatever is configured (the login state cookie).
+        :param same_site: overrides ``session_cookie_same_site``.
+        """
         s = self._settings
-        parts = [f"{name or self._cookie}={value}", f"Path={path or s.session_cookie_path or '/'}"]
-        if s.session_cookie_domain:
+        path = "/" if host_only else (s.session_cookie_path or "/")
+        parts = [f"{name or self.cookie_name}={value}", f"Path={path}"]
+        if s.session_cookie_domain and not host_only:
             parts.append(f"Domain={s.session_cookie_domain}")
         if max_age is not None:
             parts.append(f"Max-Age={max_age}")
@@ -167,8 +279,8 @@ class Sessions:
         parts.append(f"SameSite={same_site or s.session_cookie_same_site}")
         return "; ".join(parts)
 
-    def clear_cookie(self, name: str | None = None, *, path: str | None = None) -> str:
-        return self.cookie("", max_age=0, name=name, path=path)
+    def clear_cookie(self) -> str:
+        return self.cookie("", max_age=0)
 
     def signed(self, value: str) -> str:
         """``value.mac``: what a cookie carries."""
@@ -177,22 +289,32 @@ class Sessions:
     def verified(self, environ: WSGIEnvironment, name: str | None = None) -> str | None:
         """The value of a cookie made by :meth:`signed`, once its MAC is verified; ``None`` when absent or wrong."""
         header = environ.get("HTTP_COOKIE")
-        name = name or self._cookie
+        name = name or self.cookie_name
         if not header or name not in header:
             return None
         raw = read_cookie(header, name)
-        if not raw or len(raw) > 256:
+        if not raw or len(raw) > MAX_COOKIE:
             return None
         value, _, mac = raw.rpartition(".")
         if not value or not equal_ascii(mac, self._sealer.mac(value)):
             return None
         return value
 
+    def presented(self, environ: WSGIEnvironment) -> CookieId | None:
+        """What the request's session cookie names, if its MAC verifies (no store I/O)."""
+        value = self.verified(environ)
+        return CookieId.parse(value) if value is not None else None
+
+    def _set_cookie(self, sid: str, record: SessionRecord) -> str:
+        return self.cookie(self.signed(CookieId(sid, record.gen, _end(record)).value))
+
+    def _expired(self) -> InvalidToken:
+        return InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())])
+
     # -- sessions ---------------------------------------------------------------------
 
-    def create(self, method: str, claims: Claims, *, x5t: str | None, jkt: str | None, pop: bool,
-               token_exp: float | None) -> Session:
-        """A new session with a new id: a login never reuses an id, so there is no fixation."""
+    def _new_record(self, method: str, claims: Claims, *, x5t: str | None, jkt: str | None, pop: bool,
+                    token_exp: float | None, token: str | None = None, scope: str | None = None) -> SessionRecord:
         s = self._settings
         now = self._clock()
         expires = now + s.session_absolute_timeout if s.session_absolute_timeout else float("inf")
@@ -200,10 +322,56 @@ class Sessions:
             expires = min(expires, token_exp)
         if expires == float("inf"):
             expires = now + 86400
-        record = SessionRecord(method, claims, x5t, jkt, pop, now, now, now, expires)
+        return SessionRecord(method, claims, x5t, jkt, pop, now, now, now, expires, _new_gen(), token, scope)
+
+    def create(self, method: str, claims: Claims, *, x5t: str | None, jkt: str | None, pop: bool,
+               token_exp: float | None, scope: str | None = None) -> Session:
+        """A new session with a new random id (the browser login): there is no fixation.
+
+        :raises TemporarilyUnavailable: the session store cannot be asked.
+        """
+        record = self._new_record(method, claims, x5t=x5t, jkt=jkt, pop=pop, token_exp=token_exp, scope=scope)
         sid = secrets.token_urlsafe(32)
         self._put(sid, record)
-        return Session(sid, record, self.cookie(self.signed(sid)))
+        return Session(sid, record, self._set_cookie(sid, record))
+
+    def for_token(self, environ: WSGIEnvironment, token: str, method: str, claims: Claims, *,
+                  x5t: str | None, jkt: str | None, token_exp: float | None, keep_token: bool) -> str | None:
+        """The token's one session, opened if need be: the ``Set-Cookie`` to send, if any.
+
+        Its id is an HMAC of the token and its binding, so every request with this token
+        finds the same session. Once this process has seen it, nothing is read, written or
+        parsed (trusted for ``cache_l1_ttl`` at most); a cookie naming it is not sent again.
+
+        :raises TemporarilyUnavailable: the session store cannot be asked.
+        """
+        now = self._clock()
+        sid = self._sids.get(token)
+        if sid is None:
+            sid = self._token_ids.mac("\x00".join((token, x5t or "", jkt or "")))
+            self._sids.put(token, sid, now + self._known_ttl)
+        known = self._known.get(sid)
+        # In process, the record is asked for by a dict look-up: evicted, it is opened again.
+        if known is not None and (self._redis is not None or self._store_impl.fetch(known.key) is not None):
+            header = environ.get("HTTP_COOKIE")
+            return None if header and known.cookie in header else known.set_cookie
+        presented = self.presented(environ)
+        record = self._fetch_record(sid)
+        if record is None or self._ended(record, now):
+            fresh = self._new_record(method, claims, x5t=x5t, jkt=jkt, pop=True, token_exp=token_exp,
+                                     token=token if keep_token else None)
+            # SET NX when nothing is there: of two workers opening it at once, one record wins.
+            if self._put(sid, fresh, only_new=record is None):
+                record = fresh
+            else:
+                record = self._fetch_record(sid) or fresh
+        cookie = self.signed(CookieId(sid, record.gen, _end(record)).value)
+        # Never past the record's own deadline: a cookie-less client does not keep it alive.
+        self._known.put(sid, _Known(self._key(sid), record.gen, cookie, self.cookie(cookie)),
+                        min(now + self._known_ttl, self._deadline(record)))
+        if presented is not None and presented.sid == sid and equal_ascii(presented.gen, record.gen):
+            return None
+        return self.cookie(cookie)
 
     def load(self, environ: WSGIEnvironment) -> Session | None:
         """The request's live session; ``None`` when there is no valid cookie or no such session.
@@ -214,81 +382,99 @@ class Sessions:
         :raises InvalidToken: the session has expired (its cookie is cleared).
         :raises TemporarilyUnavailable: the session store cannot be asked.
         """
-        sid = self.verified(environ)
-        if sid is None:
+        presented = self.presented(environ)
+        if presented is None:
             return None
-        data = self._fetch(self._sealer.key_name("sid", sid))
-        record = SessionRecord.from_bytes(data) if data is not None else None
-        if record is None:
-            return None
-        s = self._settings
         now = self._clock()
-        if (
-            now >= record.expires
-            or (s.session_idling_timeout and now - record.seen > s.session_idling_timeout)
-            or (s.session_rolling_timeout and now - record.rolled > s.session_rolling_timeout)
-        ):
+        if now >= presented.end:
+            # Past its absolute end, known from the cookie alone: no store I/O.
+            raise self._expired()
+        record = self._fetch_record(presented.sid)
+        if record is None or not equal_ascii(presented.gen, record.gen):
+            return None  # ended, renewed under a newer cookie, or never ours
+        if self._ended(record, now):
             # Expired for everyone, so there is nothing to protect by proof first.
             try:
-                self._delete(self._sealer.key_name("sid", sid))
+                self._delete(presented.sid)
             except TemporarilyUnavailable:
                 pass  # the record expires in the store by itself
-            raise InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())])
-        return Session(sid, record)
+            raise self._expired()
+        return Session(presented.sid, record)
+
+    def recheck(self, session: Session) -> None:
+        """Revocation: ask again about the token a session was opened with (RFC 7662 section 2.2).
+
+        The validator's own cache bounds how often the issuer is asked (``cache_ttl_max``).
+
+        :raises InvalidToken: the token is no longer active; the session is ended.
+        :raises TemporarilyUnavailable: the issuer cannot be asked; the session cannot be verified.
+        """
+        token = session.record.token
+        if token is None or self._recheck is None:
+            return
+        try:
+            self._recheck(token)
+        except TemporarilyUnavailable:
+            raise
+        except AuthError:
+            try:
+                self._delete(session.sid)
+            except TemporarilyUnavailable:
+                pass  # the check above refuses it on every use until it expires
+            raise InvalidToken("the session's token is no longer active",
+                               headers=[("Set-Cookie", self.clear_cookie())]) from None
 
     def touch(self, session: Session) -> Session:
-        """After a successful use: renew the id when due, or record the use.
+        """After a successful use: renew the cookie when due, or record the use.
 
-        :returns: the session to go on with; its ``set_cookie`` is set when the id changed.
+        :returns: the session to go on with; its ``set_cookie`` is set when the cookie changed.
         """
         s = self._settings
         record = session.record
         now = self._clock()
         if s.session_rolling_timeout and now - record.rolled > s.session_rolling_timeout / 2:
-            # Renew: a new id for the same record; the old id stops working.
-            renewed = replace(record, rolled=now, seen=now)
-            new_sid = secrets.token_urlsafe(32)
-            self._put(new_sid, renewed)
-            self._delete(self._sealer.key_name("sid", session.sid))
-            return Session(new_sid, renewed, self.cookie(self.signed(new_sid)))
+            # Renew: a new generation for the same record; the cookie naming the old one stops working.
+            renewed = replace(record, rolled=now, seen=now, gen=_new_gen())
+            self._put(session.sid, renewed)
+            self._known.pop(session.sid)
+            return Session(session.sid, renewed, self._set_cookie(session.sid, renewed))
         if now - record.seen > min(60.0, (s.session_idling_timeout or 600) / 10):
             record = replace(record, seen=now)
             self._put(session.sid, record)
             return Session(session.sid, record)
         return session
 
-    def is_live(self, environ: WSGIEnvironment) -> bool:
-        """Whether the request carries the cookie of a session that still exists."""
-        try:
-            return self.load(environ) is not None
-        except InvalidToken:
-            return False
-
-    def destroy(self, environ: WSGIEnvironment) -> None:
-        """End the request's session.
+    def end(self, session: Session) -> None:
+        """Delete ``session``.
 
         :raises TemporarilyUnavailable: the store cannot be asked; the session may live on, so do not
             tell the user they are logged out.
         """
-        sid = self.verified(environ)
-        if sid is not None:
-            self._delete(self._sealer.key_name("sid", sid))
+        self._delete(session.sid)
 
-    # -- one-time records for the login flow -------------------------------------------
+    # -- used login states ----------------------------------------------------------
 
-    def put_once(self, name: str, value: dict[str, Any], ttl: float) -> None:
-        self._store(self._sealer.key_name("once", name), json.dumps(value).encode(), ttl)
+    def first_use(self, name: str, ttl: float) -> bool:
+        """Mark ``name`` used, atomically: True for the one caller that marked it first.
 
-    def take_once(self, name: str) -> dict[str, Any] | None:
-        """The value stored under ``name``, removed so that it cannot be used again."""
-        key = self._sealer.key_name("once", name)
-        data = self._fetch(key)
-        if data is None:
-            return None
-        self._delete(key)
-        try:
-            value = json.loads(data)
-        except ValueError:
-            return None
-        return value if isinstance(value, dict) else None
+        Redis ``SET NX`` when configured, so that of simultaneous callbacks on any worker exactly
+        one wins; otherwise this process's own bounded store of used names.
 
+        :raises TemporarilyUnavailable: Redis cannot be asked.
+        """
+        key = self._sealer.key_name("used", name)
+        if self._redis is None:
+            return self._used_states.add(key, b"1", ttl)
+        added = self._redis.add_once(key, ttl)
+        if added is None:
+            raise _unavailable()
+        return added
+
+
+def _new_gen() -> str:
+    return secrets.token_urlsafe(12)
+
+
+def _end(record: SessionRecord) -> int:
+    # Rounded up, so that the cookie never ends a session the record still allows.
+    return int(-(-record.expires // 1))

@@ -340,7 +340,12 @@ class Settings:
         "Required (32+ characters) with ``session``.",
     )
     session_cookie_name: str = _option(
-        "session", "The session cookie's name: ASCII letters, digits, ``-`` and ``_``.", required=True,
+        "session",
+        "The session cookie's name: ASCII letters, digits, ``-`` and ``_``. It is sent with the strongest "
+        "prefix its attributes allow (RFC 6265bis section 4.1.3): ``__Host-`` when Secure, host-only and "
+        "``Path=/`` (the defaults), ``__Secure-`` when Secure, none otherwise. The browser login's state "
+        "cookie is ``__Host-<name>_login`` (``<name>_login`` when not Secure).",
+        required=True,
         check=_cookie_name,
     )
     session_cookie_secure: bool = _option(True, "Send the session cookie over HTTPS only.")
@@ -508,9 +513,17 @@ class Settings:
         "Secret from which the cache's sealing key and key namespace are derived. Falls back to "
         "``client_secret``; required with Redis when there is no client secret.",
     )
-    cache_l1_size: int = _option(10000, "Entries in the in-process (L1) cache.", min=1)
+    cache_l1_size: int = _option(
+        10000,
+        "Entries in the in-process (L1) cache. Each kind kept in process (introspection answers, sessions, "
+        "used login states, the sessions a process knows) has its own bound of this size.",
+        min=1,
+    )
     cache_l1_ttl: int = _option(
-        5, "With Redis, seconds an entry may live in the in-process cache before Redis is asked again.", min=0
+        5,
+        "With Redis, seconds an entry may live in the in-process cache before Redis is asked again; also how "
+        "long a process trusts, without asking Redis, that a token's session exists.",
+        min=0,
     )
     redis_url: str = _option(
         "",

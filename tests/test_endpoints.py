@@ -82,5 +82,6 @@ def test_endpoint_refusals_go_through_on_error(issuer: TestIssuer) -> None:
     response = Client(mw).get("/callback", query_string={"state": "s"})  # type: ignore[arg-type]
     assert_refused(response, 400, "invalid_request", "the login callback lacks code or state")
     assert [type(error).__name__ for error in seen] == ["InvalidRequest"]
-    assert response.headers.getlist("Set-Cookie") == ["session_login=; Path=/callback; Max-Age=0; Secure; HttpOnly; "
+    # The state cookie is host-only with Path=/, so it takes the __Host- prefix (issue 12).
+    assert response.headers.getlist("Set-Cookie") == ["__Host-session_login=; Path=/; Max-Age=0; Secure; HttpOnly; "
                                                       "SameSite=Lax"]

@@ -30,6 +30,7 @@ from tests.support.tokens import ISSUER, TestIssuer
 from tests.test_sessions import (
     LOGIN,
     OTHER_SECRET,
+    STATE_COOKIE,
     app_of,
     attributes,
     build,
@@ -100,20 +101,27 @@ def test_login_start_redirects_to_the_issuer_with_pkce(issuer: TestIssuer) -> No
     assert len({params["state"], params["nonce"], params["code_challenge"]}) == 3
     assert response.headers["Cache-Control"] == "no-store"
     assert app_of(client).calls == []
-    # The state cookie: the state, signed, for the login's lifetime only.
-    assert set_cookie_values(response, "session_login") == [mw.sessions.signed(params["state"])]
-    assert attributes(response, "session_login") == {"Path=/callback", f"Max-Age={LOGIN_TTL}", "Secure", "HttpOnly",
-                                                     "SameSite=Lax"}
+    # The state cookie: the state, then the login sealed to it, host-only, for the login's lifetime only.
+    (state_cookie,) = set_cookie_values(response, STATE_COOKIE)
+    assert state_cookie.rpartition(".")[0] == params["state"]
+    assert attributes(response, STATE_COOKIE) == {"Path=/", f"Max-Age={LOGIN_TTL}", "Secure", "HttpOnly",
+                                                  "SameSite=Lax"}
     assert set_cookie_values(response) == []  # no session yet
-    # The server remembers the verifier; the issuer gets only its S256 hash (RFC 7636 section 4.2).
-    login_record = mw.sessions.take_once(params["state"])
-    assert login_record is not None
-    verifier = login_record["verifier"]
+    # The browser carries the verifier, sealed; the issuer gets only its S256 hash (RFC 7636 section 4.2).
+    login_record = opened_login(client, state_cookie, params["state"])
+    verifier = login_record["v"]
     assert 43 <= len(verifier) <= 128
     assert params["code_challenge"] == b64url_sha256(verifier)
-    assert login_record["nonce"] == params["nonce"]
-    assert login_record["return_to"] == "/orders?x=1"
-    assert mw.sessions.take_once(params["state"]) is None  # one use only
+    assert login_record["n"] == params["nonce"]
+    assert login_record["r"] == "/orders?x=1"
+    assert params["nonce"] not in state_cookie and verifier not in state_cookie
+
+
+def opened_login(client: Client, state_cookie: str | None, state: str) -> dict[str, Any]:
+    """The login sealed in ``state_cookie`` for ``state``, opened as the callback opens it."""
+    login_flow = middleware_of(client).login
+    assert login_flow is not None
+    return login_flow._login_of({"HTTP_COOKIE": f"{STATE_COOKIE}={state_cookie}"}, state)
 
 
 def test_each_login_start_is_fresh(issuer: TestIssuer) -> None:
@@ -155,10 +163,8 @@ def test_the_return_path_is_never_an_open_redirect(issuer: TestIssuer, path_info
     client = browser(issuer)
     mw = middleware_of(client)
     assert mw.sessions is not None
-    _, params = start_login(client, "/", environ={"PATH_INFO": path_info})
-    record = mw.sessions.take_once(params["state"])
-    assert record is not None
-    return_to = record["return_to"]
+    start, params = start_login(client, "/", environ={"PATH_INFO": path_info})
+    return_to = opened_login(client, new_cookie(start, STATE_COOKIE), params["state"])["r"]
     assert return_to.startswith("/") and not return_to.startswith("//") and "\\" not in return_to
     assert urlsplit(return_to).netloc == ""
 
@@ -221,21 +227,21 @@ def with_token_endpoint(client: Client, answer: Callable[[dict[str, str]], tuple
 
 
 def callback(client: Client, query: str, state_cookie: str | None) -> TestResponse:
-    headers = {"Cookie": f"session_login={state_cookie}"} if state_cookie is not None else {}
+    headers = {"Cookie": f"{STATE_COOKIE}={state_cookie}"} if state_cookie is not None else {}
     return client.get(f"/callback?{query}", headers=headers)
 
 
 def test_login_callback_opens_an_unbound_session(issuer: TestIssuer, mallory: Issued) -> None:
     client = browser(issuer)
     start, params = start_login(client)
-    state_cookie = new_cookie(start, "session_login")
+    state_cookie = new_cookie(start, STATE_COOKIE)
     endpoint = with_token_endpoint(client, lambda data: (200, {
         "access_token": "at", "token_type": "Bearer", "expires_in": 300,
         "id_token": id_token(issuer, params["nonce"])}))
     response = callback(client, f"code=the-code&state={params['state']}", state_cookie)
     assert response.status_code == 302
     assert response.headers["Location"] == "/orders?x=1"
-    assert clears(response, "session_login")
+    assert clears(response, STATE_COOKIE)
     session = new_cookie(response)
     assert session is not None
     # The exchange sent the verifier behind the challenge.
@@ -244,6 +250,7 @@ def test_login_callback_opens_an_unbound_session(issuer: TestIssuer, mallory: Is
     assert kwargs["data"]["grant_type"] == "authorization_code"
     assert kwargs["data"]["code"] == "the-code"
     assert kwargs["data"]["redirect_uri"] == "https://app.test/callback"
+    assert kwargs["auth"] == ("app", LOGIN["client_secret"])  # HTTP Basic (RFC 6749 section 2.3.1)
     assert b64url_sha256(kwargs["data"]["code_verifier"]) == params["code_challenge"]
     # The session is the browser's: no certificate needed (validation off), any certificate ignored.
     for cert in (None, mallory):
@@ -281,7 +288,7 @@ def test_a_bad_callback_never_opens_a_session(
     client = browser(issuer)
     start, params = start_login(client)
     _, other = start_login(client)  # another browser's login
-    state_cookie = new_cookie(start, "session_login")
+    state_cookie = new_cookie(start, STATE_COOKIE)
     assert state_cookie is not None
     endpoint = with_token_endpoint(client, lambda data: (200, {"id_token": id_token(issuer, params["nonce"])}))
     query, cookie = make(params["state"], state_cookie, other["state"])
@@ -291,7 +298,7 @@ def test_a_bad_callback_never_opens_a_session(
     body = response.json
     assert body is not None and body["error"] == error
     assert new_cookie(response) is None
-    assert clears(response, "session_login")
+    assert clears(response, STATE_COOKIE)
     assert "Location" not in response.headers
     assert endpoint.posts == []
     assert app_of(client).calls == []
@@ -320,6 +327,10 @@ EXCHANGE_FAILURES = [
                  "the ID token has expired", id="expired"),
     pytest.param(lambda i, n: (200, {"id_token": id_token(i, n, sub=None)}), 401, "the ID token has no subject",
                  id="no-subject"),
+    pytest.param(lambda i, n: (200, {"id_token": id_token(i, n, iat=int(time.time()) + 3600)}), 401,
+                 "the ID token's iat is invalid", id="iat-in-the-future"),
+    pytest.param(lambda i, n: (200, {"id_token": id_token(i, n, aud=["app", "other"])}), 401,
+                 "the ID token is not meant for this client", id="several-audiences-no-azp"),
     pytest.param(lambda i, n: (200, {"id_token": id_token(i, n, key=DPoPKey().key)}), 401, None,
                  id="foreign-signature"),
 ]
@@ -332,11 +343,11 @@ def test_a_failed_exchange_never_opens_a_session(
     client = browser(issuer)
     start, params = start_login(client)
     endpoint = with_token_endpoint(client, lambda data: answer(issuer, params["nonce"]))
-    response = callback(client, f"code=c&state={params['state']}", new_cookie(start, "session_login"))
+    response = callback(client, f"code=c&state={params['state']}", new_cookie(start, STATE_COOKIE))
     assert response.status_code == status
     assert len(endpoint.posts) == 1
     assert new_cookie(response) is None
-    assert clears(response, "session_login")
+    assert clears(response, STATE_COOKIE)
     if message is not None:
         assert description(response) == message
     assert app_of(client).calls == []

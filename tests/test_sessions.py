@@ -23,6 +23,7 @@ from werkzeug.http import parse_cookie
 from werkzeug.test import Client, TestResponse, create_environ
 
 from certbound_wsgi.binding import CERT_MISSING, THUMBPRINT_MISMATCH
+from certbound_wsgi.cache.memory import MemoryStore
 from certbound_wsgi.cache.seal import Sealer
 from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError
@@ -35,6 +36,9 @@ from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 SECRET = "session-secret-0123456789abcdefghij"
 OTHER_SECRET = "another-secret-0123456789abcdefghij"
+#: Secure, host-only and Path=/: the cookies take the __Host- prefix (RFC 6265bis section 4.1.3.2).
+COOKIE = "__Host-session"
+STATE_COOKIE = "__Host-session_login"
 CACHE_SECRET = "cache-secret-0123456789"
 HTU = "http://localhost/anything"
 SESSION: dict[str, Any] = {"auth_methods": ("bearer", "session"), "session_secret": SECRET}
@@ -79,7 +83,7 @@ def app_of(client: Client) -> CountingApp:
 
 
 def get(client: Client, *, token: str | None = None, cookie: str | None = None, cert: Issued | None = None,
-        path: str = "/anything", headers: dict[str, str] | None = None, cookie_name: str = "session",
+        path: str = "/anything", headers: dict[str, str] | None = None, cookie_name: str = COOKIE,
         scheme: str = "Bearer", method: str = "GET") -> TestResponse:
     all_headers = dict(headers or {})
     if token is not None:
@@ -90,7 +94,7 @@ def get(client: Client, *, token: str | None = None, cookie: str | None = None, 
                        environ_overrides=cert_env(cert.cert_pem if cert else None))
 
 
-def set_cookie_values(response: TestResponse, name: str = "session") -> list[str]:
+def set_cookie_values(response: TestResponse, name: str = COOKIE) -> list[str]:
     """The values the response sets for cookie ``name`` (empty values included)."""
     values = []
     for header in response.headers.getlist("Set-Cookie"):
@@ -100,20 +104,20 @@ def set_cookie_values(response: TestResponse, name: str = "session") -> list[str
     return values
 
 
-def new_cookie(response: TestResponse, name: str = "session") -> str | None:
+def new_cookie(response: TestResponse, name: str = COOKIE) -> str | None:
     """The one non-empty value the response sets for cookie ``name``, or ``None``."""
     values = [v for v in set_cookie_values(response, name) if v]
     assert len(values) <= 1
     return values[0] if values else None
 
 
-def attributes(response: TestResponse, name: str = "session") -> set[str]:
+def attributes(response: TestResponse, name: str = COOKIE) -> set[str]:
     """The attributes of the response's ``Set-Cookie`` for ``name``."""
     (header,) = [h for h in response.headers.getlist("Set-Cookie") if h.startswith(f"{name}=")]
     return set(header.split("; ")[1:])
 
 
-def clears(response: TestResponse, name: str = "session") -> bool:
+def clears(response: TestResponse, name: str = COOKIE) -> bool:
     return any(h.startswith(f"{name}=;") and "Max-Age=0" in h for h in response.headers.getlist("Set-Cookie"))
 
 
@@ -319,12 +323,29 @@ def test_a_dpop_session_ignores_a_client_certificate(issuer: TestIssuer, alice: 
 # -- no fixation ------------------------------------------------------------------------------------------
 
 
-def test_each_login_gets_a_new_id(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
+def test_each_login_gets_a_new_id(issuer: TestIssuer, alice: Issued, alice_x5t: str) -> None:
+    """Each token its own session (the same token: one session, see the next test)."""
     client = build(issuer)
-    cookies = [login(client, alice_token, alice) for _ in range(4)]
+    cookies = [login(client, issuer.token(jti=f"t{i}", cnf={"x5t#S256": alice_x5t}), alice) for i in range(4)]
     assert len({sid_of(c) for c in cookies}) == 4
-    assert all(len(sid_of(c)) >= 43 for c in cookies)  # 256 bits of secrets.token_urlsafe
+    assert all(len(sid_of(c)) >= 43 for c in cookies)  # a 256-bit HMAC, then the generation and end
     assert [get(client, cookie=c, cert=alice).status_code for c in cookies] == [200] * 4
+
+
+def test_one_token_opens_one_session(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
+    """A client that never returns the cookie finds the same session: no new record per request."""
+    client = build(issuer)
+    sessions = middleware_of(client).sessions
+    assert sessions is not None
+    store = sessions._store_impl
+    cookies = {login(client, alice_token, alice) for _ in range(50)}
+    assert len(cookies) == 1
+    assert isinstance(store, MemoryStore) and len(store) == 1
+    # Sending the cookie back with the token: nothing to set.
+    (cookie,) = cookies
+    again = get(client, token=alice_token, cookie=cookie, cert=alice)
+    assert again.status_code == 200 and set_cookie_values(again) == []
+    assert get(client, cookie=cookie, cert=alice).json["auth_method"] == "session"  # type: ignore[index]
 
 
 def test_an_attacker_chosen_cookie_is_never_adopted(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
@@ -493,12 +514,12 @@ def test_the_tokens_exp_caps_the_session(issuer: TestIssuer, alice: Issued, alic
 
 
 COOKIE_SETTINGS = [
-    pytest.param({}, "session", {"Path=/", "Secure", "HttpOnly", "SameSite=Lax"}, id="defaults"),
+    pytest.param({}, COOKIE, {"Path=/", "Secure", "HttpOnly", "SameSite=Lax"}, id="defaults"),
     pytest.param({"session_cookie_secure": False, "session_cookie_http_only": False,
                   "session_cookie_same_site": "Strict", "session_cookie_path": "/api",
                   "session_cookie_domain": "example.test", "session_cookie_name": "sid"},
                  "sid", {"Path=/api", "Domain=example.test", "SameSite=Strict"}, id="everything-changed"),
-    pytest.param({"session_cookie_same_site": "None"}, "session", {"Path=/", "Secure", "HttpOnly", "SameSite=None"},
+    pytest.param({"session_cookie_same_site": "None"}, COOKIE, {"Path=/", "Secure", "HttpOnly", "SameSite=None"},
                  id="same-site-none-secure"),
 ]
 
@@ -588,7 +609,7 @@ def test_redis_never_sees_a_session_id(
     alice_x5t: str,
 ) -> None:
     client = on_redis(issuer, redis_server)
-    cookies = [login(client, alice_token, alice) for _ in range(3)]
+    cookies = [login(client, issuer.token(jti=f"t{i}", cnf={"x5t#S256": alice_x5t}), alice) for i in range(3)]
     keys = list(redis_db.scan_iter(match="*"))
     assert len(session_keys(redis_db, SECRET)) == 3
     secrets_seen = [part.encode() for c in cookies for part in (sid_of(c), c.rpartition(".")[2])]
@@ -726,7 +747,8 @@ def test_unbound_and_bound_sessions_side_by_side(
     assert mw.sessions is not None
     unbound = mw.sessions.create("authorization_code", {"sub": "bob", "iss": ISSUER}, x5t=None, jkt=None, pop=False,
                                  token_exp=None)
-    unbound_cookie = mw.sessions.signed(unbound.sid)
+    assert unbound.set_cookie is not None
+    unbound_cookie = unbound.set_cookie.split(";")[0].partition("=")[2]
     bound_cookie = login(client, alice_token, alice)
     rows = [
         (unbound_cookie, None, 200, "bob"),
@@ -776,7 +798,7 @@ def test_logout_ends_the_session(
 def test_logout_without_a_session_is_harmless(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
     client = build(issuer, logout_path="/logout")
     cookie = login(client, alice_token, alice)
-    for headers in ({}, {"Cookie": "session=garbage"}, {"Cookie": f"session={sid_of(cookie)}.bad-mac"}):
+    for headers in ({}, {"Cookie": f"{COOKIE}=garbage"}, {"Cookie": f"{COOKIE}={sid_of(cookie)}.bad-mac"}):
         response = client.post("/logout", headers=headers)
         assert response.status_code == 204
         assert clears(response)
@@ -823,7 +845,7 @@ def fuzz_target() -> tuple[CertBoundMiddleware, CountingApp, str]:
     cookie = login(client, issuer.token())
     app = app_of(client)
     mw = middleware_of(client)
-    assert call(mw, f"session={cookie}")[0] == 200
+    assert call(mw, f"{COOKIE}={cookie}")[0] == 200
     app.calls.clear()
     return mw, app, cookie
 
@@ -855,8 +877,8 @@ FUZZ = hsettings(max_examples=200, deadline=None, suppress_health_check=[HealthC
 @given(header=st.one_of(
     LATIN1,
     st.binary(max_size=300).map(lambda b: b.decode("latin-1")),
-    LATIN1.map(lambda v: f"session={v}"),
-    st.tuples(LATIN1, LATIN1).map(lambda p: f"{p[0]}; session={p[1]}"),
+    LATIN1.map(lambda v: f"{COOKIE}={v}"),
+    st.tuples(LATIN1, LATIN1).map(lambda p: f"{p[0]}; {COOKIE}={p[1]}"),
 ))
 def test_arbitrary_cookie_headers_are_refused(header: str) -> None:
     mw, app, _ = fuzz_target()
@@ -888,16 +910,17 @@ def mutate(value: str, mutations: list[tuple[str, int, str]]) -> str:
 
 def parsed(header: str) -> str | None:
     try:
-        return parse_cookie(header).get("session")
+        return parse_cookie(header).get(COOKIE)
     except (UnicodeError, ValueError):
         return None
 
 
 @FUZZ
-@given(mutations=st.lists(MUTATION, min_size=1, max_size=4), prefix=st.sampled_from(["", "a=b; ", "session_login=x; "]))
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=4),
+       prefix=st.sampled_from(["", "a=b; ", f"{STATE_COOKIE}=x; "]))
 def test_mutated_session_cookies_are_refused(mutations: list[tuple[str, int, str]], prefix: str) -> None:
     mw, app, cookie = fuzz_target()
-    header = f"{prefix}session={mutate(cookie, mutations)}"
+    header = f"{prefix}{COOKIE}={mutate(cookie, mutations)}"
     # The same cookie written differently (quoted, with a trailing ";") is the same cookie, not a mutation.
     assume(parsed(header) != cookie)
     assert_refused(mw, app, header)

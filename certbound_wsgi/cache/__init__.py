@@ -28,6 +28,10 @@ class Store(Protocol):
     def store(self, key: str, value: bytes, ttl: float) -> None:
         """Keep ``value`` for ``ttl`` seconds."""
 
+    def add(self, key: str, value: bytes, ttl: float) -> bool:
+        """Keep ``value`` for ``ttl`` seconds unless ``key`` holds a value already (atomic: ``SET NX``);
+        whether it was kept."""
+
     def delete(self, key: str) -> None:
         """Forget ``key``."""
 

@@ -113,5 +113,11 @@ class MemoryStore:
     def store(self, key: str, value: bytes, ttl: float) -> None:
         self._values.put(key, value, self._clock() + ttl)
 
+    def add(self, key: str, value: bytes, ttl: float) -> bool:
+        return self._values.add(key, value, self._clock() + ttl)
+
     def delete(self, key: str) -> None:
         self._values.pop(key)
+
+    def __len__(self) -> int:
+        return len(self._values)

@@ -214,18 +214,20 @@ class RedisCache:
             log.warning("certbound: a Redis entry failed authentication and was ignored")
         return plaintext
 
-    def store(self, key: str, sealer: Sealer, value: bytes, ttl: float) -> None:
+    def store(self, key: str, sealer: Sealer, value: bytes, ttl: float, *, only_new: bool = False) -> bool:
         """Seal ``value`` at ``key`` for ``ttl`` seconds.
 
+        :param only_new: ``SET NX``: only if ``key`` does not exist.
+        :returns: whether it was stored (False: ``only_new`` and the key existed).
         :raises RedisUnavailable: Redis cannot be asked now.
         """
         ttl_ms = int(ttl * 1000)
         if ttl_ms <= 0:
-            return
+            return True  # already over: nothing to keep
         if not self.available:
             raise RedisUnavailable()
         try:
-            self._client.set(key, sealer.seal(key, value), px=ttl_ms)
+            return bool(self._client.set(key, sealer.seal(key, value), px=ttl_ms, nx=only_new))
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
             raise RedisUnavailable() from None

@@ -54,6 +54,9 @@ APP = "tests.e2e.test_sessions:pid_echo"
 HTML = "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"
 LOGOUT = "/logout"
 COOKIE_ATTRIBUTES = {"Path=/", "Secure", "HttpOnly", "SameSite=Lax"}
+#: Secure, host-only, Path=/: the __Host- prefix (RFC 6265bis section 4.1.3.2).
+COOKIE = "__Host-session"
+STATE_COOKIE = "__Host-session_login"
 
 
 def pid_echo(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
@@ -74,7 +77,7 @@ def set_cookies(response: requests.Response) -> list[str]:
     return list(response.raw.headers.getlist("Set-Cookie"))
 
 
-def cookie_of(response: requests.Response, name: str = "session") -> tuple[str, set[str]]:
+def cookie_of(response: requests.Response, name: str = COOKIE) -> tuple[str, set[str]]:
     """The value and attributes of the one ``Set-Cookie`` for ``name``."""
     found = [c for c in set_cookies(response) if c.startswith(f"{name}=")]
     assert len(found) == 1, set_cookies(response)
@@ -87,7 +90,7 @@ def call(stack: Stack, cookie: str | None = None, cert: Issued | None = None, pa
     """A request on a fresh connection carrying exactly the ``session`` cookie given (no cookie jar)."""
     sent = {k.replace("_", "-"): v for k, v in headers.items()}
     if cookie is not None:
-        sent["Cookie"] = f"session={cookie}"
+        sent["Cookie"] = f"{COOKIE}={cookie}"
     return stack.call(None, cert, path=path, headers=sent, allow_redirects=False, method=method)
 
 
@@ -106,7 +109,8 @@ def assert_invalid_token(response: requests.Response, description: str) -> None:
 
 
 def redis_key(secret: str, sid: str) -> str:
-    return Sealer(secret, "session").key_name("sid", sid)
+    """The Redis key of the session a cookie names (its id is the cookie's first field)."""
+    return Sealer(secret, "session").key_name("sid", sid.split(".")[0])
 
 
 def tamper(text: str, index: int) -> str:
@@ -302,17 +306,21 @@ def test_logout(stack_a: Stack, pki: Pki, alice_token: str, redis_client: Any) -
         pytest.param(lambda v: "", id="empty"),
     ],
 )
-def test_tampered_cookie_is_refused(stack_a: Stack, pki: Pki, alice_token: str, forge: Any) -> None:
-    value = bearer_session(stack_a, alice_token, pki.alice)
+def test_tampered_cookie_is_refused(stack_a: Stack, pki: Pki, idp: OidcProvider, forge: Any) -> None:
+    # A token of its own: alice_token's session was logged out above, and another worker may
+    # remember it for cache_l1_ttl (docs/sessions.md, "Logout").
+    value = bearer_session(stack_a, idp.token("bound"), pki.alice)
     forged = forge(value)
     assert forged != value
     assert_bare_401(call(stack_a, forged, pki.alice))
     assert call(stack_a, value, pki.alice).json()["auth_method"] == "session"
 
 
-def test_idle_session_expires(stack_b: Stack, pki: Pki, alice_token: str) -> None:
+def test_idle_session_expires(stack_b: Stack, pki: Pki, idp: OidcProvider) -> None:
     """The one real timeout (the others are unit-tested with a clock): ``session_idling_timeout=1``."""
-    value = bearer_session(stack_b, alice_token, pki.alice)
+    # A token of its own: alice_token's session here may be up to 1 s idle already (a token
+    # request does not count as a use of its session; docs/sessions.md).
+    value = bearer_session(stack_b, idp.token("bound"), pki.alice)
     time.sleep(0.5)
     assert call(stack_b, value, pki.alice).json()["auth_method"] == "session"  # used: idle clock restarts
     time.sleep(0.7)  # 1.2 s since creation, 0.7 s idle
@@ -352,9 +360,9 @@ def test_login_session_needs_no_certificate_but_token_session_does(
     assert claims["aud"] == WEB_CLIENT or WEB_CLIENT in claims["aud"]
     assert echoed["remote_user"] == "alice"
     assert echoed["query"] == "page=1"
-    login_cookie = browser.cookies.get("session")
+    login_cookie = browser.cookies.get(COOKIE)
     assert login_cookie
-    assert "session_login" not in browser.cookies  # the state cookie was cleared
+    assert STATE_COOKIE not in browser.cookies  # the state cookie was cleared
 
     # The login's session, outside the browser: without any certificate, and with mallory's.
     assert call(login_stack, login_cookie).json()["auth_method"] == "session"
@@ -370,7 +378,7 @@ def test_login_session_needs_no_certificate_but_token_session_does(
     # Logging out ends the login's session; the browser is sent to log in again.
     out = browser.post(f"{login_url}{LOGOUT}")
     assert out.status_code == 204
-    assert "session" not in browser.cookies
+    assert COOKIE not in browser.cookies
     assert_bare_401(call(login_stack, login_cookie, Accept="application/json"))
     again = browser.get(start)
     assert again.status_code == 302
@@ -390,7 +398,7 @@ def test_login_redirect_and_api_refusal(login_url: str, login_stack: Stack, idp:
     assert query["scope"] == "openid profile email"
     assert query["code_challenge_method"] == "S256"
     assert len(query["state"]) >= 40 and len(query["nonce"]) >= 40
-    state_value, attributes = cookie_of(navigation, "session_login")
+    state_value, attributes = cookie_of(navigation, STATE_COOKIE)
     assert state_value.rpartition(".")[0] == query["state"]
     paths = {a for a in attributes if a.startswith("Path=")}
     assert paths in ({"Path=/"}, {"Path=/callback"})  # it must reach the callback (narrower is better)
@@ -415,13 +423,13 @@ def stop_before_callback(browser: Browser, url: str, page: str = "/anything") ->
     redirect = browser.login(f"{url}{page}", stop_at=f"{url}/callback")
     callback = Browser.location(redirect)
     assert callback is not None and callback.startswith(f"{url}/callback?"), browser.history
-    state_cookie = browser.cookies.get("session_login")
+    state_cookie = browser.cookies.get(STATE_COOKIE)
     assert state_cookie
     return callback, state_cookie
 
 
 def get_callback(url: str, pki: Pki, state_cookie: str | None) -> requests.Response:
-    headers = {"Cookie": f"session_login={state_cookie}"} if state_cookie is not None else {}
+    headers = {"Cookie": f"{STATE_COOKIE}={state_cookie}"} if state_cookie is not None else {}
     return requests.get(url, headers=headers, verify=pki.ca_file, timeout=15, allow_redirects=False)
 
 
@@ -429,9 +437,9 @@ def assert_login_refused(response: requests.Response, status: int, error: str, d
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"error": error, "error_description": description}
-    cleared = [c for c in set_cookies(response) if c.startswith("session_login=")]
+    cleared = [c for c in set_cookies(response) if c.startswith(f"{STATE_COOKIE}=")]
     assert cleared and "Max-Age=0" in cleared[0]
-    assert not any(c.startswith("session=") for c in set_cookies(response))
+    assert not any(c.startswith(f"{COOKIE}=") for c in set_cookies(response))
 
 
 def with_param(url: str, name: str, value: str) -> str:
