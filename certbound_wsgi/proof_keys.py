@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,46 +98,62 @@ def thumbprint_input(jwk: dict[str, Any], alg: str) -> str:
     :raises KeyRefused: it is not an acceptable key for ``alg``.
     """
     kty = jwk.get("kty")
-    if kty == "EC":
-        crv = jwk.get("crv")
-        if not isinstance(crv, str):
-            raise KeyRefused("invalid")
-        x, y = _member(jwk, "x"), _member(jwk, "y")
-        if crv not in _EC_CURVES:
-            raise KeyRefused("curve")
-        # RFC 7518 section 6.2.1.2: each coordinate is the full size of the curve's field.
-        if len(x) != len(y) or len(x) != _EC_CURVES[crv][2]:
-            raise KeyRefused("invalid")
-        if alg not in _EC or crv != _EC[alg][0]:
-            raise KeyRefused("mismatch")
-        return f'{{"crv":"{crv}","kty":"EC","x":"{x}","y":"{y}"}}'
-    if kty == "RSA":
-        e, n = _member(jwk, "e"), _member(jwk, "n")
-        # RFC 7518 section 3.3: "A key of size 2048 bits or larger MUST be used"; 2048 bits take
-        # 342 base64url characters (the exact bit length is checked on import).
-        if len(n) < _RSA_MIN_CHARS:
-            raise KeyRefused("invalid")
-        # Our limits: any exponent but 65537, or a larger modulus, makes verification slower
-        # than an honest client ever needs (issue 11 item 5).
-        if e != RSA_EXPONENT or len(n) > _RSA_MAX_CHARS:
-            raise KeyRefused("rsa")
-        if _kty_of(alg) != "RSA":
-            raise KeyRefused("mismatch")
-        return f'{{"e":"{e}","kty":"RSA","n":"{n}"}}'
-    if kty == "OKP":
-        crv = jwk.get("crv")
-        if not isinstance(crv, str):
-            raise KeyRefused("invalid")
-        x = _member(jwk, "x")
-        # RFC 8037 section 2; Ed448 is refused: EdDSA here means Ed25519 (RFC 9864).
-        if crv != "Ed25519":
-            raise KeyRefused("curve")
-        if len(x) != 43:
-            raise KeyRefused("invalid")
-        if alg not in _EDDSA:
-            raise KeyRefused("mismatch")
-        return f'{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}'
-    raise KeyRefused("kty")
+    # Any JSON value may stand here; a list or an object must not reach the dict look-up.
+    canonical = _CANONICAL.get(kty) if isinstance(kty, str) else None
+    if canonical is None:
+        raise KeyRefused("kty")
+    return canonical(jwk, alg)
+
+
+def _curve(jwk: dict[str, Any]) -> str:
+    crv = jwk.get("crv")
+    if not isinstance(crv, str):
+        raise KeyRefused("invalid")
+    return crv
+
+
+def _ec_input(jwk: dict[str, Any], alg: str) -> str:
+    crv = _curve(jwk)
+    x, y = _member(jwk, "x"), _member(jwk, "y")
+    if crv not in _EC_CURVES:
+        raise KeyRefused("curve")
+    # RFC 7518 section 6.2.1.2: each coordinate is the full size of the curve's field.
+    if len(x) != len(y) or len(x) != _EC_CURVES[crv][2]:
+        raise KeyRefused("invalid")
+    if alg not in _EC or crv != _EC[alg][0]:
+        raise KeyRefused("mismatch")
+    return f'{{"crv":"{crv}","kty":"EC","x":"{x}","y":"{y}"}}'
+
+
+def _rsa_input(jwk: dict[str, Any], alg: str) -> str:
+    e, n = _member(jwk, "e"), _member(jwk, "n")
+    # RFC 7518 section 3.3: "A key of size 2048 bits or larger MUST be used"; 2048 bits take
+    # 342 base64url characters (the exact bit length is checked on import).
+    if len(n) < _RSA_MIN_CHARS:
+        raise KeyRefused("invalid")
+    # Our limits: any exponent but 65537, or a larger modulus, makes verification slower
+    # than an honest client ever needs (issue 11 item 5).
+    if e != RSA_EXPONENT or len(n) > _RSA_MAX_CHARS:
+        raise KeyRefused("rsa")
+    if _kty_of(alg) != "RSA":
+        raise KeyRefused("mismatch")
+    return f'{{"e":"{e}","kty":"RSA","n":"{n}"}}'
+
+
+def _okp_input(jwk: dict[str, Any], alg: str) -> str:
+    crv = _curve(jwk)
+    x = _member(jwk, "x")
+    # RFC 8037 section 2; Ed448 is refused: EdDSA here means Ed25519 (RFC 9864).
+    if crv != "Ed25519":
+        raise KeyRefused("curve")
+    if len(x) != 43:
+        raise KeyRefused("invalid")
+    if alg not in _EDDSA:
+        raise KeyRefused("mismatch")
+    return f'{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}'
+
+
+_CANONICAL: dict[str, Callable[[dict[str, Any], str], str]] = {"EC": _ec_input, "RSA": _rsa_input, "OKP": _okp_input}
 
 
 @dataclass(frozen=True, slots=True)

@@ -346,25 +346,14 @@ class Sessions:
         :raises TemporarilyUnavailable: the session store cannot be asked.
         """
         now = self._clock()
-        sid = self._sids.get(token)
-        if sid is None:
-            sid = self._token_ids.mac("\x00".join((token, x5t or "", jkt or "")))
-            self._sids.put(token, sid, now + self._known_ttl)
+        sid = self._sid_for(token, x5t, jkt, now)
         known = self._known.get(sid)
-        # In process, the record is asked for by a dict look-up: evicted, it is opened again.
-        if known is not None and (self._redis is not None or self._store_impl.fetch(known.key) is not None):
+        if known is not None and self._still_stored(known):
             header = environ.get("HTTP_COOKIE")
             return None if header and known.cookie in header else known.set_cookie
         presented = self.presented(environ)
-        record = self._fetch_record(sid)
-        if record is None or self._ended(record, now):
-            fresh = self._new_record(method, claims, x5t=x5t, jkt=jkt, pop=True, token_exp=token_exp,
-                                     token=token if keep_token else None)
-            # SET NX when nothing is there: of two workers opening it at once, one record wins.
-            if self._put(sid, fresh, only_new=record is None):
-                record = fresh
-            else:
-                record = self._fetch_record(sid) or fresh
+        record = self._open(sid, now, method, claims, x5t=x5t, jkt=jkt, token_exp=token_exp,
+                            token=token if keep_token else None)
         cookie = self.signed(CookieId(sid, record.gen, _end(record)).value)
         # Never past the record's own deadline: a cookie-less client does not keep it alive.
         self._known.put(sid, _Known(self._key(sid), record.gen, cookie, self.cookie(cookie)),
@@ -372,6 +361,30 @@ class Sessions:
         if presented is not None and presented.sid == sid and equal_ascii(presented.gen, record.gen):
             return None
         return self.cookie(cookie)
+
+    def _sid_for(self, token: str, x5t: str | None, jkt: str | None, now: float) -> str:
+        """The token's session id: an HMAC of the token and its binding, remembered per process."""
+        sid = self._sids.get(token)
+        if sid is None:
+            sid = self._token_ids.mac("\x00".join((token, x5t or "", jkt or "")))
+            self._sids.put(token, sid, now + self._known_ttl)
+        return sid
+
+    def _still_stored(self, known: _Known) -> bool:
+        # In process, the record is asked for by a dict look-up: evicted, it is opened again.
+        return self._redis is not None or self._store_impl.fetch(known.key) is not None
+
+    def _open(self, sid: str, now: float, method: str, claims: Claims, *, x5t: str | None, jkt: str | None,
+              token_exp: float | None, token: str | None) -> SessionRecord:
+        """The live record named ``sid``, or a new one stored in its place."""
+        record = self._fetch_record(sid)
+        if record is not None and not self._ended(record, now):
+            return record
+        fresh = self._new_record(method, claims, x5t=x5t, jkt=jkt, pop=True, token_exp=token_exp, token=token)
+        # SET NX when nothing is there: of two workers opening it at once, one record wins.
+        if self._put(sid, fresh, only_new=record is None):
+            return fresh
+        return self._fetch_record(sid) or fresh
 
     def load(self, environ: WSGIEnvironment) -> Session | None:
         """The request's live session; ``None`` when there is no valid cookie or no such session.
