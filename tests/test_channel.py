@@ -199,6 +199,11 @@ def test_uwsgi_listeners_outside_uwsgi() -> None:
 # -- what is logged -------------------------------------------------------------------------------------------
 
 
+def _reader(channel: ProxyChannel) -> CertificateReader:
+    return CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="", channel=channel,
+                             cache_size=8)
+
+
 def _offer(reader: CertificateReader, pem: str, **environ: str) -> str | None:
     return reader.thumbprint({CERT_HEADER: pem, "REMOTE_ADDR": "127.0.0.2", **environ})
 
@@ -207,7 +212,7 @@ def test_an_ignored_certificate_is_logged_once_a_minute_per_reason(
     caplog: pytest.LogCaptureFixture, alice: Issued
 ) -> None:
     clock = Clock()
-    reader = CertificateReader(channel=ProxyChannel(secret="", trusted_proxies=("127.0.0.1/32",), clock=clock))
+    reader = _reader(ProxyChannel(secret="", trusted_proxies=("127.0.0.1/32",), clock=clock))
     caplog.set_level(logging.WARNING, logger="certbound_wsgi")
     for _ in range(50):
         assert _offer(reader, alice.cert_pem) is None
@@ -230,7 +235,7 @@ def test_an_ignored_certificate_is_logged_once_a_minute_per_reason(
 def test_each_reason_has_its_own_limit_and_the_secret_is_never_logged(
     caplog: pytest.LogCaptureFixture, alice: Issued
 ) -> None:
-    reader = CertificateReader(channel=ProxyChannel(secret=SECRET, trusted_proxies=("10.0.0.0/8",), clock=Clock()))
+    reader = _reader(ProxyChannel(secret=SECRET, trusted_proxies=("10.0.0.0/8",), clock=Clock()))
     caplog.set_level(logging.WARNING, logger="certbound_wsgi")
     for _ in range(5):
         _offer(reader, alice.cert_pem, HTTP_X_CERTBOUND_PROXY_SECRET=SECRET[:-1] + "!")
