@@ -255,14 +255,18 @@ class ProxyChannel:
         return offered if isinstance(offered, bytes) else str(offered).encode("utf-8", "replace")
 
     def verdict(self, environ: WSGIEnvironment) -> Verdict:
-        """The request's verdict, decided once: taken from ``environ`` if already there, else decided
-        now, with the secret removed from ``environ`` and the verdict kept in it (:data:`ENVIRON_KEY`)."""
+        """The request's verdict. The secret is removed from ``environ`` the first time, so that no app
+        sees it; the verdict it decided is then kept in ``environ`` (:data:`ENVIRON_KEY`) for the later
+        questions about the same request. Without a secret to take, nothing is written: the verdict
+        follows from ``environ`` alone, every time."""
         found = environ.get(ENVIRON_KEY)
         if isinstance(found, Verdict):
             return found
-        reason = self.check(environ, self.take_secret(environ))
+        offered = self.take_secret(environ)
+        reason = self.check(environ, offered)
         decided = _TRUSTED if reason is None else Verdict(reason)
-        environ[ENVIRON_KEY] = decided
+        if offered is not None:
+            environ[ENVIRON_KEY] = decided
         return decided
 
     def check(self, environ: WSGIEnvironment, offered_secret: bytes | None) -> str | None:

@@ -151,9 +151,18 @@ def test_hostile_secret_values_are_never_trusted_and_never_raise(value: object, 
 def test_a_forged_verdict_is_ignored() -> None:
     # A uwsgi packet can carry a variable of any name, but only as a string.
     proxy = channel(secret=SECRET)
-    environ: dict[str, Any] = {ENVIRON_KEY: "trusted", "REMOTE_ADDR": "127.0.0.1"}
+    environ: dict[str, Any] = {ENVIRON_KEY: "trusted", "REMOTE_ADDR": "127.0.0.1", UWSGI_SECRET_VAR: "guess"}
     assert proxy.verdict(environ).reason == WRONG_SECRET
     assert isinstance(environ[ENVIRON_KEY], Verdict)
+    # Decided once: the secret is gone, the verdict stays.
+    assert UWSGI_SECRET_VAR not in environ and proxy.verdict(environ).reason == WRONG_SECRET
+
+
+def test_without_a_secret_to_take_nothing_is_written() -> None:
+    proxy = channel(trusted_proxies=("unix",))
+    environ: dict[str, Any] = {"REMOTE_ADDR": ""}
+    assert proxy.verdict(environ).trusted
+    assert environ == {"REMOTE_ADDR": ""}
 
 
 # -- trusted_proxies: unix and addresses --------------------------------------------------------------------------
