@@ -72,10 +72,13 @@ class Stack:
 
 
 def app_env(provider: OidcProvider, **options: str) -> dict[str, str]:
+    """The application's environment; its channel from nginx is the proxy secret unless ``options``
+    name ``proxy_secret`` (``proxy_secret=""``: none)."""
     env = {
         "CERTBOUND_ISSUER": provider.issuer,
         "CERTBOUND_AUDIENCE": API_RESOURCE,
         "CERTBOUND_CA_FILE": provider.ca_file,
+        "CERTBOUND_PROXY_SECRET": PROXY_SECRET,
         # Short, so that the key-rotation test need not wait long.
         "CERTBOUND_REDISCOVERY_LIFETIME": "1",
     }

@@ -184,7 +184,7 @@ def test_uwsgi_on_tcp_without_the_secret_does_not_start(idp: OidcProvider, tmp_p
     certificate could ever be believed, so the app refuses to load, naming the fix."""
     for trusted in ("127.0.0.1/32", "unix"):
         with pytest.raises(RuntimeError) as raised:
-            start_uwsgi(app_env(idp, trusted_proxies=trusted), processes=1,
+            start_uwsgi(app_env(idp, proxy_secret="", trusted_proxies=trusted), processes=1,
                         log_dir=tmp_path / trusted.replace("/", "_"))
         assert "no client certificate will be believed" in str(raised.value)
         assert "set proxy_secret" in str(raised.value)
@@ -193,8 +193,8 @@ def test_uwsgi_on_tcp_without_the_secret_does_not_start(idp: OidcProvider, tmp_p
 def test_uwsgi_on_tcp_without_the_secret_in_optional_mode(idp: OidcProvider, pki: idp_fixtures.Pki,
                                                           tmp_path: Path, alice_token: str) -> None:
     """Optional mode starts (unbound tokens work) with a warning, and believes no certificate."""
-    server = start_uwsgi(app_env(idp, proof_of_possession_mtls="optional", trusted_proxies="127.0.0.1/32"),
-                         processes=1, log_dir=tmp_path)
+    env = app_env(idp, proxy_secret="", proof_of_possession_mtls="optional", trusted_proxies="127.0.0.1/32")
+    server = start_uwsgi(env, processes=1, log_dir=tmp_path)
     try:
         assert "CIDRs are ignored under uWSGI" in server.output()
         assert "no client certificate will be believed" in server.output()
@@ -223,7 +223,7 @@ def unix_stack(request: pytest.FixtureRequest, idp: OidcProvider, pki: idp_fixtu
     require_binary("nginx", "/usr/sbin/nginx")
     directory = tmp_path_factory.mktemp(f"unix-{upstream}")
     path = directory / "app.sock"
-    env = app_env(idp, trusted_proxies="unix")
+    env = app_env(idp, proxy_secret="", trusted_proxies="unix")
     server: Gunicorn | UWSGI
     if upstream == "gunicorn":
         server = start_gunicorn(env, workers=2, log_dir=directory, unix_socket=path)
