@@ -74,7 +74,7 @@ WRONG_SECRET: Final = "missing-or-wrong-secret"  # noqa: S105 - a reason, not a 
 NO_CHANNEL: Final = "no-channel"
 _WARN_INTERVAL = 60.0
 
-#: Where the middleware keeps a request's :class:`Verdict` (the app may read it).
+#: Where a request's :class:`Verdict` is kept once its secret was taken (see :meth:`ProxyChannel.verdict`).
 ENVIRON_KEY: Final = "certbound.proxy"
 
 _REASONS: Final = {
