@@ -157,6 +157,7 @@ def nginx_config_command(args: argparse.Namespace) -> int:
     from .nginx_config import render
 
     try:
+        secret = _read_secret(args.proxy_secret_file)
         text = render(
             args.upstream,
             listen=args.listen,
@@ -165,7 +166,7 @@ def nginx_config_command(args: argparse.Namespace) -> int:
             server_key=args.server_key,
             client_ca=args.client_ca,
             server_name=args.server_name,
-            proxy_secret=_read_secret(args.proxy_secret_file),
+            proxy_secret=secret,
             proxy_secret_header=args.proxy_secret_header,
             address_only_trust=args.address_only_trust,
             standalone=args.standalone,
@@ -180,6 +181,11 @@ def nginx_config_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         _error(f"certbound-wsgi nginx-config: error: cannot write {args.output}: {exc.strerror or exc}")
         return 1
+    if secret is None:
+        # What the application must be told, or it believes no certificate from this nginx (issue 11 item 3).
+        trusted = "unix" if args.backend.startswith("unix:") else "<nginx's address>/32 (address-only trust)"
+        _error(f"certbound-wsgi nginx-config: note: no proxy secret; the application needs "
+               f"CERTBOUND_TRUSTED_PROXIES={trusted}")
     return 0
 
 

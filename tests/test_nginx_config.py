@@ -331,8 +331,12 @@ def test_cli_writes_file(argv: list[str], kwargs: dict[str, Any], tmp_path: Path
 def test_cli_writes_stdout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
     assert main(["nginx-config", *CLI_CERTS]) == 0
-    assert capsys.readouterr().out == render("gunicorn", listen="443", backend="unix:/run/certbound/app.sock",
-                                             server_name="api.example.com", **CERTS)
+    captured = capsys.readouterr()
+    assert captured.out == render("gunicorn", listen="443", backend="unix:/run/certbound/app.sock",
+                                  server_name="api.example.com", **CERTS)
+    # Issue 11 item 3: the operator is told what the application needs to believe this nginx.
+    assert captured.err == ("certbound-wsgi nginx-config: note: no proxy secret; the application needs "
+                            "CERTBOUND_TRUSTED_PROXIES=unix\n")
 
 
 @pytest.mark.parametrize("content", [pytest.param(SECRET, id="one-line"), pytest.param(SECRET + "\n", id="newline"),
@@ -381,7 +385,9 @@ def test_cli_address_only_trust_is_explicit(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
     assert main(["nginx-config", *CLI_CERTS, "--backend", "127.0.0.1:8000", "--address-only-trust"]) == 0
-    assert 'proxy_set_header X-Certbound-Proxy-Secret "";' in _directives(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert 'proxy_set_header X-Certbound-Proxy-Secret "";' in _directives(captured.out)
+    assert "CERTBOUND_TRUSTED_PROXIES=<nginx's address>/32 (address-only trust)" in captured.err
 
 
 def test_cli_server_name_is_required(capsys: pytest.CaptureFixture[str]) -> None:
