@@ -21,7 +21,7 @@ from typing import Any
 from certbound_wsgi.dev.pki import Issued
 from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, SECRETS, OidcProvider
 from tests.support.redis_server import RedisServer
-from tests.support.servers import Gunicorn, Nginx, start_gunicorn, start_nginx
+from tests.support.servers import PROXY_SECRET, SERVER_NAME, Gunicorn, Nginx, start_gunicorn, start_nginx
 
 from .fixtures import Workspace
 from .loadgen import _Connection, client_context, request_bytes, run_load, send_once
@@ -83,7 +83,7 @@ class Stack:
 
 def _app_env(provider: OidcProvider, **options: str) -> dict[str, str]:
     env = {"CERTBOUND_ISSUER": provider.issuer, "CERTBOUND_AUDIENCE": API_RESOURCE,
-           "CERTBOUND_CA_FILE": provider.ca_file}
+           "CERTBOUND_CA_FILE": provider.ca_file, "CERTBOUND_PROXY_SECRET": PROXY_SECRET}
     env.update({f"CERTBOUND_{name.upper()}": value for name, value in options.items()})
     return env
 
@@ -97,7 +97,7 @@ def _stack(ws: Workspace, provider: OidcProvider, server_cert: Issued, name: str
     gunicorn = start_gunicorn(env, workers=workers, worker_class=worker_class, threads=threads,
                               module=PROTECTED if protected else APPS[app], log_dir=logs)
     try:
-        nginx = start_nginx(logs / "nginx", "gunicorn", gunicorn.backend, server_cert)
+        nginx = start_nginx(logs / "nginx", "gunicorn", gunicorn.backend, server_cert, proxy_secret=PROXY_SECRET)
     except BaseException:
         gunicorn.stop()
         raise
@@ -163,7 +163,7 @@ def run_e2e(ws: Workspace, provider: OidcProvider, *, pairs: int, duration: floa
                 cleanup.callback(stack.stop)
                 stacks[worker_class, app, protected] = stack
                 samples[name] = []
-        request = request_bytes("/anything", "127.0.0.1", token)
+        request = request_bytes("/anything", SERVER_NAME, token)
         for stack in stacks.values():
             # Every worker discovers the issuer's keys on its first request: not part of the measurement.
             for _ in range(8):
@@ -255,7 +255,7 @@ def run_burst(ws: Workspace, provider: OidcProvider, *, bursts: int = 3, concurr
                            redis_url=redis.url)
             try:
                 # Warm every worker (issuer metadata, connections) with a token of its own.
-                warm = request_bytes("/anything", "127.0.0.1",
+                warm = request_bytes("/anything", SERVER_NAME,
                                      provider.token("bound", resource=OPAQUE_RESOURCE))
                 statuses, _ = _burst(stack.nginx.port, context, warm, 16)
                 if set(statuses) != {200}:
@@ -263,7 +263,7 @@ def run_burst(ws: Workspace, provider: OidcProvider, *, bursts: int = 3, concurr
                 runs = []
                 for _ in range(bursts):
                     token = provider.token("bound", resource=OPAQUE_RESOURCE)
-                    request = request_bytes("/anything", "127.0.0.1", token)
+                    request = request_bytes("/anything", SERVER_NAME, token)
                     provider.reset_stats()
                     statuses, seconds = _burst(stack.nginx.port, context, request, concurrency)
                     runs.append({"introspections": provider.stats()["introspections"], "statuses": statuses,

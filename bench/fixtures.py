@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from certbound_wsgi.channel import UWSGI_SECRET_VAR
 from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.types import WSGIEnvironment
@@ -49,7 +50,11 @@ class StatusRecorder:
 
 
 # What gunicorn puts in every environ, minus the per-request values.
+#: The proxy secret nginx adds to every request (issue 11); the middleware compares it per request.
+BENCH_PROXY_SECRET = "bench-proxy-secret-0123456789abcdef-ABCDEF"
+
 _TEMPLATE: dict[str, Any] = {
+    UWSGI_SECRET_VAR: BENCH_PROXY_SECRET,
     "REQUEST_METHOD": "GET",
     "SCRIPT_NAME": "",
     "PATH_INFO": "/anything",
@@ -110,7 +115,7 @@ class Workspace:
         self.issuer = TestIssuer()
 
     def settings(self, **options: Any) -> Settings:
-        return Settings(issuer=ISSUER, audience=(AUDIENCE,), **options)
+        return Settings(issuer=ISSUER, audience=(AUDIENCE,), **{"proxy_secret": BENCH_PROXY_SECRET, **options})
 
     def discovery(self, settings: Settings) -> StaticDiscovery:
         return StaticDiscovery(settings, self.issuer)

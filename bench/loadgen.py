@@ -44,7 +44,8 @@ class _Connection:
     def connect(self) -> None:
         raw = socket.create_connection(("127.0.0.1", self._port), timeout=30)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._sock = self._context.wrap_socket(raw, server_hostname="127.0.0.1")
+        # A name, for SNI: nginx's default server refuses handshakes without one (issue 11).
+        self._sock = self._context.wrap_socket(raw, server_hostname="localhost")
         self._buffer = b""
 
     def close(self) -> None:

@@ -56,7 +56,7 @@ from tests.e2e.conftest import foreign_key, mint
 from tests.support.idp import API_RESOURCE, OPAQUE_RESOURCE, SECRETS, OidcProvider, x5t_s256
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.servers import Gunicorn, Nginx, start_gunicorn, start_nginx
+from tests.support.servers import PROXY_SECRET, Gunicorn, Nginx, start_gunicorn, start_nginx
 
 __all__ = ["CYCLE", "SoakConfig", "main", "render_markdown", "run_soak", "schedule"]
 
@@ -196,6 +196,7 @@ def app_env(idp: OidcProvider, redis_url: str, cache_ttl_max: int) -> dict[str, 
         "redis_url": redis_url,
         "cache_secret": CACHE_SECRET,
         "cache_ttl_max": str(cache_ttl_max),
+        "proxy_secret": PROXY_SECRET,
     }
     return {f"CERTBOUND_{name.upper()}": value for name, value in options.items()}
 
@@ -215,7 +216,7 @@ def started_stack(directory: Path, config: SoakConfig) -> Iterator[Stack]:
                                   worker_class=config.worker_class, threads=config.worker_threads,
                                   log_dir=directory / "gunicorn")
         stack.callback(gunicorn.stop)
-        nginx = start_nginx(directory / "nginx", "gunicorn", gunicorn.backend, server_cert)
+        nginx = start_nginx(directory / "nginx", "gunicorn", gunicorn.backend, server_cert, proxy_secret=PROXY_SECRET)
         stack.callback(nginx.stop)
         yield Stack(directory, ca, alice, mallory, idp, redis_server, gunicorn, nginx)
 

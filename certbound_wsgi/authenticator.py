@@ -22,6 +22,7 @@ from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, check_replay_store, make_client, make_replay_client
 from .cache.seal import Sealer
 from .certificates import CertificateReader
+from .channel import ProxyChannel, check_at_start_up, uwsgi_listeners
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPVerifier, ReplayCache
@@ -208,10 +209,14 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     :param clock: wall-clock seconds for expiry decisions; injectable for tests.
     """
     discovery = discovery or Discovery(settings)
+    channel = ProxyChannel(
+        secret=settings.proxy_secret, secret_header=settings.proxy_secret_header,
+        trusted_proxies=settings.trusted_proxies, uwsgi=uwsgi_listeners(),
+    )
     certificates = CertificateReader(
         client_cert_header=settings.client_cert_header,
         client_cert_verify_header=settings.client_cert_verify_header,
-        trusted_proxies=settings.trusted_proxies,
+        channel=channel,
         cache_size=settings.cert_cache_size,
     )
     stats = Stats()
@@ -226,7 +231,7 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     dpop = None
     if settings.proof_of_possession_dpop != "off":
         dpop = DPoPVerifier(
-            _replay_cache(settings, secret, stats, clock), certificates.is_trusted_peer,
+            _replay_cache(settings, secret, stats, clock), lambda environ: channel.verdict(environ).trusted,
             Sealer(secret, "dpop").key_name,
             algs=settings.dpop_signing_alg_values_supported, proof_lifetime=settings.dpop_proof_lifetime,
             leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
@@ -245,6 +250,8 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         discovery, issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway,
         signing_algs=settings.token_signing_algs, memo_size=settings.token_cache_size, clock=clock,
     ) if "bearer" in methods else None
+    # Last, so that an error about another option is reported first.
+    check_at_start_up(channel, settings.proof_of_possession_mtls)
     return Authenticator(
         credentials=CredentialReader(
             settings.bearer_token_param_type, cookie_name=settings.bearer_token_cookie_name,

@@ -1,8 +1,11 @@
 """The client certificate: where it is read from, and its RFC 8705 thumbprint.
 
 nginx terminates mutual TLS and forwards the certificate either as the uWSGI
-variable ``SSL_CLIENT_CERT`` (which no client can set) or as a request header
-(which any client can send, so it is believed only from ``trusted_proxies``).
+variable ``SSL_CLIENT_CERT`` or as a request header. Anyone who reaches the
+worker without nginx can write either (any header over HTTP; every variable of
+a uwsgi packet), so both are believed only when the request came through the
+authenticated channel (:mod:`certbound_wsgi.channel`): the proxy secret, or a
+trusted Unix socket or address.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import binascii
 import functools
 import hashlib
 import re
-from collections.abc import Iterable
 from urllib.parse import unquote
 
 from cryptography import x509
 
+from .channel import ProxyChannel, environ_key
 from .errors import InvalidToken
-from .proxies import TrustedProxies
 from .types import WSGIEnvironment
 
 __all__ = ["CertificateReader", "thumbprint_from_der", "thumbprint_from_pem"]
 
-#: The uWSGI variables set by ``uwsgi_param``; a client cannot forge them.
+#: The uWSGI variables set by ``uwsgi_param``. No header becomes them, but a uwsgi packet sent
+#: straight to the worker can carry them: believed only through the channel, like the header.
 UWSGI_CERT_VAR = "SSL_CLIENT_CERT"
 UWSGI_VERIFY_VAR = "SSL_CLIENT_VERIFY"
 
@@ -73,11 +76,6 @@ def thumbprint_from_pem(pem: str) -> str:
     return thumbprint_from_der(_leaf_der(pem))
 
 
-def _environ_key(header: str) -> str:
-    """The WSGI environ key of a request header (PEP 3333: ``HTTP_`` and upper case, ``-`` as ``_``)."""
-    return "HTTP_" + header.upper().replace("-", "_")
-
-
 def _parse(value: str) -> str | None:
     """Thumbprint of ``value``, or ``None`` when it is malformed (memoized by the reader)."""
     try:
@@ -89,17 +87,14 @@ def _parse(value: str) -> str | None:
 class CertificateReader:
     """Finds the client certificate of a request and returns its thumbprint.
 
-    Like werkzeug's ``ProxyFix``, it states in its constructor what it believes:
-    the uWSGI variable, which only the server sets, and the header only from
-    ``trusted_proxies``.
+    Like werkzeug's ``ProxyFix``, it states in its constructor what it believes: the
+    uWSGI variable or the header, and either only through ``channel``.
 
-    :param client_cert_header: the request header a trusted proxy forwards the certificate in.
+    :param client_cert_header: the request header the proxy forwards the certificate in.
     :param client_cert_verify_header: a header that must say ``SUCCESS`` for the certificate to
         count (nginx's ``$ssl_client_verify``); empty: not checked.
-    :param trusted_proxies: the peers whose header is believed: CIDRs, or a
-        :class:`~certbound_wsgi.proxies.TrustedProxies` shared with other readers of forwarded values.
+    :param channel: decides whether a request came through the authenticated channel from the proxy.
     :param cache_size: parsed certificates remembered, keyed by the forwarded value.
-    :raises ValueError: a trusted proxy is not an IP network.
     """
 
     def __init__(
@@ -107,31 +102,31 @@ class CertificateReader:
         *,
         client_cert_header: str,
         client_cert_verify_header: str,
-        trusted_proxies: TrustedProxies | Iterable[str],
+        channel: ProxyChannel,
         cache_size: int,
     ) -> None:
-        self._header_var = _environ_key(client_cert_header)
-        self._verify_header_var = _environ_key(client_cert_verify_header) if client_cert_verify_header else None
-        if not isinstance(trusted_proxies, TrustedProxies):
-            trusted_proxies = TrustedProxies(trusted_proxies)
-        self.trusted_proxies = trusted_proxies
-        #: Whether a peer address (``REMOTE_ADDR``) is a trusted proxy.
-        self.is_trusted_peer = trusted_proxies.trusts_peer
+        self._header_var = environ_key(client_cert_header)
+        self._verify_header_var = environ_key(client_cert_verify_header) if client_cert_verify_header else None
+        self.channel = channel
+        #: Whether a peer address (``REMOTE_ADDR``) is in ``trusted_proxies`` (the audit log asks it).
+        self.is_trusted_peer = channel.trusted_proxies.trusts_peer
         # Every request from a client carries the same certificate: parse it once.
         self._thumbprint = functools.lru_cache(maxsize=cache_size)(_parse)
 
     def raw(self, environ: WSGIEnvironment) -> str | None:
         """The certificate value as forwarded, or ``None`` when there is none to believe."""
         if UWSGI_CERT_VAR in environ:
-            # Set by uwsgi_param: authoritative, even when empty (no certificate).
+            # Set by uwsgi_param: it is the certificate, even when empty (no certificate).
             value = environ[UWSGI_CERT_VAR]
-            verified = environ.get(UWSGI_VERIFY_VAR) if self._verify_header_var else None
+            verified = environ.get(UWSGI_VERIFY_VAR)
         else:
             value = environ.get(self._header_var)
-            if not value or not self.is_trusted_peer(environ.get("REMOTE_ADDR", "")):
-                return None
             verified = environ.get(self._verify_header_var) if self._verify_header_var else None
         if not value:
+            return None
+        verdict = self.channel.verdict(environ)
+        if verdict.reason is not None:
+            self.channel.refused(environ, verdict.reason)
             return None
         if self._verify_header_var is not None and verified != "SUCCESS":
             return None

@@ -11,10 +11,11 @@ import shlex
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .proxies import TrustedProxies
+from .channel import ProxyChannel, UwsgiListeners
+from .proxies import UNIX, TrustedProxies
 from .settings import Settings
 
-__all__ = ["bind_host", "check_config", "gunicorn_binds", "unsafe_settings"]
+__all__ = ["bind_host", "channel_errors", "check_config", "gunicorn_binds", "unsafe_settings"]
 
 
 def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -32,36 +33,90 @@ def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
     return binds
 
 
+def _is_unix(bind: str) -> bool:
+    """A Unix socket: gunicorn's ``unix:PATH``, or uWSGI's ``--socket /PATH`` (``@NAME``: abstract)."""
+    return bind.startswith(("unix:", "/", "@"))
+
+
 def bind_host(bind: str) -> str | None:
     """The host of a gunicorn bind (``HOST:PORT``, ``[V6]:PORT``, ``unix:PATH``); ``None`` for a socket file."""
-    if bind.startswith(("unix:", "fd://")):
+    if _is_unix(bind) or bind.startswith("fd://"):
         return None
     host = bind.rsplit(":", 1)[0] if bind.count(":") == 1 or bind.startswith("[") else bind
     return host.strip("[]") or "0.0.0.0"  # noqa: S104 - describing, not binding
 
 
-def check_config(environ: Mapping[str, str] | None = None, bind: str | None = None) -> tuple[Settings, list[str]]:
-    """The settings of ``environ`` and the warnings about them.
+def check_config(
+    environ: Mapping[str, str] | None = None, bind: str | None = None, server: str = "gunicorn"
+) -> tuple[Settings, list[str], list[str]]:
+    """The settings of ``environ``, the errors that stop a deployment, and the warnings about them.
 
     :param environ: the ``CERTBOUND_*`` variables (and ``GUNICORN_CMD_ARGS``); defaults to :data:`os.environ`.
-    :param bind: the address gunicorn binds to; by default the ``--bind`` options of ``GUNICORN_CMD_ARGS``.
+    :param bind: the address the application server listens on; by default the ``--bind`` options of
+        ``GUNICORN_CMD_ARGS``.
+    :param server: ``gunicorn`` or ``uwsgi``.
     :raises ConfigurationError: a setting is invalid.
     """
     settings = Settings.from_env(environ)
-    return settings, unsafe_settings(settings, [bind] if bind else gunicorn_binds(environ))
+    binds = [bind] if bind else gunicorn_binds(environ)
+    errors = channel_errors(settings, binds, server)
+    return settings, errors, [] if errors else unsafe_settings(settings, binds, server)
 
 
-def unsafe_settings(settings: Settings, binds: list[str]) -> list[str]:
+def _channel(settings: Settings, binds: list[str], server: str) -> ProxyChannel:
+    """The channel as the worker will see it; under uWSGI, with the listeners ``binds`` describes."""
+    tcp = [bind for bind in binds if not _is_unix(bind)]
+    listeners = UwsgiListeners(unix_only=not tcp, paths=()) if server == "uwsgi" else None
+    return ProxyChannel(secret=settings.proxy_secret, secret_header=settings.proxy_secret_header,
+                        trusted_proxies=settings.trusted_proxies, uwsgi=listeners)
+
+
+def channel_errors(settings: Settings, binds: list[str], server: str = "gunicorn") -> list[str]:
+    """Deployments in which no forwarded certificate could be believed (issue 11), one line each,
+    naming the fix: errors in ``strict`` mode, where every bound token would be refused.
+
+    :param settings: the effective settings.
+    :param binds: the addresses the application server listens on, if known.
+    :param server: ``gunicorn`` or ``uwsgi``.
+    """
+    if settings.proof_of_possession_mtls != "strict":
+        return []
+    channel = _channel(settings, binds, server)
+    if not channel.usable:
+        return [channel.problems()[0].replace("set proxy_secret", "set CERTBOUND_PROXY_SECRET")]
+    if settings.proxy_secret or server != "gunicorn":
+        return []
+    errors = []
+    networks = [cidr for cidr in settings.trusted_proxies if cidr != UNIX]
+    for bind in binds:
+        if _is_unix(bind) and UNIX not in settings.trusted_proxies:
+            errors.append(
+                f"gunicorn binds to {bind}, whose peer has no address, so no certificate will be believed: add "
+                "unix to CERTBOUND_TRUSTED_PROXIES (or set CERTBOUND_PROXY_SECRET)"
+            )
+        elif not _is_unix(bind) and not bind.startswith("fd://") and not networks:
+            errors.append(
+                f"gunicorn binds to {bind} (TCP), where only proxy_secret or a trusted_proxies network is believed: "
+                "set CERTBOUND_PROXY_SECRET (and nginx-config --proxy-secret-file)"
+            )
+    return errors
+
+
+def unsafe_settings(settings: Settings, binds: list[str], server: str = "gunicorn") -> list[str]:
     """Warnings about settings that weaken the protection.
 
     :param settings: the effective settings.
-    :param binds: the addresses gunicorn binds to, if known.
+    :param binds: the addresses the application server listens on, if known.
+    :param server: ``gunicorn`` or ``uwsgi``.
     """
-    return _exposed_binds(settings, binds) + _weakened_binding(settings) + _weakened_cache(settings)
+    channel = _channel(settings, binds, server)
+    weakened_channel = channel.problems() if channel.usable or settings.proof_of_possession_mtls != "strict" else []
+    return (weakened_channel + _exposed_binds(settings, binds, server) + _weakened_binding(settings)
+            + _weakened_cache(settings))
 
 
-def _exposed_binds(settings: Settings, binds: list[str]) -> list[str]:
-    """Binds that a client can reach without nginx, and from which the certificate header is believed."""
+def _exposed_binds(settings: Settings, binds: list[str], server: str = "gunicorn") -> list[str]:
+    """Binds that a client can reach without nginx."""
     proxies = TrustedProxies(settings.trusted_proxies)
     warnings = []
     for bind in binds:
@@ -75,10 +130,11 @@ def _exposed_binds(settings: Settings, binds: list[str]) -> list[str]:
         exposed = address is None or address.is_unspecified or not address.is_loopback
         trusted = address is not None and not address.is_unspecified and proxies.contains(address)
         if exposed and not trusted:
+            believed = "is ignored without proxy_secret" if settings.proxy_secret else "may be believed"
             warnings.append(
-                f"gunicorn binds to {bind}, which is not loopback and not in trusted_proxies: anyone who can "
-                f"reach it directly can send a forged {settings.client_cert_header} header. Bind to 127.0.0.1 "
-                "behind nginx (a unix socket has no peer address, so the header would never be believed)."
+                f"{server} binds to {bind}, which is not loopback and not in trusted_proxies: anyone who can "
+                f"reach it directly bypasses nginx, and a forged {settings.client_cert_header} header {believed}. "
+                "Bind to a Unix socket only nginx can open (trusted_proxies=unix), or to loopback with proxy_secret."
             )
     return warnings
 

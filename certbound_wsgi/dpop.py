@@ -156,7 +156,8 @@ class DPoPVerifier:
     """Verifies DPoP proofs for one middleware instance.
 
     :param replay: the shared replay cache.
-    :param is_trusted_peer: whether ``REMOTE_ADDR`` is a trusted proxy (for ``X-Forwarded-Proto``).
+    :param is_trusted_peer: whether the request came through the authenticated channel from the
+        proxy (:mod:`certbound_wsgi.channel`), for ``X-Forwarded-Proto``.
     :param key_name: names a replay-cache entry from its parts.
     :param algs: the proof algorithms accepted, in the order offered (``dpop_signing_alg_values_supported``).
     :param proof_lifetime: seconds a proof is accepted after its ``iat`` (``dpop_proof_lifetime``).
@@ -169,7 +170,8 @@ class DPoPVerifier:
         or ``client_secret``); without one, nonces are per process.
     """
 
-    def __init__(self, replay: ReplayCache, is_trusted_peer: Callable[[str], bool], key_name: Callable[..., str], *,
+    def __init__(self, replay: ReplayCache, is_trusted_peer: Callable[[WSGIEnvironment], bool],
+                 key_name: Callable[..., str], *,
                  algs: Iterable[str], proof_lifetime: float, leeway: float, use_nonce: bool,
                  public_base_url: str = "", allowed_hosts: Iterable[str] = (), secret: str | None = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -251,7 +253,7 @@ class DPoPVerifier:
         if self._base:
             return self._base + path
         scheme = str(environ.get("wsgi.url_scheme", "http"))
-        if self._trusted(environ.get("REMOTE_ADDR", "")):
+        if self._trusted(environ):
             forwarded = environ.get("HTTP_X_FORWARDED_PROTO", "").split(",")[0].strip().lower()
             if forwarded in _DEFAULT_PORTS:
                 scheme = forwarded

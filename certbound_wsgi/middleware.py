@@ -37,10 +37,11 @@ class CertBoundMiddleware:
     """Accept a request only with an access token bound to the presented client certificate or DPoP key.
 
     What is believed, and from where (as werkzeug's ``ProxyFix`` states it): the client certificate
-    only from the uWSGI variable ``SSL_CLIENT_CERT`` (no client can set it) or from the
-    ``client_cert_header`` of a peer in ``trusted_proxies``; ``X-Forwarded-Proto`` (for the DPoP
-    ``htu``) only from ``trusted_proxies``, and not at all with ``public_base_url``. Nothing else
-    a client sends decides access without a signature or a MAC.
+    (the uWSGI variable ``SSL_CLIENT_CERT`` or the ``client_cert_header``) and ``X-Forwarded-Proto``
+    (for the DPoP ``htu``; not at all with ``public_base_url``) only through the authenticated
+    channel from the proxy: the ``proxy_secret`` it adds, or a ``trusted_proxies`` Unix socket or
+    address (:mod:`certbound_wsgi.channel`). Nothing else a client sends decides access without a
+    signature or a MAC.
 
     :param app: the WSGI application to protect.
     :param settings: the configuration; :meth:`Settings.from_env` when omitted.
@@ -71,6 +72,8 @@ class CertBoundMiddleware:
         )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
+        self.authenticator.certificates.channel.verdict(environ)
         endpoint = self.endpoints.match(environ) if self.endpoints is not None else None
         if endpoint is not None:
             return endpoint(environ, start_response)

@@ -17,6 +17,14 @@ path with a newline in it would otherwise add directives of its own choosing.
 Invalid input raises :class:`~certbound_wsgi.errors.ConfigurationError`
 naming the argument; ``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`)
 turns it into exit status 2 and a message.
+
+A combination that cannot work is refused as well (docs/security.md, "Trust
+boundaries"): a TCP backend needs the proxy secret, since an address proves
+nothing to uWSGI (the sender of a uwsgi packet writes ``REMOTE_ADDR``) and
+little to gunicorn (every process that can use the address is trusted); for
+gunicorn, address-only trust stays possible as an explicit opt-in. A Unix
+socket backend works without a secret when the application trusts the socket
+(``trusted_proxies=unix``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import textwrap
 from importlib.resources import files
 from typing import Final, Literal
 
+from .channel import DEFAULT_SECRET_HEADER, UWSGI_SECRET_VAR, check_secret, environ_key
 from .errors import ConfigurationError
 
 __all__ = ["UPSTREAMS", "Upstream", "render"]
@@ -43,9 +52,10 @@ _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 # A Unix socket path, unquoted in the template: a conservative character set.
 _UNIX_SOCKET = re.compile(r"unix:/[A-Za-z0-9._/@+=,-]+")
-# One server_name entry: exact names, "*.example.com", ".example.com", "www.example.*"
-# and the catch-all "_". Regular expressions ("~...") are not accepted.
-_SERVER_NAME = re.compile(r"_|\.?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?:\.\*)?")
+# One server_name entry: exact names, "*.example.com", ".example.com" and "www.example.*".
+# Regular expressions ("~...") are not accepted, nor the catch-all "_": the rendered
+# default server refuses every name not listed, so a name must be listed.
+_SERVER_NAME = re.compile(r"\.?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?:\.\*)?")
 # Paths are written inside double quotes, where nginx still gives "\" a meaning
 # and expands "$name"; braces and semicolons are refused too, so that a path
 # reads the same to a person as to nginx.
@@ -145,9 +155,42 @@ def _server_name(value: str) -> str:
         if not _SERVER_NAME.fullmatch(name):
             raise ConfigurationError(
                 "server_name",
-                f"{value!r}: {name!r} is not a host name, a wildcard name or _ (names are separated by one space)",
+                f"{value!r}: {name!r} is not a host name or a wildcard name (names are separated by one space; "
+                "every other name is refused, so _ cannot stand for any)",
             )
     return value
+
+
+def _secret_header(value: str) -> str:
+    if not value or not all(c.isascii() and (c.isalnum() or c == "-") for c in value):
+        raise ConfigurationError("proxy_secret_header", f"{value!r}: a header name of letters, digits and '-' only")
+    return value
+
+
+def _trust(upstream: str, backend: str, proxy_secret: str | None, address_only_trust: bool) -> str:
+    """The quoted secret to render; refuses a combination in which no certificate could be believed."""
+    if proxy_secret is not None:
+        try:
+            check_secret(proxy_secret)
+        except ValueError as exc:
+            # Never quote the value: it is a secret.
+            raise ConfigurationError("proxy_secret_file", f"the proxy secret must be {exc}") from None
+        return f'"{proxy_secret}"'
+    if backend.startswith("unix:"):
+        return '""'
+    if upstream == "uwsgi":
+        raise ConfigurationError(
+            "proxy_secret_file",
+            f"a uWSGI backend on TCP ({backend}) needs the proxy secret: whoever reaches the socket writes every "
+            "uwsgi variable, REMOTE_ADDR included (or use a unix:/path backend with trusted_proxies=unix)",
+        )
+    if not address_only_trust:
+        raise ConfigurationError(
+            "proxy_secret_file",
+            f"a TCP backend ({backend}) needs the proxy secret (--proxy-secret-file or CERTBOUND_PROXY_SECRET), a "
+            "unix:/path backend, or --address-only-trust to rely on the application's trusted_proxies",
+        )
+    return '""'
 
 
 def _path(option: str, value: str | os.PathLike[str]) -> str:
@@ -182,8 +225,11 @@ def render(
     backend: str,
     server_cert: str | os.PathLike[str],
     server_key: str | os.PathLike[str],
+    server_name: str,
     client_ca: str | os.PathLike[str] | None = None,
-    server_name: str = "_",
+    proxy_secret: str | None = None,
+    proxy_secret_header: str = DEFAULT_SECRET_HEADER,
+    address_only_trust: bool = False,
     standalone: bool = False,
     prefix: str | os.PathLike[str] | None = None,
 ) -> str:
@@ -197,18 +243,31 @@ def render(
     :param client_ca: verify client certificates against this CA bundle (``ssl_verify_client on``).
         ``None`` renders ``optional_no_ca``: any certificate is accepted, and the token binding
         itself is the proof (RFC 8705 section 2.2).
-    :param server_name: nginx ``server_name``: names separated by single spaces; ``_`` matches any.
+    :param server_name: nginx ``server_name``: names separated by single spaces. Every other name is
+        refused by a rendered default server (``ssl_reject_handshake on``), so clients must use one of them.
+    :param proxy_secret: the application's ``proxy_secret``, added to every forwarded request
+        (a header for gunicorn, the ``CERTBOUND_PROXY_SECRET`` uwsgi variable for uWSGI).
+    :param proxy_secret_header: the application's ``proxy_secret_header`` (gunicorn).
+    :param address_only_trust: allow a gunicorn TCP backend without the secret; the application then
+        trusts ``trusted_proxies`` addresses alone.
     :param standalone: wrap the server block in a complete ``nginx.conf`` for
         ``nginx -p PREFIX -c FILE -g 'daemon off;'``, run as any user.
     :param prefix: with ``standalone``, the directory for the pid file, logs and temporary files.
         ``None`` writes relative paths, which nginx resolves against its ``-p`` prefix.
     :returns: the configuration text.
-    :raises ConfigurationError: naming the argument whose value is invalid.
+    :raises ConfigurationError: naming the argument whose value is invalid, or ``proxy_secret_file`` for a
+        combination in which no certificate could be believed.
     """
     template = _template(upstream)
+    backend = _backend(backend)
+    header = _secret_header(proxy_secret_header)
     values = {
         "listen": _listen(listen),
-        "backend": _backend(backend),
+        "backend": backend,
+        "proxy_secret": _trust(upstream, backend, proxy_secret, address_only_trust),
+        "proxy_secret_header": header,
+        "proxy_secret_param": environ_key(header),
+        "proxy_secret_var": UWSGI_SECRET_VAR,
         "server_name": _server_name(server_name),
         "server_cert": _quoted(_path("server_cert", server_cert)),
         "server_key": _quoted(_path("server_key", server_key)),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from .cert_headers import CertificateFormat
+from .channel import check_secret
 from .errors import ConfigurationError
 from .nginx_config import _backend, _fill, _host_port, _path, _port, _quoted
 
@@ -53,6 +54,7 @@ def render_haproxy(
     backend: str,
     server_pem: str | os.PathLike[str],
     client_ca: str | os.PathLike[str],
+    proxy_secret: str,
 ) -> str:
     """HAProxy in front of the application, forwarding the certificate as ``X-Client-Cert`` (``base64_der``).
 
@@ -61,6 +63,7 @@ def render_haproxy(
     :param server_pem: HAProxy's certificate followed by its private key, in one PEM file.
     :param client_ca: the CA bundle HAProxy names when it asks for a client certificate;
         certificates from other CAs are let through (the binding is the proof).
+    :param proxy_secret: the application's ``proxy_secret``, sent as ``X-Certbound-Proxy-Secret``.
     :raises ConfigurationError: naming the argument whose value is invalid.
     """
     if backend.startswith("unix:"):
@@ -70,6 +73,7 @@ def render_haproxy(
         "backend": _backend(backend),
         "server_pem": _quoted(_path("server_pem", server_pem)),
         "client_ca": _quoted(_path("client_ca", client_ca)),
+        "proxy_secret": _secret(proxy_secret),
     }
     return _fill(template("haproxy"), values, PROXIES["haproxy"])
 
@@ -81,6 +85,7 @@ def render_caddy(
     backend: str,
     server_cert: str | os.PathLike[str],
     server_key: str | os.PathLike[str],
+    proxy_secret: str,
     bind: str = "127.0.0.1",
 ) -> str:
     """Caddy in front of the application, forwarding the certificate as ``Client-Cert`` (``rfc9440``).
@@ -91,6 +96,7 @@ def render_caddy(
     :param backend: the application server, ``host:port`` (HTTP).
     :param server_cert: Caddy's TLS certificate (PEM).
     :param server_key: its private key (PEM).
+    :param proxy_secret: the application's ``proxy_secret``, sent as ``X-Certbound-Proxy-Secret``.
     :param bind: the address to listen on (Caddy's default is every interface).
     :raises ConfigurationError: naming the argument whose value is invalid.
     """
@@ -105,5 +111,15 @@ def render_caddy(
         "backend": _backend(backend),
         "server_cert": _quoted(_path("server_cert", server_cert)),
         "server_key": _quoted(_path("server_key", server_key)),
+        "proxy_secret": _secret(proxy_secret),
     }
     return _fill(template("caddy"), values, PROXIES["caddy"])
+
+
+def _secret(proxy_secret: str) -> str:
+    """The secret, checked: its alphabet needs no quoting in HAProxy (no ``%``) or Caddy (no braces)."""
+    try:
+        check_secret(proxy_secret)
+    except ValueError as exc:
+        raise ConfigurationError("proxy_secret", f"the proxy secret must be {exc}") from None
+    return proxy_secret

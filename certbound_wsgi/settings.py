@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .errors import ConfigurationError
 from .proxies import parse_networks
 
@@ -40,7 +41,7 @@ TOKEN_PARAM_TYPES = ("header", "query", "body", "cookie")
 ASYMMETRIC_ALGS = (
     "ES256", "ES384", "ES512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "EdDSA", "Ed25519",
 )
-_SECRET_OPTIONS = frozenset({"session_secret", "client_secret", "cache_secret"})
+_SECRET_OPTIONS = frozenset({"session_secret", "client_secret", "cache_secret", "proxy_secret"})
 
 
 Check = Callable[[Any], object]
@@ -285,9 +286,28 @@ class Settings:
     bearer_token_cookie_name: str = _option(
         "", "The cookie holding the access token, when ``bearer_token_param_type`` includes ``cookie``."
     )
+    proxy_secret: str = _option(
+        "",
+        "A per-deployment secret that nginx adds to every request (``certbound-wsgi nginx-config`` renders "
+        "it): a forwarded certificate is believed only from a request that carries it, compared in constant "
+        "time. The one proof that works over TCP; removed from the environ before the app runs, masked in "
+        "``check-config``. 32 to 512 characters of ``A-Za-z0-9._~+/=-``.",
+        check=check_secret,
+    )
+    proxy_secret_header: str = _option(
+        DEFAULT_SECRET_HEADER,
+        "The header in which nginx sends ``proxy_secret`` to gunicorn. Under uWSGI it is always the uwsgi "
+        "variable ``CERTBOUND_PROXY_SECRET``, which no client header can produce.",
+        required=True,
+        check=_header_name,
+    )
     trusted_proxies: tuple[str, ...] = _option(
-        ("127.0.0.1/32", "::1/128"),
-        "Networks (CIDRs) whose ``client_cert_header`` is believed. From any other peer the header is ignored.",
+        (),
+        "Peers whose forwarded certificate is believed without ``proxy_secret``: the keyword ``unix`` (the "
+        "worker's Unix socket, which only nginx can open; under uWSGI, only when every socket is a Unix "
+        "socket) and networks (CIDRs: address-only trust, warned at start-up, and ignored under uWSGI, where "
+        "the sender of a uwsgi packet writes ``REMOTE_ADDR``). With ``proxy_secret`` as well, both must hold. "
+        "Empty: only the secret is believed.",
         check=parse_networks,
     )
     client_cert_header: str = _option(

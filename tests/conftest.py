@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from werkzeug.test import Client
 
+from certbound_wsgi.channel import UWSGI_SECRET_VAR
 from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
@@ -99,27 +100,48 @@ def alice_token(issuer: TestIssuer, alice_x5t: str) -> str:
 def middleware_of(client: Client) -> CertBoundMiddleware:
     """The middleware behind a :func:`make_client` client, typed."""
     application = client.application
+    if isinstance(application, ViaProxy):
+        application = application.app
     assert isinstance(application, CertBoundMiddleware)
     return application
 
 
+#: The channel every unit test states: the proxy secret, which :class:`ViaProxy` adds to each request
+#: as nginx does for uWSGI. Tests of the channel itself (tests/test_channel.py) choose their own.
+TEST_PROXY_SECRET = "unit-test-proxy-secret-0123456789abcdef"
+
+
 def make_settings(**overrides: Any) -> Settings:
-    return Settings(issuer=ISSUER, audience=(AUDIENCE,), **overrides)
+    return Settings(issuer=ISSUER, audience=(AUDIENCE,), **{"proxy_secret": TEST_PROXY_SECRET, **overrides})
+
+
+class ViaProxy:
+    """nginx in front of the app, as far as the channel goes: adds the proxy secret
+    (``uwsgi_param CERTBOUND_PROXY_SECRET``) unless the request already carries one."""
+
+    def __init__(self, app: WSGIApplication, secret: str = TEST_PROXY_SECRET) -> None:
+        self.app = app
+        self.secret = secret
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        environ.setdefault(UWSGI_SECRET_VAR, self.secret)
+        return self.app(environ, start_response)
 
 
 @pytest.fixture()
 def make_client(issuer: TestIssuer) -> MakeClient:
     """``make_client(app=echo_app, discovery=None, **settings_overrides)`` -> a Client of the protected app.
 
-    ``client.application`` is the :class:`CertBoundMiddleware`; its ``discovery`` is a
-    :class:`StaticDiscovery` over the ``issuer`` fixture unless one is given.
+    ``client.application`` is :class:`ViaProxy` (the proxy secret) around the :class:`CertBoundMiddleware`
+    (:func:`middleware_of`); its ``discovery`` is a :class:`StaticDiscovery` over the ``issuer`` fixture
+    unless one is given.
     """
 
     def make(app: WSGIApplication = echo_app, *, discovery: StaticDiscovery | None = None, **overrides: Any) -> Client:
         settings = make_settings(**overrides)
         middleware = CertBoundMiddleware(app, settings, discovery=discovery or StaticDiscovery(settings, issuer))
         # use_cookies=False: a Cookie header is sent as written, not replaced by the client's cookie jar.
-        return Client(middleware, use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
+        return Client(ViaProxy(middleware), use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
 
     return make
 

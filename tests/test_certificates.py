@@ -15,26 +15,27 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certbound_wsgi.certificates import MAX_CERT_VALUE, CertificateReader, thumbprint_from_der, thumbprint_from_pem
+from certbound_wsgi.channel import UWSGI_SECRET_VAR, ProxyChannel
 from certbound_wsgi.cli import main as cli_main
 from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.errors import InvalidToken
 from certbound_wsgi.proxies import TrustedProxies
-from tests.conftest import MakeClient, bearer, independent_thumbprint, make_settings
+from tests.conftest import MakeClient, bearer, independent_thumbprint
 
 HEADER_VAR = "HTTP_X_SSL_CLIENT_CERT"
 VERIFY_VAR = "HTTP_X_SSL_CLIENT_VERIFY"
 MALFORMED = "the client certificate could not be parsed"
+SECRET = "certificates-test-secret-0123456789abcdef"
+#: What nginx adds for uWSGI (uwsgi_param CERTBOUND_PROXY_SECRET), and for gunicorn (the header).
+UWSGI = {UWSGI_SECRET_VAR: SECRET}
+NGINX = {"HTTP_X_CERTBOUND_PROXY_SECRET": SECRET, "REMOTE_ADDR": "127.0.0.1"}
 
 
-def reader(**overrides: Any) -> CertificateReader:
-    """A reader given the values the settings would give it (validated there, defaults from there)."""
-    settings = make_settings(**overrides)
-    return CertificateReader(
-        client_cert_header=settings.client_cert_header,
-        client_cert_verify_header=settings.client_cert_verify_header,
-        trusted_proxies=settings.trusted_proxies,
-        cache_size=settings.cert_cache_size,
-    )
+def reader(*, secret: str = SECRET, trusted_proxies: tuple[str, ...] = (),
+           client_cert_header: str = "X-SSL-Client-Cert", client_cert_verify_header: str = "") -> CertificateReader:
+    """A reader whose channel is the proxy secret unless told otherwise."""
+    return CertificateReader(client_cert_header=client_cert_header, client_cert_verify_header=client_cert_verify_header,
+                             channel=ProxyChannel(secret=secret, trusted_proxies=trusted_proxies), cache_size=64)
 
 
 def test_thumbprint_matches_an_independent_computation(alice: Issued, mallory: Issued, alice_x5t: str) -> None:
@@ -77,8 +78,8 @@ def ca_pem(pki: DevCA) -> str:
 @pytest.mark.parametrize(
     "where",
     [
-        pytest.param(lambda v: {"SSL_CLIENT_CERT": v}, id="uwsgi-var"),
-        pytest.param(lambda v: {HEADER_VAR: v, "REMOTE_ADDR": "127.0.0.1"}, id="trusted-header"),
+        pytest.param(lambda v: {**UWSGI, "SSL_CLIENT_CERT": v}, id="uwsgi-var"),
+        pytest.param(lambda v: {**NGINX, HEADER_VAR: v}, id="trusted-header"),
     ],
 )
 def test_certificate_forms(
@@ -92,19 +93,26 @@ def test_certificate_forms(
 
 
 def test_chain_counts_the_leaf(alice: Issued, mallory: Issued, mallory_x5t: str) -> None:
-    assert reader().thumbprint({"SSL_CLIENT_CERT": mallory.cert_pem + alice.cert_pem}) == mallory_x5t
+    assert reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": mallory.cert_pem + alice.cert_pem}) == mallory_x5t
 
 
 @pytest.mark.parametrize(
     ("environ", "expected"),
     [
-        pytest.param({"SSL_CLIENT_CERT": "", HEADER_VAR: "ALICE", "REMOTE_ADDR": "127.0.0.1"}, None,
+        pytest.param({**UWSGI, "SSL_CLIENT_CERT": "", HEADER_VAR: "ALICE", "REMOTE_ADDR": "127.0.0.1"}, None,
                      id="empty-uwsgi-var-is-authoritative"),
-        pytest.param({"SSL_CLIENT_CERT": "MALLORY", HEADER_VAR: "ALICE", "REMOTE_ADDR": "127.0.0.1"}, "MALLORY",
-                     id="uwsgi-var-wins-over-header"),
-        pytest.param({"SSL_CLIENT_CERT": "ALICE", "REMOTE_ADDR": "203.0.113.9"}, "ALICE",
-                     id="uwsgi-var-from-any-peer"),
-        pytest.param({HEADER_VAR: "", "REMOTE_ADDR": "127.0.0.1"}, None, id="empty-header"),
+        pytest.param({**UWSGI, "SSL_CLIENT_CERT": "MALLORY", HEADER_VAR: "ALICE", "REMOTE_ADDR": "127.0.0.1"},
+                     "MALLORY", id="uwsgi-var-wins-over-header"),
+        # Under uWSGI REMOTE_ADDR is the client's (nginx's $remote_addr), and proves nothing: the secret does.
+        pytest.param({**UWSGI, "SSL_CLIENT_CERT": "ALICE", "REMOTE_ADDR": "203.0.113.9"}, "ALICE",
+                     id="uwsgi-var-with-the-secret-from-any-peer"),
+        # Issue 11 item 1: a uwsgi packet from anyone who reaches the socket, with alice's public PEM.
+        pytest.param({"SSL_CLIENT_CERT": "ALICE", "REMOTE_ADDR": "127.0.0.1"}, None, id="uwsgi-var-without-the-secret"),
+        pytest.param({UWSGI_SECRET_VAR: SECRET[:-1] + "x", "SSL_CLIENT_CERT": "ALICE"}, None,
+                     id="uwsgi-var-with-a-wrong-secret"),
+        # Issue 11 item 2: the header from a local process, without the secret.
+        pytest.param({HEADER_VAR: "ALICE", "REMOTE_ADDR": "127.0.0.1"}, None, id="header-without-the-secret"),
+        pytest.param({**NGINX, HEADER_VAR: ""}, None, id="empty-header"),
         pytest.param({"REMOTE_ADDR": "127.0.0.1"}, None, id="nothing"),
     ],
 )
@@ -137,37 +145,42 @@ def test_sources(
         pytest.param(("10.0.0.0/8",), "127.0.0.1", False, id="custom-network-excludes-loopback"),
         pytest.param(("fd00::/8",), "fd00::5", True, id="ipv6-network"),
         pytest.param((), "127.0.0.1", False, id="no-trusted-proxy"),
+        # gunicorn gives a Unix-socket peer an empty REMOTE_ADDR; no TCP peer can produce it.
+        pytest.param(("unix",), "", True, id="unix-keyword-trusts-the-socket-peer"),
+        pytest.param(("unix",), "127.0.0.1", False, id="unix-keyword-does-not-trust-loopback"),
+        pytest.param(("unix",), None, False, id="unix-keyword-needs-remote-addr-present"),
+        pytest.param(("unix", "10.0.0.0/8"), "10.1.2.3", True, id="unix-and-network"),
     ],
 )
 def test_header_is_believed_only_from_trusted_proxies(
     trusted_proxies: tuple[str, ...] | None, remote_addr: str | None, believed: bool, alice: Issued, alice_x5t: str
 ) -> None:
-    overrides = {} if trusted_proxies is None else {"trusted_proxies": trusted_proxies}
+    # None: the loopback networks that were the default before issue 11, now stated. No secret: address-only trust.
+    networks = ("127.0.0.1/32", "::1/128") if trusted_proxies is None else trusted_proxies
     environ = {HEADER_VAR: alice.cert_pem}
     if remote_addr is not None:
         environ["REMOTE_ADDR"] = remote_addr
-    assert reader(**overrides).thumbprint(environ) == (alice_x5t if believed else None)
+    assert reader(secret="", trusted_proxies=networks).thumbprint(environ) == (alice_x5t if believed else None)
 
 
 def test_a_shared_trusted_proxies_is_used_as_given(alice: Issued, alice_x5t: str) -> None:
     proxies = TrustedProxies(["10.0.0.0/8"])
     shared = CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="",
-                               trusted_proxies=proxies, cache_size=4)
-    assert shared.trusted_proxies is proxies
+                               channel=ProxyChannel(secret="", trusted_proxies=proxies), cache_size=4)
+    assert shared.channel.trusted_proxies is proxies
     assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "10.9.9.9"}) == alice_x5t
     assert shared.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1"}) is None
 
 
 def test_a_trusted_proxy_that_is_not_a_network_is_refused() -> None:
     with pytest.raises(ValueError, match="'nginx' is not an IP network"):
-        CertificateReader(client_cert_header="X-SSL-Client-Cert", client_cert_verify_header="",
-                          trusted_proxies=["127.0.0.1/32", "nginx"], cache_size=4)
+        ProxyChannel(secret="", trusted_proxies=["127.0.0.1/32", "nginx"])
 
 
 def test_custom_header_name(alice: Issued, alice_x5t: str) -> None:
     custom = reader(client_cert_header="X-Client-Cert")
-    assert custom.thumbprint({"HTTP_X_CLIENT_CERT": alice.cert_pem, "REMOTE_ADDR": "127.0.0.1"}) == alice_x5t
-    assert custom.thumbprint({HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1"}) is None
+    assert custom.thumbprint({**NGINX, "HTTP_X_CLIENT_CERT": alice.cert_pem}) == alice_x5t
+    assert custom.thumbprint({**NGINX, HEADER_VAR: alice.cert_pem}) is None
 
 
 @pytest.mark.parametrize(
@@ -189,7 +202,7 @@ def test_custom_header_name(alice: Issued, alice_x5t: str) -> None:
 def test_verify_header_via_proxy_header(
     verify_header: str, environ: dict[str, str], counts: bool, alice: Issued, alice_x5t: str
 ) -> None:
-    environ = {HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1", **environ}
+    environ = {**NGINX, HEADER_VAR: alice.cert_pem, "REMOTE_ADDR": "127.0.0.1", **environ}
     result = reader(client_cert_verify_header=verify_header).thumbprint(environ)
     assert result == (alice_x5t if counts else None)
 
@@ -206,7 +219,7 @@ def test_verify_header_via_proxy_header(
     ],
 )
 def test_verify_with_uwsgi_var(environ: dict[str, str], counts: bool, alice: Issued, alice_x5t: str) -> None:
-    environ = {"SSL_CLIENT_CERT": alice.cert_pem, **environ}
+    environ = {**UWSGI, "SSL_CLIENT_CERT": alice.cert_pem, **environ}
     assert reader(client_cert_verify_header="X-SSL-Client-Verify").thumbprint(environ) == (
         alice_x5t if counts else None
     )
@@ -242,7 +255,7 @@ MALFORMED_VALUES: list[Any] = [
 @pytest.mark.parametrize("where", [pytest.param(False, id="uwsgi-var"), pytest.param(True, id="trusted-header")])
 def test_malformed_values_raise_invalid_token(mutate: Callable[[str], str], where: bool, alice: Issued) -> None:
     value = mutate(alice.cert_pem)
-    environ = {HEADER_VAR: value, "REMOTE_ADDR": "127.0.0.1"} if where else {"SSL_CLIENT_CERT": value}
+    environ = {**NGINX, HEADER_VAR: value} if where else {**UWSGI, "SSL_CLIENT_CERT": value}
     with pytest.raises(InvalidToken) as info:
         reader().thumbprint(environ)
     assert info.value.description == MALFORMED
@@ -261,10 +274,10 @@ def test_malformed_values_raise_invalid_token(mutate: Callable[[str], str], wher
 def test_oversize_value(padding: int, accepted: bool, alice: Issued, alice_x5t: str) -> None:
     value = alice.cert_pem + " " * (MAX_CERT_VALUE - len(alice.cert_pem) + padding)
     if accepted:
-        assert reader().thumbprint({"SSL_CLIENT_CERT": value}) == alice_x5t
+        assert reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": value}) == alice_x5t
     else:
         with pytest.raises(InvalidToken):
-            reader().thumbprint({"SSL_CLIENT_CERT": value})
+            reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": value})
 
 
 def test_malformed_certificate_through_the_middleware(make_client: MakeClient, alice_token: str) -> None:
@@ -338,7 +351,7 @@ HOSTILE = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=HOSTILE, via_header=st.booleans())
 def test_hostile_values_only_raise_invalid_token(value: str, via_header: bool) -> None:
-    environ = {HEADER_VAR: value, "REMOTE_ADDR": "127.0.0.1"} if via_header else {"SSL_CLIENT_CERT": value}
+    environ = {**NGINX, HEADER_VAR: value} if via_header else {**UWSGI, "SSL_CLIENT_CERT": value}
     try:
         result = _HOSTILE_READER.thumbprint(environ)
     except InvalidToken as exc:
@@ -364,7 +377,7 @@ def _mutations(pem: str) -> st.SearchStrategy[str]:
 def test_mutated_certificates_only_raise_invalid_token(data: st.DataObject, alice: Issued) -> None:
     value = data.draw(_mutations(alice.cert_pem))
     try:
-        result = _HOSTILE_READER.thumbprint({"SSL_CLIENT_CERT": value})
+        result = _HOSTILE_READER.thumbprint({**UWSGI, "SSL_CLIENT_CERT": value})
     except InvalidToken:
         return
     # Still a DER certificate (a flipped serial number, extra whitespace): a thumbprint, or None when empty.
@@ -376,7 +389,7 @@ def test_mutated_certificates_only_raise_invalid_token(data: st.DataObject, alic
 def test_hostile_values_through_the_middleware_never_500_nor_200(
     value: str, via_header: bool, make_client: MakeClient, alice_token: str
 ) -> None:
-    client = make_client()
+    client = make_client()  # ViaProxy adds the proxy secret
     environ = {HEADER_VAR: value, "REMOTE_ADDR": "127.0.0.1"} if via_header else {"SSL_CLIENT_CERT": value}
     response = client.get("/", headers=bearer(alice_token), environ_overrides=environ)
     assert response.status_code == 401, response.get_data(as_text=True)

@@ -38,7 +38,8 @@ from certbound_wsgi.errors import ConfigurationError, TemporarilyUnavailable
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats
-from tests.conftest import CountingApp, MakeClient, cert_env, make_settings, middleware_of
+from certbound_wsgi.types import WSGIEnvironment
+from tests.conftest import CountingApp, MakeClient, ViaProxy, cert_env, make_settings, middleware_of
 from tests.support.dpop import DPoPKey, ath
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import StaticDiscovery, TestIssuer, b64url, sign_es256
@@ -188,11 +189,13 @@ def install_clock(client: Client, clock: Callable[[], float]) -> None:
     """Replace the middleware's verifier by one reading ``clock`` (same settings, same nonce secret)."""
     middleware = middleware_of(client)
     secret = middleware.settings.shared_secret or None
+    channel = middleware.certificates.channel
     middleware.authenticator.dpop = dpop_verifier(
-        middleware.settings, ReplayCache(None), middleware.certificates.is_trusted_peer, secret, clock)
+        middleware.settings, ReplayCache(None), lambda environ: channel.verdict(environ).trusted, secret, clock)
 
 
-def dpop_verifier(s: Settings, replay: ReplayCache, is_trusted_peer: Callable[[str], bool], secret: str | None,
+def dpop_verifier(s: Settings, replay: ReplayCache, is_trusted_peer: Callable[[WSGIEnvironment], bool],
+                  secret: str | None,
                   clock: Callable[[], float]) -> DPoPVerifier:
     """A verifier with the options of ``s``, as the middleware builds it."""
     return DPoPVerifier(replay, is_trusted_peer, Sealer(secret, "dpop").key_name,
@@ -474,7 +477,8 @@ def test_more_than_one_dpop_header_is_invalid_request(
 
 
 def test_untrusted_peer_cannot_claim_https(make_client: MakeClient, ctx: Ctx) -> None:
-    client = make_client(**ON)
+    # The secret and an address, both required: the peer 10.1.2.3 is not the trusted proxy.
+    client = make_client(**ON, trusted_proxies=("127.0.0.1/32",))
     proof = ctx.proof(htu="https://localhost/anything")
     response = send(client, ctx.token, proof, headers={"X-Forwarded-Proto": "https"},
                     environ_overrides={"REMOTE_ADDR": "10.1.2.3"})
@@ -1048,7 +1052,7 @@ def fuzz() -> Fuzz:
     token = issuer.token(cnf={"jkt": key.jkt}, exp=int(time.time()) + 3600)
     settings_ = make_settings(**ON)
     app = CountingApp()
-    client = Client(CertBoundMiddleware(app, settings_, discovery=StaticDiscovery(settings_, issuer)),
+    client = Client(ViaProxy(CertBoundMiddleware(app, settings_, discovery=StaticDiscovery(settings_, issuer))),
                     use_cookies=False)
     # The one valid proof, used up here: every proof the fuzzer derives from it is at best a replay.
     proof = key.proof("GET", HTU, token, jti=FUZZ_JTI)

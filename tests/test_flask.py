@@ -13,7 +13,7 @@ from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.flask import CertBound, current_claims, require_scope
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
-from tests.conftest import bearer, cert_env
+from tests.conftest import TEST_PROXY_SECRET, ViaProxy, bearer, cert_env
 from tests.support.dpop import DPoPKey
 from tests.support.refusals import assert_refused
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
@@ -21,7 +21,8 @@ from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 def build_app(issuer: TestIssuer, **config: Any) -> tuple[Flask, CertBound]:
     app = Flask(__name__)
-    app.config.update(CERTBOUND_ISSUER=ISSUER, CERTBOUND_AUDIENCE=[AUDIENCE], SECRET_KEY="not-an-option", **config)
+    app.config.update(CERTBOUND_ISSUER=ISSUER, CERTBOUND_AUDIENCE=[AUDIENCE], SECRET_KEY="not-an-option",
+                      CERTBOUND_PROXY_SECRET=TEST_PROXY_SECRET, **config)
 
     @app.get("/claims")
     def claims() -> Any:
@@ -44,7 +45,7 @@ def build_app(issuer: TestIssuer, **config: Any) -> tuple[Flask, CertBound]:
     settings = extension.middleware.settings
     middleware = CertBoundMiddleware(extension.middleware.app, settings, discovery=StaticDiscovery(settings, issuer))
     extension.middleware = middleware
-    app.wsgi_app = middleware  # type: ignore[method-assign]
+    app.wsgi_app = ViaProxy(middleware)  # type: ignore[method-assign]
     return app, extension
 
 
@@ -159,7 +160,8 @@ def test_require_scope_uses_the_configured_claim(
 
 
 def test_explicit_settings_and_init_app(issuer: TestIssuer, alice: Issued, alice_token: str) -> None:
-    extension = CertBound(settings=Settings(issuer=ISSUER, audience=(AUDIENCE,), realm="late"))
+    extension = CertBound(settings=Settings(issuer=ISSUER, audience=(AUDIENCE,), realm="late",
+                                            proxy_secret=TEST_PROXY_SECRET))
     assert extension.middleware is None
     app = Flask(__name__)
     app.add_url_rule("/", "index", lambda: "ok")

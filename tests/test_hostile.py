@@ -35,7 +35,7 @@ from werkzeug.test import Client, TestResponse
 from certbound_wsgi.binding import THUMBPRINT_MISMATCH
 from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
-from tests.conftest import CountingApp, independent_thumbprint, make_settings
+from tests.conftest import CountingApp, ViaProxy, independent_thumbprint, make_settings
 from tests.support.dpop import DPoPKey
 from tests.support.raw_http import RawServer
 from tests.support.refusals import ALGS, challenge, parse_challenges
@@ -168,7 +168,7 @@ def client_for(world: World, overrides: dict[str, Any], app: CountingApp) -> Cli
         overrides["introspection_endpoint"] = world.tiny.url
     settings_ = make_settings(**overrides)
     middleware = CertBoundMiddleware(app, settings_, discovery=StaticDiscovery(settings_, world.issuer))
-    return Client(middleware, use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
+    return Client(ViaProxy(middleware), use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
 
 
 # -- running a request: bounded in time, with outbound connections recorded --------------------------------------

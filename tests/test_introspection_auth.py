@@ -29,6 +29,7 @@ from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.introspection import IntrospectionClient, IntrospectionError
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
+from tests.conftest import TEST_PROXY_SECRET, ViaProxy
 from tests.support import idp_fixtures
 from tests.support.idp import OPAQUE_RESOURCE, RS_JWT_CLIENT, RS_MTLS_CLIENT, SECRETS, OidcProvider, x5t_s256
 
@@ -59,6 +60,8 @@ def settings_for(provider: OidcProvider, method: str, **overrides: Any) -> Setti
         "introspection_endpoint": provider.introspection_endpoint,
         "introspection_endpoint_auth_method": method,
         "http_timeout": 5.0,
+        # The channel from nginx: the proxy secret, which ViaProxy adds to each request.
+        "proxy_secret": TEST_PROXY_SECRET,
         **auth_options(provider, method),
     }
     options.update(overrides)
@@ -168,7 +171,7 @@ def test_middleware_end_to_end(idp: OidcProvider, pki: idp_fixtures.Pki, method:
     token = idp.token("bound", resource=OPAQUE_RESOURCE)
     # No introspection_endpoint: the middleware finds it in the issuer's metadata.
     settings = settings_for(idp, method, introspection_endpoint="")
-    client = Client(CertBoundMiddleware(echo_app, settings))
+    client = Client(ViaProxy(CertBoundMiddleware(echo_app, settings)))
     headers = {"Authorization": f"Bearer {token}"}
     idp.reset_stats()
 
@@ -192,7 +195,7 @@ def test_middleware_with_refused_credentials_is_503(idp: OidcProvider, pki: idp_
     token = idp.token("bound", resource=OPAQUE_RESOURCE)
     case = "jwt-other-key" if method == "private_key_jwt" else "mtls-other-subject"
     settings = settings_for(idp, method, **_wrong_credentials(idp, pki, tmp_path, case))
-    client = Client(CertBoundMiddleware(echo_app, settings))
+    client = Client(ViaProxy(CertBoundMiddleware(echo_app, settings)))
     response = client.get("/", headers={"Authorization": f"Bearer {token}"},
                           environ_overrides={"SSL_CLIENT_CERT": pki.alice.cert_pem})
     assert response.status_code == 503

@@ -24,9 +24,13 @@ CERT_LINE = {
 }
 
 
+SECRET = "nginx-config-test-secret-0123456789abcdef"
+DEFAULTS: dict[str, Any] = {"listen": "443", "backend": "127.0.0.1:8000", "server_name": "api.example.com",
+                            "proxy_secret": SECRET}
+
+
 def _render(upstream: Any = "gunicorn", **kwargs: Any) -> str:
-    args: dict[str, Any] = {"listen": "443", "backend": "127.0.0.1:8000", **CERTS, **kwargs}
-    return render(upstream, **args)
+    return render(upstream, **{**DEFAULTS, **CERTS, **kwargs})
 
 
 def _directives(text: str) -> list[str]:
@@ -73,6 +77,51 @@ def _directives(text: str) -> list[str]:
             "gunicorn", {"server_name": "api.example.com *.api.example.com"},
             ["server_name api.example.com *.api.example.com;"], [], id="server-names",
         ),
+        # Issue 11: the proxy secret, and nothing a client can send in its place.
+        pytest.param(
+            "gunicorn", {},
+            [f'proxy_set_header X-Certbound-Proxy-Secret "{SECRET}";'], [], id="gunicorn-secret-header",
+        ),
+        pytest.param(
+            "gunicorn", {"proxy_secret_header": "X-Internal-Auth"},
+            [f'proxy_set_header X-Internal-Auth "{SECRET}";'], ["proxy_set_header X-Certbound-Proxy-Secret"],
+            id="gunicorn-custom-secret-header",
+        ),
+        pytest.param(
+            "uwsgi", {},
+            [f'uwsgi_param CERTBOUND_PROXY_SECRET "{SECRET}";', 'uwsgi_param HTTP_X_CERTBOUND_PROXY_SECRET "";'],
+            [], id="uwsgi-secret-variable",
+        ),
+        pytest.param(
+            "gunicorn", {"backend": "unix:/run/certbound/app.sock", "proxy_secret": None},
+            ['proxy_set_header X-Certbound-Proxy-Secret "";', "server unix:/run/certbound/app.sock;"], [],
+            id="gunicorn-unix-without-secret-removes-client-copy",
+        ),
+        pytest.param(
+            "uwsgi", {"backend": "unix:/run/certbound/app.sock", "proxy_secret": None},
+            ['uwsgi_param CERTBOUND_PROXY_SECRET "";', "uwsgi_pass unix:/run/certbound/app.sock;"], [],
+            id="uwsgi-unix-without-secret",
+        ),
+        pytest.param(
+            "gunicorn", {"proxy_secret": None, "address_only_trust": True},
+            ['proxy_set_header X-Certbound-Proxy-Secret "";'], [], id="gunicorn-address-only-trust",
+        ),
+        # Issue 11 item 4: every other name is refused.
+        pytest.param(
+            "uwsgi", {"listen": "127.0.0.1:8443"},
+            ["listen 127.0.0.1:8443 ssl default_server;", 'server_name "";', "ssl_reject_handshake on;",
+             "return 421;", "listen 127.0.0.1:8443 ssl;", "server_name api.example.com;"],
+            [], id="default-server",
+        ),
+        # Issue 11 item 7: what nginx accepts fits the worker.
+        pytest.param(
+            "uwsgi", {}, ["client_header_buffer_size 1k;", "large_client_header_buffers 2 8k;",
+                          'if ($certbound_uwsgi_cert_too_large) {', "return 400;"], [], id="uwsgi-size-limits",
+        ),
+        pytest.param(
+            "gunicorn", {}, ["client_header_buffer_size 1k;", "large_client_header_buffers 4 8k;",
+                             'if ($certbound_gunicorn_cert_too_large) {'], [], id="gunicorn-size-limits",
+        ),
         pytest.param(
             "gunicorn", {},
             ["proxy_set_header X-Forwarded-Proto $scheme;", "proxy_set_header X-Forwarded-Host $host;",
@@ -116,6 +165,9 @@ def test_security_invariants(upstream: str, kwargs: dict[str, Any]) -> None:
     assert any(line.startswith("client_max_body_size ") for line in directives)
     assert not [line for line in directives if "/etc/nginx" in line or line.startswith("include")]
     assert not re.search(r"\{\{[a-z_]+\}\}", text), "a placeholder was left unrendered"
+    # Exactly one default server, which completes no handshake.
+    assert len([line for line in directives if line.endswith("default_server;")]) == 1
+    assert "ssl_reject_handshake on;" in directives
 
 
 def test_standalone_paths_under_prefix() -> None:
@@ -146,8 +198,8 @@ def test_standalone_without_prefix_uses_relative_paths() -> None:
 def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     directives = _directives(
-        render("gunicorn", listen="443", backend="127.0.0.1:8000", server_cert="tls/server.pem",
-               server_key=Path("tls/server.key"), client_ca="ca.pem")
+        render("gunicorn", listen="443", backend="unix:/run/certbound/app.sock", server_cert="tls/server.pem",
+               server_key=Path("tls/server.key"), client_ca="ca.pem", server_name="api.example.com")
     )
     assert f'ssl_certificate "{tmp_path}/tls/server.pem";' in directives
     assert f'ssl_certificate_key "{tmp_path}/tls/server.key";' in directives
@@ -181,6 +233,10 @@ def test_relative_paths_become_absolute(tmp_path: Path, monkeypatch: pytest.Monk
         pytest.param("server_name", "a\nb", id="server-name-newline"),
         pytest.param("server_name", "a  b", id="server-name-double-space"),
         pytest.param("server_name", "", id="server-name-empty"),
+        pytest.param("server_name", "_", id="server-name-catch-all"),
+        pytest.param("server_name", "api.example.com _", id="server-name-with-catch-all"),
+        pytest.param("proxy_secret_header", "X_Secret", id="secret-header-underscore"),
+        pytest.param("proxy_secret_header", "", id="secret-header-empty"),
         pytest.param("server_cert", "/tmp/a.pem\nssl_verify_client off;", id="path-newline-directive"),
         pytest.param("server_cert", '/tmp/a".pem', id="path-quote"),
         pytest.param("server_key", "/tmp/$ssl_server_name.key", id="path-variable"),
@@ -220,9 +276,9 @@ def test_nginx_accepts_standalone_config(upstream: Upstream, with_ca: bool, tmp_
     prefix.mkdir()
     conf = prefix / "nginx.conf"
     conf.write_text(
-        render(upstream, listen="127.0.0.1:8443", backend="127.0.0.1:8000", server_cert=server.cert_path,
-               server_key=server.key_path, client_ca=ca.cert_path if with_ca else None,
-               standalone=True, prefix=prefix)
+        render(upstream, listen="127.0.0.1:8443", backend="unix:/run/certbound/app.sock",
+               server_cert=server.cert_path, server_key=server.key_path, client_ca=ca.cert_path if with_ca else None,
+               server_name="localhost", proxy_secret=SECRET, standalone=True, prefix=prefix)
     )
     result = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(conf)],
                             check=False, capture_output=True, text=True, timeout=30)
@@ -232,40 +288,113 @@ def test_nginx_accepts_standalone_config(upstream: Upstream, with_ca: bool, tmp_
 
 # --- certbound-wsgi nginx-config ---------------------------------------------
 
-CLI_CERTS = ["--server-cert", "/etc/certbound/server.pem", "--server-key", "/etc/certbound/server.key"]
+CLI_CERTS = ["--server-cert", "/etc/certbound/server.pem", "--server-key", "/etc/certbound/server.key",
+             "--server-name", "api.example.com"]
+
+
+@pytest.fixture()
+def secret_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTBOUND_PROXY_SECRET", SECRET)
 
 
 @pytest.mark.parametrize(
     ("argv", "kwargs"),
     [
-        pytest.param([], {"listen": "443", "backend": "127.0.0.1:8000"}, id="defaults"),
+        pytest.param([], {"listen": "443", "backend": "unix:/run/certbound/app.sock"}, id="defaults"),
         pytest.param(
             ["--upstream", "uwsgi", "--listen", "127.0.0.1:8443", "--backend", "127.0.0.1:3031",
              "--client-ca", "/etc/certbound/ca.pem", "--server-name", "api.example.com"],
             {"listen": "127.0.0.1:8443", "backend": "127.0.0.1:3031", "client_ca": "/etc/certbound/ca.pem",
-             "server_name": "api.example.com", "upstream": "uwsgi"},
+             "upstream": "uwsgi"},
             id="uwsgi-client-ca",
         ),
         pytest.param(
             ["--standalone", "--prefix", "/srv/nginx"],
-            {"listen": "443", "backend": "127.0.0.1:8000", "standalone": True, "prefix": "/srv/nginx"},
+            {"listen": "443", "backend": "unix:/run/certbound/app.sock", "standalone": True, "prefix": "/srv/nginx"},
             id="standalone",
         ),
     ],
 )
 def test_cli_writes_file(argv: list[str], kwargs: dict[str, Any], tmp_path: Path,
-                         capsys: pytest.CaptureFixture[str]) -> None:
+                         capsys: pytest.CaptureFixture[str], secret_env: None) -> None:
     out = tmp_path / "certbound.conf"
     assert main(["nginx-config", *CLI_CERTS, *argv, "-o", str(out)]) == 0
     upstream = kwargs.pop("upstream", "gunicorn")
-    assert out.read_text() == render(upstream, **CERTS, **kwargs)
-    assert capsys.readouterr().out == ""
+    assert out.read_text() == render(upstream, **CERTS, server_name="api.example.com", proxy_secret=SECRET, **kwargs)
+    # It holds the secret: readable by its owner (root, for nginx's master) only.
+    assert out.stat().st_mode & 0o777 == 0o600
+    captured = capsys.readouterr()
+    assert captured.out == "" and SECRET not in captured.err
     assert [p.name for p in tmp_path.iterdir()] == ["certbound.conf"], "no partial file is left behind"
 
 
-def test_cli_writes_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_writes_stdout(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
     assert main(["nginx-config", *CLI_CERTS]) == 0
-    assert capsys.readouterr().out == render("gunicorn", listen="443", backend="127.0.0.1:8000", **CERTS)
+    captured = capsys.readouterr()
+    assert captured.out == render("gunicorn", listen="443", backend="unix:/run/certbound/app.sock",
+                                  server_name="api.example.com", **CERTS)
+    # Issue 11 item 3: the operator is told what the application needs to believe this nginx.
+    assert captured.err == ("certbound-wsgi nginx-config: note: no proxy secret; the application needs "
+                            "CERTBOUND_TRUSTED_PROXIES=unix\n")
+
+
+@pytest.mark.parametrize("content", [pytest.param(SECRET, id="one-line"), pytest.param(SECRET + "\n", id="newline"),
+                                     pytest.param(SECRET + "\r\n", id="crlf")])
+def test_cli_reads_the_secret_file(content: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CERTBOUND_PROXY_SECRET", "the-file-wins-over-the-environment-000000")
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(content)
+    assert main(["nginx-config", *CLI_CERTS, "--upstream", "uwsgi", "--backend", "10.0.0.5:3031",
+                 "--proxy-secret-file", str(secret_file)]) == 0
+    assert f'uwsgi_param CERTBOUND_PROXY_SECRET "{SECRET}";' in _directives(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        pytest.param(["--backend", "127.0.0.1:8000"], None, "a TCP backend (127.0.0.1:8000) needs the proxy secret",
+                     id="gunicorn-tcp-without-secret"),
+        pytest.param(["--upstream", "uwsgi", "--backend", "127.0.0.1:3031", "--address-only-trust"], None,
+                     "a uWSGI backend on TCP (127.0.0.1:3031) needs the proxy secret", id="uwsgi-tcp-without-secret"),
+        pytest.param(["--proxy-secret-file", "/nonexistent/secret"], None, "cannot read '/nonexistent/secret'",
+                     id="missing-secret-file"),
+        pytest.param([], "too-short-secret", "the proxy secret must be 32 to 512 characters", id="short-secret"),
+        pytest.param([], "x" * 31 + '";', "the proxy secret must be 32 to 512 characters", id="injection-secret"),
+    ],
+)
+def test_cli_refuses_what_cannot_work(argv: list[str], env: str | None, message: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    if env is None:
+        monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
+    else:
+        monkeypatch.setenv("CERTBOUND_PROXY_SECRET", env)
+    out = tmp_path / "certbound.conf"
+    assert main(["nginx-config", *CLI_CERTS, *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("certbound-wsgi nginx-config: error: --proxy-secret-file: ")
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    if env:
+        assert env not in err, "a secret is never echoed"
+    assert not out.exists()
+
+
+def test_cli_address_only_trust_is_explicit(capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
+    assert main(["nginx-config", *CLI_CERTS, "--backend", "127.0.0.1:8000", "--address-only-trust"]) == 0
+    captured = capsys.readouterr()
+    assert 'proxy_set_header X-Certbound-Proxy-Secret "";' in _directives(captured.out)
+    assert "CERTBOUND_TRUSTED_PROXIES=<nginx's address>/32 (address-only trust)" in captured.err
+
+
+def test_cli_server_name_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["nginx-config", *CLI_CERTS[:4]])
+    assert exited.value.code == 2
+    assert "--server-name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -274,11 +403,14 @@ def test_cli_writes_stdout(capsys: pytest.CaptureFixture[str]) -> None:
         pytest.param(["--backend", "127.0.0.1:8000; }"], "--backend", id="backend-injection"),
         pytest.param(["--listen", "443 default_server"], "--listen", id="listen-parameter"),
         pytest.param(["--server-name", "a;b"], "--server-name", id="server-name"),
+        pytest.param(["--server-name", "_"], "--server-name", id="server-name-catch-all"),
         pytest.param(["--client-ca", "/tmp/ca.pem\nssl_verify_client off;"], "--client-ca", id="client-ca-newline"),
         pytest.param(["--prefix", "/srv/nginx"], "--prefix", id="prefix-without-standalone"),
+        pytest.param(["--proxy-secret-header", "X_Secret"], "--proxy-secret-header", id="secret-header"),
     ],
 )
-def test_cli_bad_input(argv: list[str], option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_bad_input(argv: list[str], option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                       secret_env: None) -> None:
     out = tmp_path / "certbound.conf"
     assert main(["nginx-config", *CLI_CERTS, *argv, "-o", str(out)]) == 2
     captured = capsys.readouterr()
@@ -289,7 +421,7 @@ def test_cli_bad_input(argv: list[str], option: str, tmp_path: Path, capsys: pyt
     assert not out.exists()
 
 
-def test_cli_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unwritable_output(tmp_path: Path, capsys: pytest.CaptureFixture[str], secret_env: None) -> None:
     target = tmp_path / "missing" / "certbound.conf"
     assert main(["nginx-config", *CLI_CERTS, "-o", str(target)]) == 1
     err = capsys.readouterr().err

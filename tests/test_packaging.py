@@ -50,7 +50,7 @@ def test_the_request_path_never_loads_the_dev_package() -> None:
     )
     environ = {key: value for key, value in os.environ.items() if not key.startswith("CERTBOUND_")}
     environ.update(CERTBOUND_ISSUER="https://issuer.test", CERTBOUND_AUDIENCE="https://api.test",
-                   CERTBOUND_APP="tests.support.sample_app:app")
+                   CERTBOUND_APP="tests.support.sample_app:app", CERTBOUND_TRUSTED_PROXIES="unix")
     result = subprocess.run([sys.executable, "-c", program], cwd=ROOT, env=environ, capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr

@@ -14,12 +14,14 @@ import pytest
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.proxy_config import HEADERS, PROXIES, render_caddy, render_haproxy, template
 
+SECRET = "proxy-config-test-secret-0123456789abcdef"
+
 
 def test_every_placeholder_is_filled(tmp_path: Path) -> None:
     haproxy = render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:8000", server_pem=tmp_path / "s.pem",
-                             client_ca=tmp_path / "ca.pem")
+                             client_ca=tmp_path / "ca.pem", proxy_secret=SECRET)
     caddy = render_caddy(host="api.example", port=443, backend="127.0.0.1:8000", server_cert=tmp_path / "c.pem",
-                         server_key=tmp_path / "k.pem")
+                         server_key=tmp_path / "k.pem", proxy_secret=SECRET)
     for text in (haproxy, caddy):
         assert not re.search(r"\{\{[a-z_]+\}\}", text)
     assert f'crt "{tmp_path}/s.pem" verify optional ca-file "{tmp_path}/ca.pem"' in haproxy
@@ -40,23 +42,26 @@ def test_each_template_writes_the_header_it_declares() -> None:
 
 @pytest.mark.parametrize(("render", "option"), [
     pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443; }", backend="127.0.0.1:1", server_pem=p,
-                                          client_ca=p), "listen", id="haproxy-listen-injection"),
+                                          client_ca=p, proxy_secret=SECRET), "listen", id="haproxy-listen-injection"),
     pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:1\n  bind :80",
-                                          server_pem=p, client_ca=p), "backend", id="haproxy-backend-newline"),
+                                          server_pem=p, client_ca=p, proxy_secret=SECRET),
+                 "backend", id="haproxy-backend-newline"),
     pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="unix:/run/app.sock", server_pem=p,
-                                          client_ca=p), "backend", id="haproxy-unix-backend"),
+                                          client_ca=p, proxy_secret=SECRET),
+                 "backend", id="haproxy-unix-backend"),
     pytest.param(lambda p: render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:1",
-                                          server_pem=f"{p}/${{HOME}}", client_ca=p), "server_pem",
+                                          server_pem=f"{p}/${{HOME}}", client_ca=p, proxy_secret=SECRET), "server_pem",
                  id="haproxy-path-expansion"),
     pytest.param(lambda p: render_caddy(host="a.example {", port=443, backend="127.0.0.1:1", server_cert=p,
-                                        server_key=p), "host", id="caddy-host-brace"),
+                                        server_key=p, proxy_secret=SECRET), "host", id="caddy-host-brace"),
     pytest.param(lambda p: render_caddy(host="a.example", port=70000, backend="127.0.0.1:1", server_cert=p,
-                                        server_key=p), "host", id="caddy-port-range"),
+                                        server_key=p, proxy_secret=SECRET), "host", id="caddy-port-range"),
     pytest.param(lambda p: render_caddy(host="a.example", port=443, backend="127.0.0.1:1",
-                                        server_cert=f"{p}/{{env.X}}", server_key=p), "server_cert",
+                                        server_cert=f"{p}/{{env.X}}", server_key=p, proxy_secret=SECRET), "server_cert",
                  id="caddy-placeholder-in-path"),
     pytest.param(lambda p: render_caddy(host="a.example", port=443, backend="127.0.0.1:1", server_cert=p,
-                                        server_key=p, bind="0.0.0.0 ::"), "bind", id="caddy-bind-two"),
+                                        server_key=p, proxy_secret=SECRET, bind="0.0.0.0 ::"),
+                 "bind", id="caddy-bind-two"),
 ])
 def test_invalid_values_are_refused(tmp_path: Path, render, option: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ConfigurationError, match=f"^{option}:"):

@@ -30,6 +30,7 @@ from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats
+from tests.conftest import TEST_PROXY_SECRET, ViaProxy
 from tests.support.redis_server import RedisClusterNodes, RedisSentinel, RedisServer
 
 ISSUER = "https://issuer.test"
@@ -62,6 +63,7 @@ def settings(**redis: Any) -> Settings:
         client_secret="rs-secret-0123456789abcdef",
         introspection_endpoint=ISSUER + "/introspect",
         cache_secret=SECRET,
+        proxy_secret=TEST_PROXY_SECRET,
         # Generous: a loaded machine must not trip the breaker (which would rightly mean one more introspection).
         redis_timeout=1.0,
         **redis,
@@ -74,7 +76,7 @@ def worker(config: Settings, x5t: str) -> tuple[Client, CertBoundMiddleware, Fak
     fake = FakeClient(x5t)
     assert middleware.introspection is not None
     middleware.introspection._client = fake  # type: ignore[assignment]
-    return Client(middleware), middleware, fake
+    return Client(ViaProxy(middleware)), middleware, fake
 
 
 def get(client: Client, token: str, cert: Issued) -> Any:

@@ -29,7 +29,7 @@ from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.middleware import CertBoundMiddleware
 from certbound_wsgi.types import WSGIApplication
-from tests.conftest import CountingApp, cert_env, make_settings, middleware_of
+from tests.conftest import CountingApp, ViaProxy, cert_env, make_settings, middleware_of
 from tests.support.dpop import DPoPKey
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
@@ -73,7 +73,7 @@ def build(issuer: TestIssuer, app: WSGIApplication | None = None, *, clock: Fake
     kwargs: dict[str, Any] = {"clock": clock} if clock is not None else {}
     middleware = CertBoundMiddleware(app or CountingApp(), settings, discovery=StaticDiscovery(settings, issuer),
                                      **kwargs)
-    return Client(middleware, use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
+    return Client(ViaProxy(middleware), use_cookies=False)  # type: ignore[arg-type]  # wsgiref vs werkzeug WSGI types
 
 
 def app_of(client: Client) -> CountingApp:

@@ -16,7 +16,8 @@ from certbound_wsgi.middleware import CertBoundMiddleware
 from tests.support import sample_app
 from tests.support.tokens import AUDIENCE, ISSUER
 
-ENV = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE}
+ENV = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE,
+       "CERTBOUND_PROXY_SECRET": "wsgi-test-proxy-secret-0123456789abcdef"}
 
 
 @pytest.fixture()

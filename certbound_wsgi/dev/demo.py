@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import secrets
 import shlex
 import signal
 import tempfile
@@ -212,12 +213,15 @@ def run_demo(once: bool = False, port: int = 0) -> int:
 
         try:
             issuer_server = servers.enter_context(DevServer(context))
-            api_server = servers.enter_context(DevServer(context, port=port))
+            # The certificate reaches the middleware as in production: with the proxy secret.
+            proxy_secret = secrets.token_urlsafe(32)
+            api_server = servers.enter_context(DevServer(context, port=port, proxy_secret=proxy_secret))
         except OSError as exc:
             print(f"demo: {exc}")
             return 1
         issuer_server.start(DevIssuer(issuer_server.url, audience=AUDIENCE))
-        settings = Settings(issuer=issuer_server.url, audience=(AUDIENCE,), ca_file=str(ca_path))
+        settings = Settings(issuer=issuer_server.url, audience=(AUDIENCE,), ca_file=str(ca_path),
+                            proxy_secret=proxy_secret)
         api_server.start(CertBoundMiddleware(echo_app, settings))
 
         print(f"  issuer   {issuer_server.url}  (development-only issuer, mTLS token endpoint)")

@@ -7,6 +7,9 @@ and this module is not involved.
 The environ contract is the one nginx and Apache use: ``SSL_CLIENT_CERT`` holds
 the PEM of the certificate the peer presented, and is empty when it presented
 none, so an app never has to distinguish "missing key" from "no certificate".
+Given a ``proxy_secret``, the server also sets ``CERTBOUND_PROXY_SECRET`` as
+nginx does for uWSGI, so that the middleware believes the certificate through
+the same authenticated channel as in production.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Self
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
+from ..channel import UWSGI_SECRET_VAR
 from ..types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["ClientCertRequestHandler", "DevServer", "server_ssl_context"]
@@ -67,6 +71,9 @@ class ClientCertRequestHandler(WSGIRequestHandler):
         # Always set, overriding whatever a client may have smuggled in: the
         # handshake is the only source of this value.
         environ["SSL_CLIENT_CERT"] = _peer_certificate_pem(self.connection)
+        secret = getattr(self.server, "certbound_proxy_secret", None)
+        if secret:
+            environ[UWSGI_SECRET_VAR] = secret
         return environ
 
     def log(self, type: str, message: str, *args: Any) -> None:
@@ -92,10 +99,12 @@ class DevServer:
     :param ssl_context: see :func:`server_ssl_context`.
     :param host: address to bind; loopback by default.
     :param port: port to bind; ``0`` picks a free one.
+    :param proxy_secret: the app's ``proxy_secret``, added to every request as nginx would.
     :raises OSError: when the address cannot be bound.
     """
 
-    def __init__(self, ssl_context: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, *, host: str = "127.0.0.1", port: int = 0,
+                 proxy_secret: str | None = None) -> None:
         try:
             self._server: BaseWSGIServer = make_server(
                 host,
@@ -109,6 +118,7 @@ class DevServer:
             # werkzeug prints the reason (e.g. "Address already in use") and
             # exits; a library caller wants an exception it can handle.
             raise OSError(f"cannot listen on {host}:{port}") from exc
+        self._server.certbound_proxy_secret = proxy_secret  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
 
     @property

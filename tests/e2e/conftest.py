@@ -2,8 +2,9 @@
 
 A *stack* is nginx rendered from the shipped configuration in front of
 gunicorn or uWSGI running ``certbound_wsgi.wsgi:application`` (the echo app),
-configured from ``CERTBOUND_*`` variables only, as a user deploys it. Stacks
-are cached per configuration for the whole session.
+configured from ``CERTBOUND_*`` variables only, as a user deploys it: over TCP
+with the proxy secret, unless a test asks for another channel. Stacks are
+cached per configuration for the whole session.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from certbound_wsgi.dev.pki import Issued
 from tests.support import idp_fixtures
 from tests.support.idp import API_RESOURCE, OidcProvider
 from tests.support.procs import free_port
-from tests.support.servers import UWSGI, Gunicorn, Nginx, start_gunicorn, start_nginx, start_uwsgi
+from tests.support.servers import (
+    PROXY_SECRET,
+    SERVER_NAME,
+    UWSGI,
+    Gunicorn,
+    Nginx,
+    start_gunicorn,
+    start_nginx,
+    start_uwsgi,
+)
 
 pki = idp_fixtures.pki
 idp = idp_fixtures.idp
@@ -52,17 +62,23 @@ class Stack:
         return requests.request(method, self.nginx.url + path, headers=sent, cert=cert.pair if cert else None,
                                 verify=self.ca_file, timeout=15, **kwargs)
 
-    def direct(self, token: str, headers: dict[str, str]) -> requests.Response:
-        """Straight to gunicorn, bypassing nginx (as an attacker on the network might)."""
-        return requests.get(f"http://127.0.0.1:{self.app_server.port}/anything", timeout=15,
-                            headers={"Authorization": f"Bearer {token}", **headers})
+    def direct(self, token: str, headers: dict[str, str], *, secret: bool = False) -> requests.Response:
+        """Straight to gunicorn, bypassing nginx (as an attacker on the network might); with ``secret``,
+        carrying the proxy secret as nginx does (an attacker does not know it)."""
+        sent = {"Authorization": f"Bearer {token}", **headers}
+        if secret:
+            sent["X-Certbound-Proxy-Secret"] = PROXY_SECRET
+        return requests.get(f"http://127.0.0.1:{self.app_server.port}/anything", timeout=15, headers=sent)
 
 
 def app_env(provider: OidcProvider, **options: str) -> dict[str, str]:
+    """The application's environment; its channel from nginx is the proxy secret unless ``options``
+    name ``proxy_secret`` (``proxy_secret=""``: none)."""
     env = {
         "CERTBOUND_ISSUER": provider.issuer,
         "CERTBOUND_AUDIENCE": API_RESOURCE,
         "CERTBOUND_CA_FILE": provider.ca_file,
+        "CERTBOUND_PROXY_SECRET": PROXY_SECRET,
         # Short, so that the key-rotation test need not wait long.
         "CERTBOUND_REDISCOVERY_LIFETIME": "1",
     }
@@ -80,14 +96,18 @@ class StackFactory:
         """The stack for this configuration (started once, then cached).
 
         ``{nginx_url}`` in an option's value becomes the stack's public URL
-        (``https://127.0.0.1:<nginx port>``, the port reserved before the app starts),
+        (``https://localhost:<nginx port>``, the port reserved before the app starts),
         e.g. ``redirect_uri="{nginx_url}/callback"``.
+
+        The channel from nginx is the proxy secret (``proxy_secret`` in both), unless the options
+        name ``proxy_secret`` themselves (``proxy_secret=""``: none, for tests of other channels).
         """
+        options = {"proxy_secret": PROXY_SECRET, **options}
         key = (id(provider), upstream, workers, tuple(sorted(options.items())))
         if key not in self._stacks:
             nginx_port = free_port() if any("{nginx_url}" in value for value in options.values()) else None
             if nginx_port is not None:
-                url = f"https://127.0.0.1:{nginx_port}"
+                url = f"https://{SERVER_NAME}:{nginx_port}"
                 options = {name: value.replace("{nginx_url}", url) for name, value in options.items()}
             env = app_env(provider, **options)
             logs = self._tmp.mktemp(f"{upstream}-logs")
@@ -100,7 +120,8 @@ class StackFactory:
                 backend = f"127.0.0.1:{server.port}"
             try:
                 nginx = start_nginx(self._tmp.mktemp(f"nginx-{upstream}"), upstream, backend,  # type: ignore[arg-type]
-                                    self._pki.server, port=nginx_port)
+                                    self._pki.server, port=nginx_port,
+                                    proxy_secret=options["proxy_secret"] or None, address_only_trust=True)
             except BaseException:
                 server.stop()
                 raise

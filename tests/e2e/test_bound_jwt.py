@@ -148,14 +148,17 @@ def test_optional_mode_checks_bound_token_against_certificate(optional: Stack, p
 def test_garbage_certificate_value_is_401_not_500(stacks: StackFactory, idp: OidcProvider, alice_token: str) -> None:
     stack = stacks(idp, "gunicorn")
     for garbage in ("garbage", "%ZZ%", quote("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----")):
-        response = stack.direct(alice_token, {"X-SSL-Client-Cert": garbage})
+        # With the proxy secret, as nginx sends it: the value is believed, then refused as unparseable.
+        response = stack.direct(alice_token, {"X-SSL-Client-Cert": garbage}, secret=True)
         assert_refused(response, "the client certificate could not be parsed")
 
 
 def test_header_from_untrusted_peer_is_ignored(stacks: StackFactory, idp: OidcProvider, pki, alice_token: str) -> None:  # type: ignore[no-untyped-def]
-    # Loopback is not a trusted proxy here, so alice's certificate in the header counts for nothing.
+    # Loopback is not a trusted proxy here, so alice's certificate in the header counts for nothing,
+    # even with the secret: with both configured, both must hold.
     stack = stacks(idp, "gunicorn", trusted_proxies="10.0.0.0/8")
-    response = stack.direct(alice_token, {"X-SSL-Client-Cert": quote(pki.alice.cert_pem, safe="")})
+    response = stack.direct(alice_token, {"X-SSL-Client-Cert": quote(pki.alice.cert_pem, safe="")}, secret=True)
     assert_refused(response, CERT_MISSING)
-    trusted = stacks(idp, "gunicorn").direct(alice_token, {"X-SSL-Client-Cert": quote(pki.alice.cert_pem, safe="")})
+    trusted = stacks(idp, "gunicorn").direct(alice_token, {"X-SSL-Client-Cert": quote(pki.alice.cert_pem, safe="")},
+                                             secret=True)
     assert trusted.status_code == 200

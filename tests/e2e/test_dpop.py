@@ -183,7 +183,7 @@ REFUSED: list[Any] = [
                  "invalid_dpop_proof", "DPoP", id="wrong-htu-path"),
     pytest.param(lambda k, s, t: k.proof("GET", htu(s).replace("https://", "http://"), t),
                  P + "htu does not match the request URI", "invalid_dpop_proof", "DPoP", id="wrong-htu-scheme"),
-    pytest.param(lambda k, s, t: k.proof("GET", htu(s).replace("127.0.0.1", "localhost"), t),
+    pytest.param(lambda k, s, t: k.proof("GET", htu(s).replace("localhost", "127.0.0.1"), t),
                  P + "htu does not match the request URI", "invalid_dpop_proof", "DPoP", id="wrong-htu-host"),
     pytest.param(lambda k, s, t: k.proof("GET", htu(s), t, claims={"ath": ath(t + "x")}),
                  P + "ath does not match the access token", "invalid_dpop_proof", "DPoP", id="wrong-ath"),

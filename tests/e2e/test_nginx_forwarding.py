@@ -24,7 +24,16 @@ import requests
 from certbound_wsgi.dev.pki import DevCA, Issued, self_signed_client
 from certbound_wsgi.nginx_config import Upstream
 from tests.support.procs import require_binary
-from tests.support.servers import UWSGI, Gunicorn, Nginx, start_gunicorn, start_nginx, start_uwsgi
+from tests.support.servers import (
+    PROXY_SECRET,
+    SERVER_NAME,
+    UWSGI,
+    Gunicorn,
+    Nginx,
+    start_gunicorn,
+    start_nginx,
+    start_uwsgi,
+)
 
 ENVIRON_APP = "tests.support.environ_app:application"
 
@@ -46,6 +55,7 @@ class Stack:
     nginx: Nginx
     cert_var: str
     verify_var: str
+    secret_var: str
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +74,16 @@ def stack(request: pytest.FixtureRequest, pki: PKI, tmp_path_factory: pytest.Tem
     if upstream == "gunicorn":
         app = start_gunicorn({}, module=ENVIRON_APP, log_dir=logs)
         cert_var, verify_var = "HTTP_X_SSL_CLIENT_CERT", "HTTP_X_SSL_CLIENT_VERIFY"
+        secret_var = "HTTP_X_CERTBOUND_PROXY_SECRET"
     else:
         app = start_uwsgi({}, module=ENVIRON_APP, log_dir=logs)
         cert_var, verify_var = "SSL_CLIENT_CERT", "SSL_CLIENT_VERIFY"
+        secret_var = "CERTBOUND_PROXY_SECRET"
     try:
-        nginx = start_nginx(tmp_path_factory.mktemp(f"{upstream}-nginx"), upstream, app.backend, pki.server)
+        nginx = start_nginx(tmp_path_factory.mktemp(f"{upstream}-nginx"), upstream, app.backend, pki.server,
+                            proxy_secret=PROXY_SECRET)
         try:
-            yield Stack(upstream, nginx, cert_var, verify_var)
+            yield Stack(upstream, nginx, cert_var, verify_var, secret_var)
         finally:
             nginx.stop()
     finally:
@@ -168,11 +181,11 @@ def test_duplicate_forged_headers_are_all_replaced(stack: Stack, pki: PKI) -> No
     """Two copies of the header, sent raw (requests cannot repeat a header)."""
     context = ssl.create_default_context(cafile=str(pki.ca.cert_path))
     request = (
-        "GET /echo HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"GET /echo HTTP/1.1\r\nHost: {SERVER_NAME}\r\nConnection: close\r\n"
         "X-SSL-Client-Cert: forged-one\r\nX-SSL-Client-Cert: forged-two\r\n\r\n"
     )
     with socket.create_connection(("127.0.0.1", stack.nginx.port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        with context.wrap_socket(raw, server_hostname=SERVER_NAME) as tls:
             tls.sendall(request.encode())
             response = b""
             while chunk := tls.recv(65536):
@@ -205,7 +218,7 @@ def test_forwarded_headers_are_nginx_s_not_the_client_s(stack: Stack, pki: PKI) 
         "Forwarded": "proto=http",
     })
     assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
-    assert environ["HTTP_X_FORWARDED_HOST"] == "127.0.0.1"
+    assert environ["HTTP_X_FORWARDED_HOST"] == SERVER_NAME
     assert environ["HTTP_X_FORWARDED_PORT"] == str(stack.nginx.port)
     assert environ["wsgi.url_scheme"] == "https"
     for name in ("HTTP_X_FORWARDED_PREFIX", "HTTP_FORWARDED", "HTTP_X_FORWARDED_SSL", "HTTP_X_FORWARDED_PROTOCOL"):
@@ -220,7 +233,29 @@ def test_request_line_and_host_are_passed(stack: Stack, pki: PKI) -> None:
     assert environ["QUERY_STRING"] == "x=1&y=%2F"
     assert environ["REQUEST_METHOD"] == "GET"
     # The port survives, so URLs the application rebuilds match what the client used.
-    assert environ["HTTP_HOST"] == f"127.0.0.1:{stack.nginx.port}"
+    assert environ["HTTP_HOST"] == f"{SERVER_NAME}:{stack.nginx.port}"
+
+
+# --- the proxy secret ---------------------------------------------------------
+
+SECRET_FORGERIES = [
+    pytest.param({}, id="none-sent"),
+    pytest.param({"X-Certbound-Proxy-Secret": "forged"}, id="header"),
+    pytest.param({"x-certbound-proxy-secret": "forged"}, id="header-lower-case"),
+    pytest.param({"Certbound-Proxy-Secret": "forged"}, id="uwsgi-variable-lookalike"),
+    pytest.param({"X-Certbound-Proxy_Secret": "forged"}, id="underscore-in-name"),
+]
+
+
+@pytest.mark.parametrize("headers", SECRET_FORGERIES)
+def test_the_secret_arrives_from_nginx_only(stack: Stack, pki: PKI, headers: dict[str, str]) -> None:
+    """The secret reaches the worker in exactly one place, always nginx's value; a client's copy is
+    replaced (gunicorn) or removed (uWSGI), and no header can become the uwsgi variable."""
+    environ = echo(stack.nginx, pki, cert=pki.alice, headers=headers)
+    assert environ[stack.secret_var] == PROXY_SECRET
+    assert [key for key, value in environ.items() if value == PROXY_SECRET] == [stack.secret_var]
+    assert "forged" not in environ.get("HTTP_X_CERTBOUND_PROXY_SECRET", "")
+    assert [key for key, value in environ.items() if value == "forged"] in ([], ["HTTP_CERTBOUND_PROXY_SECRET"])
 
 
 # --- ssl_verify_client on (--client-ca) --------------------------------------
@@ -243,7 +278,7 @@ def _status(nginx: Nginx, pki: PKI, cert: Issued | None) -> int:
 
 
 def test_client_ca_requires_a_certificate_from_it(gunicorn_backend: str, pki: PKI, tmp_path: Path) -> None:
-    nginx = start_nginx(tmp_path / "nginx", "gunicorn", gunicorn_backend, pki.server)
+    nginx = start_nginx(tmp_path / "nginx", "gunicorn", gunicorn_backend, pki.server, proxy_secret=PROXY_SECRET)
     try:
         # optional_no_ca first: all three get through.
         assert [_status(nginx, pki, cert) for cert in (pki.alice, pki.mallory, None)] == [200, 200, 200]

@@ -19,7 +19,7 @@ import requests
 from tests.support.idp import OidcProvider, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import wait_until
-from tests.support.servers import UWSGI, Gunicorn, start_gunicorn, start_nginx, start_uwsgi
+from tests.support.servers import PROXY_SECRET, UWSGI, Gunicorn, start_gunicorn, start_nginx, start_uwsgi
 
 from .conftest import Stack, app_env
 
@@ -33,7 +33,8 @@ def _stack(tmp: Path, pki: Pki, upstream: str, env: dict[str, str], workers: int
     else:
         server = start_uwsgi(env, processes=workers, module=MODULE, log_dir=tmp / "logs")
     try:
-        nginx = start_nginx(tmp / "nginx", upstream, server.backend, pki.server)  # type: ignore[arg-type]
+        nginx = start_nginx(tmp / "nginx", upstream, server.backend, pki.server,  # type: ignore[arg-type]
+                            proxy_secret=PROXY_SECRET)
     except BaseException:
         server.stop()
         raise

@@ -31,7 +31,7 @@ from certbound_wsgi.proxy_config import HEADERS, Proxy
 from tests.support.idp import OidcProvider, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.proxies import ProxyServer, start_caddy, start_haproxy
-from tests.support.servers import start_gunicorn
+from tests.support.servers import PROXY_SECRET, start_gunicorn
 
 from .conftest import app_env
 
@@ -44,7 +44,8 @@ def proxy(request: pytest.FixtureRequest, idp: OidcProvider, pki: Pki,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServer]:
     name: Proxy = request.param
     header, fmt = HEADERS[name]
-    env = {**app_env(idp), "SHIM_CERT_HEADER": header, "SHIM_CERT_FORMAT": fmt}
+    # The channel: HAProxy and Caddy add the proxy secret, as nginx does (issue 11).
+    env = {**app_env(idp, proxy_secret=PROXY_SECRET), "SHIM_CERT_HEADER": header, "SHIM_CERT_FORMAT": fmt}
     app = start_gunicorn(env, workers=1, module=GUNICORN_MODULE, log_dir=tmp_path_factory.mktemp(f"{name}-app"))
     try:
         directory = tmp_path_factory.mktemp(name)

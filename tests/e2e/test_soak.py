@@ -87,7 +87,7 @@ def test_redis_stall_during_an_introspection_does_not_stall_other_workers(tmp_pa
         settings = Settings(issuer="https://127.0.0.1:9", audience=("https://opaque.test",),
                             auth_methods=("introspection",), client_id="rs-client",
                             client_secret="rs-client-secret-0123456789abcdef", redis_url=redis_server.url,
-                            cache_ttl_max=1, http_timeout=2.0)
+                            cache_ttl_max=1, http_timeout=2.0, trusted_proxies=("unix",))
         worker_a = CertBoundMiddleware(echo_app, settings)
         worker_b = CertBoundMiddleware(echo_app, settings)
         # Redis stalls for 0.5 s (CLIENT PAUSE: as DEBUG SLEEP, but it has begun when the command returns)

@@ -14,6 +14,7 @@ from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.proxy_config import render_caddy, render_haproxy
 
 from .procs import Process, free_port, require_binary, wait_for_port
+from .servers import PROXY_SECRET
 
 __all__ = ["ProxyServer", "start_caddy", "start_haproxy"]
 
@@ -55,7 +56,7 @@ def start_haproxy(directory: Path, backend: str, server: Issued, client_ca: Path
     port = free_port()
     config = directory / "haproxy.cfg"
     config.write_text(render_haproxy(listen=f"127.0.0.1:{port}", backend=backend, server_pem=server_pem,
-                                     client_ca=client_ca))
+                                     client_ca=client_ca, proxy_secret=PROXY_SECRET))
     check = Process([binary, "-c", "-f", str(config)], directory / "check.log")
     status = check.proc.wait(30)
     check.stop()
@@ -73,7 +74,7 @@ def start_caddy(directory: Path, backend: str, server: Issued) -> ProxyServer:
     port = free_port()
     config = directory / "Caddyfile"
     config.write_text(render_caddy(host="localhost", port=port, backend=backend, server_cert=server.cert_path,
-                                   server_key=server.key_path))
+                                   server_key=server.key_path, proxy_secret=PROXY_SECRET))
     env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
            "PATH": "/usr/bin:/bin"}
     process = _listening(Process([binary, "run", "--config", str(config), "--adapter", "caddyfile"],

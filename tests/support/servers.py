@@ -3,7 +3,9 @@
 nginx runs with the configuration :func:`certbound_wsgi.nginx_config.render`
 produces (``standalone=True``), so the tests exercise exactly what ships.
 gunicorn and uWSGI run from this interpreter's environment, so they import the
-code under test. Each ``start_*`` returns an object with ``.port`` and
+code under test, on a free loopback port or, as docs/deploying.md recommends,
+on a Unix socket (``unix_socket=``) with the documented permissions. Each
+``start_*`` returns an object with ``.backend`` (what nginx passes to) and
 ``.stop()``; stop it in a fixture's teardown.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +25,21 @@ from certbound_wsgi.nginx_config import Upstream, render
 
 from .procs import Process, free_port, require_binary, wait_for_port, wait_until
 
-__all__ = ["Nginx", "Gunicorn", "UWSGI", "start_nginx", "start_gunicorn", "start_uwsgi", "REPO_ROOT"]
+__all__ = [
+    "Nginx", "Gunicorn", "UWSGI", "start_nginx", "start_gunicorn", "start_uwsgi", "REPO_ROOT", "PROXY_SECRET",
+    "SERVER_NAME",
+]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODULE = "certbound_wsgi.wsgi:application"
-# The escaped client certificate travels in the request; uWSGI's default
-# 4096-byte buffer for a request's variables is too small for it (see nginx/uwsgi.conf).
-UWSGI_BUFFER_SIZE = 32768
+# docs/deploying.md: a uwsgi packet holds at most 65535 bytes, and nginx/uwsgi.conf keeps every request
+# it accepts under that; nginx passes up to about 1000 header lines, each one or two uWSGI vars.
+UWSGI_BUFFER_SIZE = 65535
+UWSGI_MAX_VARS = 1024
+#: A proxy secret for test stacks (the application's ``proxy_secret``, rendered into nginx).
+PROXY_SECRET = "test-proxy-secret-0123456789abcdef-ABCDEF"
+#: The name nginx serves; the rendered default server refuses every other (and bare IP addresses).
+SERVER_NAME = "localhost"
 
 
 def _venv_bin(name: str) -> str:
@@ -58,7 +69,7 @@ def _log_dir(log_dir: Path | None, prefix: str) -> Path:
 class Nginx:
     """nginx started by :func:`start_nginx`.
 
-    :ivar port: the HTTPS port on 127.0.0.1.
+    :ivar port: the HTTPS port on 127.0.0.1, served to clients that ask for ``localhost`` (SNI and Host).
     :ivar prefix: nginx's ``-p`` directory: configuration, pid, logs and temporary files.
     """
 
@@ -80,7 +91,9 @@ class Nginx:
 
     @property
     def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        # A name, not 127.0.0.1: a client sends SNI only for a name, and the default server
+        # refuses handshakes without one.
+        return f"https://{SERVER_NAME}:{self.port}"
 
     def _argv(self, *extra: str) -> list[str]:
         # Running as root, nginx would start its workers as "nobody", who cannot
@@ -139,12 +152,13 @@ def start_nginx(
 
     :param tmp_dir: a fresh directory; becomes nginx's ``-p`` prefix.
     :param upstream: ``"gunicorn"`` or ``"uwsgi"``.
-    :param backend: ``127.0.0.1:<port>`` of the application server.
+    :param backend: the application server's ``.backend`` (``127.0.0.1:<port>`` or ``unix:/path``).
     :param server_cert: nginx's certificate and key.
     :param client_ca: require client certificates from this CA (``ssl_verify_client on``).
     :param port: the port to listen on (e.g. one reserved with ``free_port`` so that the app can be told
         its public URL before nginx starts); default: a free port.
-    :param render_args: further keyword arguments of ``render`` (e.g. ``server_name``).
+    :param render_args: further keyword arguments of ``render`` (e.g. ``proxy_secret``); ``server_name``
+        defaults to ``localhost``.
     """
     binary = require_binary("nginx", "/usr/sbin/nginx")
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +171,7 @@ def start_nginx(
             "server_cert": server_cert.cert_path,
             "server_key": server_cert.key_path,
             "client_ca": client_ca,
+            "server_name": SERVER_NAME,
             **render_args,
         },
         port,
@@ -164,14 +179,27 @@ def start_nginx(
 
 
 class AppServer:
-    """An application server on a loopback port, started by :func:`start_gunicorn` or :func:`start_uwsgi`."""
+    """An application server on a loopback port or a Unix socket, started by :func:`start_gunicorn` or
+    :func:`start_uwsgi`.
 
-    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str]) -> None:
+    :ivar port: the TCP port (0 on a Unix socket).
+    :ivar socket_path: the Unix socket (``None`` on TCP).
+    :ivar backend: what nginx passes to: ``127.0.0.1:<port>`` or ``unix:<path>``.
+    """
+
+    def __init__(self, argv: list[str], port: int, log: Path, env: dict[str, str],
+                 socket_path: Path | None = None) -> None:
         self.port = port
-        self.backend = f"127.0.0.1:{port}"
+        self.socket_path = socket_path
+        self.backend = f"unix:{socket_path}" if socket_path is not None else f"127.0.0.1:{port}"
         self.process = Process(argv, log, env=env, cwd=REPO_ROOT)
         try:
-            wait_for_port(port, proc=self.process.proc, log=log)
+            if socket_path is None:
+                wait_for_port(port, proc=self.process.proc, log=log)
+            elif not wait_until(lambda: _accepts(socket_path) or not self.process.alive(), timeout=20):
+                raise TimeoutError(f"nothing listening on {socket_path}: {self.output()}")
+            if not self.process.alive():
+                raise RuntimeError(f"{argv[0]} exited: {self.output()}")
             self._wait_ready(argv)
         except BaseException:
             self.stop()
@@ -187,8 +215,18 @@ class AppServer:
         self.process.stop()
 
 
+def _accepts(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.2)
+            sock.connect(str(path))
+        return True
+    except OSError:
+        return False
+
+
 class Gunicorn(AppServer):
-    """gunicorn started by :func:`start_gunicorn`; ``.port`` serves HTTP on 127.0.0.1."""
+    """gunicorn started by :func:`start_gunicorn`; ``.backend`` serves HTTP."""
 
 
 def start_gunicorn(
@@ -199,6 +237,7 @@ def start_gunicorn(
     module: str = DEFAULT_MODULE,
     *,
     log_dir: Path | None = None,
+    unix_socket: Path | None = None,
 ) -> Gunicorn:
     """Run ``gunicorn <module>`` on a free loopback port.
 
@@ -209,23 +248,26 @@ def start_gunicorn(
     :param threads: ``--threads``.
     :param module: the WSGI application, ``module:callable``.
     :param log_dir: where ``gunicorn.log`` goes (default: a new temporary directory).
+    :param unix_socket: bind this Unix socket as docs/deploying.md does (``--umask 007``: mode 0660)
+        instead of a loopback port.
     """
-    port = free_port()
+    port = 0 if unix_socket is not None else free_port()
     log = _log_dir(log_dir, "gunicorn") / "gunicorn.log"
+    bind = ["--bind", f"unix:{unix_socket}", "--umask", "007"] if unix_socket else ["--bind", f"127.0.0.1:{port}"]
     argv = [
         _venv_bin("gunicorn"), module,
-        "--bind", f"127.0.0.1:{port}",
+        *bind,
         "--workers", str(workers),
         "--worker-class", worker_class,
         "--threads", str(threads),
         "--graceful-timeout", "5",
         "--access-logfile", "-",
     ]
-    return Gunicorn(argv, port, log, _app_env(env))
+    return Gunicorn(argv, port, log, _app_env(env), unix_socket)
 
 
 class UWSGI(AppServer):
-    """uWSGI started by :func:`start_uwsgi`; ``.port`` speaks the uwsgi protocol on 127.0.0.1."""
+    """uWSGI started by :func:`start_uwsgi`; ``.backend`` speaks the uwsgi protocol."""
 
     def _wait_ready(self, argv: list[str]) -> None:
         # The socket is bound before the application is imported; --need-app makes
@@ -242,6 +284,7 @@ def start_uwsgi(
     module: str = DEFAULT_MODULE,
     *,
     log_dir: Path | None = None,
+    unix_socket: Path | None = None,
 ) -> UWSGI:
     """Run uWSGI (the PyPI build in this virtualenv, so this Python) with a uwsgi-protocol
     socket on a free loopback port.
@@ -251,13 +294,16 @@ def start_uwsgi(
     :param processes: ``--processes``, under a ``--master``.
     :param module: the WSGI application, ``module:callable``.
     :param log_dir: where ``uwsgi.log`` goes (default: a new temporary directory).
+    :param unix_socket: listen on this Unix socket as docs/deploying.md does (``--chmod-socket=660``)
+        instead of a loopback port.
     """
-    port = free_port()
+    port = 0 if unix_socket is not None else free_port()
     log = _log_dir(log_dir, "uwsgi") / "uwsgi.log"
+    listen = ["--socket", str(unix_socket), "--chmod-socket=660"] if unix_socket else ["--socket", f"127.0.0.1:{port}"]
     argv = [
         _venv_bin("uwsgi"),
         "--strict",
-        "--socket", f"127.0.0.1:{port}",
+        *listen,
         "--module", module,
         "--master",
         "--processes", str(processes),
@@ -266,6 +312,7 @@ def start_uwsgi(
         "--virtualenv", sys.prefix,
         "--chdir", str(REPO_ROOT),
         "--buffer-size", str(UWSGI_BUFFER_SIZE),
+        "--max-vars", str(UWSGI_MAX_VARS),
         "--enable-threads",
     ]
-    return UWSGI(argv, port, log, _app_env(env))
+    return UWSGI(argv, port, log, _app_env(env), unix_socket)
