@@ -11,7 +11,9 @@ import shlex
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+from .cache.redis import replay_store_warning
 from .channel import ProxyChannel, UwsgiListeners
+from .errors import ConfigurationError
 from .proxies import UNIX, TrustedProxies
 from .settings import Settings
 
@@ -60,7 +62,16 @@ def check_config(
     settings = Settings.from_env(environ)
     binds = [bind] if bind else gunicorn_binds(environ)
     errors = channel_errors(settings, binds, server)
-    return settings, errors, [] if errors else unsafe_settings(settings, binds, server)
+    warnings = [] if errors else unsafe_settings(settings, binds, server)
+    # RFC 9449 section 11.1 needs a replay store that never forgets early: an evicting one is an error.
+    try:
+        replay = replay_store_warning(settings)
+    except ConfigurationError as exc:
+        errors.append(str(exc))
+    else:
+        if replay is not None:
+            warnings.append(replay)
+    return settings, errors, warnings
 
 
 def _channel(settings: Settings, binds: list[str], server: str) -> ProxyChannel:

@@ -10,6 +10,7 @@ from certbound_wsgi.check import bind_host, channel_errors, check_config, gunico
 from certbound_wsgi.cli import check_config_command, main
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import Settings
+from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER
 
 SECRET = "check-config-test-secret-0123456789abcdef"
@@ -184,3 +185,32 @@ def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
     assert '"session_secret": "********"' in out
     assert SECRET not in out
     assert '"proxy_secret": "********"' in out
+
+
+@pytest.mark.parametrize(
+    ("policy", "error"),
+    [
+        pytest.param("noeviction", None, id="noeviction-is-fine"),
+        pytest.param("allkeys-lru", "maxmemory-policy", id="allkeys-lru-is-an-error"),
+        pytest.param("volatile-ttl", "maxmemory-policy", id="volatile-ttl-is-an-error"),
+    ],
+)
+def test_check_config_reports_an_evicting_dpop_replay_store(
+    redis_server: RedisServer, policy: str, error: str | None
+) -> None:
+    """RFC 9449 section 11.1: a replay store that evicts forgets a proof early, so check-config refuses it."""
+    redis_server.client().config_set("maxmemory-policy", policy)
+    try:
+        _, errors, _ = check_config({
+            "CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE, "CERTBOUND_PROXY_SECRET": SECRET,
+            "CERTBOUND_PROOF_OF_POSSESSION_DPOP": "optional", "CERTBOUND_PUBLIC_BASE_URL": "https://api.example.com",
+            "CERTBOUND_REDIS_URL": redis_server.url, "CERTBOUND_CACHE_SECRET": "s" * 32,
+        }, "unix:/run/certbound/app.sock")
+    finally:
+        redis_server.client().config_set("maxmemory-policy", "noeviction")
+    replay_errors = [line for line in errors if "maxmemory-policy" in line]
+    if error is None:
+        assert replay_errors == []
+    else:
+        assert len(replay_errors) == 1
+        assert policy in replay_errors[0]
