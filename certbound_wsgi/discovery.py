@@ -109,6 +109,7 @@ class Discovery:
         self._last_kid_refresh = -math.inf
         self._last_ok = False
         self._period = self._lifetime
+        self._seen: dict[str, float] = {}  # when each kid was first fetched
         self._last_max_age: float | None = None
         self._unknown: dict[str | None, float] = {}
         self._stale = False
@@ -233,20 +234,31 @@ class Discovery:
             done.set()
 
     def check(self) -> tuple[dict[str, Any], list[str]]:
-        """Fetch everything now (for ``check-config``); return the metadata and the key ids."""
+        """Fetch everything now (for ``check-config``); return the metadata and the key ids.
+
+        With Redis, the shared copy is read first, so that the keys' ages are the ones every worker
+        has seen; nothing is written there.
+        """
+        if self._shared is not None and self._fetched_at is None:
+            copy = self._shared.load()
+            if copy is not None:
+                self._adopt(copy)
         snapshot = self._fetch(self._clock())
         self._adopt(snapshot)
         return snapshot.metadata, sorted(str(kid) for kid in self._keys)
 
     def report(self) -> dict[str, Any]:
-        """What is held now, for ``check-config``: the key ids, where they came from and their age in seconds."""
+        """What is held now, for ``check-config``: the keys, and ages in seconds (of the copy, and of each
+        key since it was first fetched)."""
+        now = self._clock()
         fetched_at = self._fetched_at
         return {
             "issuer": self._issuer,
             "jwks_uri": (self._metadata or {}).get("jwks_uri"),
             "kids": sorted(str(kid) for kid in self._keys),
+            "key_ages": {str(kid): max(0.0, now - self._seen.get(str(kid), now)) for kid in self._keys},
             "algorithms": sorted(self._algs),
-            "age": None if fetched_at is None else max(0.0, self._clock() - fetched_at),
+            "age": None if fetched_at is None else max(0.0, now - fetched_at),
             "period": self._period,
         }
 
@@ -280,6 +292,8 @@ class Discovery:
         # Another worker may have fetched already: its copy is as good as ours would be if it is
         # newer than what we hold and fresh or, for an unknown kid, has it or was fetched since.
         copy = shared.load()
+        if copy is not None:  # the keys' ages are the deployment's, not this worker's
+            self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in copy.first_seen.items()}
         if copy is not None and self._newer(copy) and (
             (copy.fetched_at >= now or _has_kid(copy, kid)) if force else self._fresh(copy, now)
         ):
@@ -331,6 +345,7 @@ class Discovery:
             self._algs = algs
             self._fetched_at = snapshot.fetched_at
             self._period = self._period_of(snapshot.max_age)
+            self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in snapshot.first_seen.items()}
             self._next_fetch = snapshot.fetched_at + self._period
             if withdrawn:
                 self.generation += 1
@@ -396,8 +411,9 @@ class Discovery:
             metadata = self._metadata
         self._last_max_age = None
         jwks = self._get_json(metadata["jwks_uri"])
-        self._parse(metadata, jwks)  # refuse a JWKS without a usable key before anyone adopts it
-        return Snapshot(metadata, jwks, now, self._last_max_age)
+        keys, _ = self._parse(metadata, jwks)  # refuse a JWKS without a usable key before anyone adopts it
+        seen = {str(kid): self._seen.get(str(kid), now) for kid in keys}
+        return Snapshot(metadata, jwks, now, self._last_max_age, seen)
 
     def _parse(
         self, metadata: dict[str, Any], jwks: dict[str, Any]

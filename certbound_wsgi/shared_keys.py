@@ -12,7 +12,7 @@ wait for its answer in Redis.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .cache.redis import RedisCache, RedisUnavailable
@@ -30,16 +30,19 @@ class Snapshot:
     :param fetched_at: wall-clock seconds when the fetch started: the issuer was asked then or later.
     :param max_age: the JWKS response's freshness lifetime (``Cache-Control``), if it gave one; each
         worker makes its refresh period of it and its own ``rediscovery_lifetime``.
+    :param first_seen: when each ``kid`` was first fetched (carried from copy to copy): the keys' ages.
     """
 
     metadata: dict[str, Any]
     jwks: dict[str, Any]
     fetched_at: float
     max_age: float | None
+    first_seen: dict[str, float] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return json.dumps(
-            {"m": self.metadata, "j": self.jwks, "t": self.fetched_at, "a": self.max_age}, separators=(",", ":")
+            {"m": self.metadata, "j": self.jwks, "t": self.fetched_at, "a": self.max_age, "s": self.first_seen},
+            separators=(",", ":"),
         ).encode()
 
     @classmethod
@@ -48,7 +51,8 @@ class Snapshot:
         try:
             raw = json.loads(data)
             max_age = None if raw["a"] is None else float(raw["a"])
-            snapshot = cls(dict(raw["m"]), dict(raw["j"]), float(raw["t"]), max_age)
+            first_seen = {str(kid): float(seen) for kid, seen in dict(raw.get("s", {})).items()}
+            snapshot = cls(dict(raw["m"]), dict(raw["j"]), float(raw["t"]), max_age, first_seen)
         except (ValueError, KeyError, TypeError, RecursionError):
             return None
         return snapshot

@@ -481,3 +481,21 @@ def test_each_worker_makes_its_own_period_of_a_shared_copy(redis_settings: dict[
     slow = worker(issuer, clock, **redis_settings, rediscovery_lifetime=300)
     slow.start()
     assert (slow.fetches, slow.report()["period"], fast.report()["period"]) == (0, 300, 1)
+
+
+def test_key_ages_are_carried_from_copy_to_copy(redis_settings: dict[str, Any], issuer: TestIssuer,
+                                                clock: Clock) -> None:
+    a = worker(issuer, clock, **redis_settings, rediscovery_lifetime=30)
+    a.start()
+    first = issuer.jwks()["keys"]
+    clock.now += 100
+    issuer.rotate("k2")
+    issuer.jwks = lambda: {"keys": [*first, issuer.key.as_dict(private=False)]}  # type: ignore[method-assign]
+    a.refresh_if_due()
+    assert a.report()["key_ages"] == {"k1": 100, "k2": 0}
+    clock.now += 50
+    restarted = worker(issuer, clock, **redis_settings, rediscovery_lifetime=30)
+    restarted.start()  # the copy is due: it asks the issuer, and keeps the ages the copy had
+    assert restarted.fetches == 1
+    assert restarted.report()["key_ages"] == {"k1": 150, "k2": 50}
+    assert restarted.report()["age"] == 0

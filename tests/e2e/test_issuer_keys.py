@@ -9,7 +9,10 @@ the tests are fast: ``rediscovery_lifetime=1`` and ``discovery_max_staleness=12`
 from __future__ import annotations
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import pytest
 from joserfc.jwk import KeySet
 
-from tests.support.idp import OidcProvider, decode_jwt, x5t_s256
+from tests.support.idp import API_RESOURCE, OidcProvider, decode_jwt, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
@@ -223,3 +226,39 @@ def test_cross_issuer_key_confusion_is_refused(
     responses = [two_issuers.call(token, pki.alice) for _ in range(WORKERS)]
     assert [r.status_code for r in responses] == [401] * WORKERS
     assert {r.json()["error_description"] for r in responses} == {description}
+
+
+# -- check-config -----------------------------------------------------------------------------------------------------
+
+
+def test_check_config_reports_the_keys_per_issuer_and_their_ages(
+    two_issuers: Stack, own_idp: OidcProvider, idp_b: OidcProvider, redis_server: RedisServer, pki: Pki
+) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CERTBOUND_")}
+    env.update({f"CERTBOUND_{name.upper()}": value for name, value in {
+        "issuer": own_idp.issuer, "audience": API_RESOURCE, "ca_file": own_idp.ca_file,
+        "issuers_allowed": idp_b.issuer, "issuer_audiences": f"{idp_b.issuer}={API_B}",
+        "proof_of_possession_mtls": "optional", **shared(redis_server),
+    }.items()})
+    time.sleep(1.1)  # the stack shared its copy at least a second ago: the ages count from then
+
+    def check_config() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([os.path.join(os.path.dirname(sys.executable), "certbound-wsgi"), "check-config"],
+                              env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    done = check_config()
+    assert done.returncode == 0, done.stderr
+    for provider in (own_idp, idp_b):
+        assert f"issuer metadata: {provider.issuer} (jwks_uri {provider.jwks_uri})" in done.stdout
+        for kid in (key["kid"] for key in provider.jwks()["keys"]):
+            match = re.search(re.escape(kid) + r" \(age (\d+)s\)", done.stdout)
+            assert match is not None, done.stdout
+            assert int(match.group(1)) >= 1  # from the shared copy, not from this run's fetch
+    idp_b.stop()
+    try:
+        down = check_config()
+    finally:
+        idp_b.start()
+    assert down.returncode == 1
+    assert f"discovery failed: {idp_b.issuer}:" in down.stderr
+    assert f"issuer metadata: {own_idp.issuer}" in down.stdout
