@@ -30,7 +30,7 @@ from typing import Any
 
 import requests
 
-from . import http
+from . import http, metrics
 from .jose import PRIVATE_MEMBERS, JWKError, PublicKey, public_key
 from .settings import ASYMMETRIC_ALGS, Settings
 from .shared_keys import SharedKeys, Snapshot
@@ -287,7 +287,7 @@ class Discovery:
     def _refresh(self, now: float, force: bool, kid: str | None) -> None:
         shared = self._shared
         if shared is None:
-            self._adopt(self._fetch(now))
+            self._adopt(self._fetch_counted(now))
             return
         # Another worker may have fetched already: its copy is as good as ours would be if it is
         # newer than what we hold and fresh or, for an unknown kid, has it or was fetched since.
@@ -307,7 +307,7 @@ class Discovery:
                 return
             token = None  # the other worker is slow or gone: ask the issuer ourselves
         try:
-            snapshot = self._fetch(now)
+            snapshot = self._fetch_counted(now)
         except DiscoveryError:
             # The issuer cannot be asked: a copy another worker made is better than none, or than ours.
             if copy is not None and self._newer(copy):
@@ -396,6 +396,16 @@ class Discovery:
                 raise DiscoveryError("metadata has no jwks_uri")
             return metadata
         raise DiscoveryError("; ".join(errors))
+
+    def _fetch_counted(self, now: float) -> Snapshot:
+        """:meth:`_fetch`, counted in ``certbound_key_fetches_total``."""
+        try:
+            snapshot = self._fetch(now)
+        except DiscoveryError:
+            metrics.key_fetch(False)
+            raise
+        metrics.key_fetch(True, now)
+        return snapshot
 
     def _fetch(self, now: float) -> Snapshot:
         """Ask the issuer: its metadata, then its JWKS, as a :class:`Snapshot` stamped ``now``."""
