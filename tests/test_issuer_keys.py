@@ -6,17 +6,22 @@ Every rule runs against an injected clock; documents come from :class:`StaticDis
 
 from __future__ import annotations
 
+import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from certbound_wsgi.discovery import (
     MIN_PERIOD,
     RETRY_AFTER_FAILURE,
     UNKNOWN_KID_COOLDOWN,
+    Discovery,
     DiscoveryError,
     UnknownKey,
     _max_age,
@@ -24,6 +29,7 @@ from certbound_wsgi.discovery import (
 from certbound_wsgi.errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
 from certbound_wsgi.issuers import IssuerRouter, build_router, shared_keys, unverified_issuer
 from certbound_wsgi.settings import Settings
+from certbound_wsgi.shared_keys import Snapshot
 from certbound_wsgi.stats import Stats
 from tests.conftest import make_settings
 from tests.support.redis_server import RedisServer
@@ -499,3 +505,79 @@ def test_key_ages_are_carried_from_copy_to_copy(redis_settings: dict[str, Any], 
     assert restarted.fetches == 1
     assert restarted.report()["key_ages"] == {"k1": 150, "k2": 50}
     assert restarted.report()["age"] == 0
+
+
+# -- hostile input, a real HTTP issuer, a fork ------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(token=st.one_of(st.text(max_size=200), st.builds(
+    lambda a, b, c: f"{a}.{b}.{c}", st.text(max_size=30), st.text(max_size=60), st.text(max_size=10))))
+def test_unverified_issuer_of_anything_is_a_string_or_invalid_token(token: str) -> None:
+    try:
+        assert isinstance(unverified_issuer(token), str)
+    except InvalidToken:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.one_of(st.binary(max_size=200), st.builds(
+    lambda m, j, t, a, s: json.dumps({"m": m, "j": j, "t": t, "a": a, "s": s}).encode(),
+    st.one_of(st.dictionaries(st.text(max_size=3), st.integers()), st.integers()), st.just({"keys": []}),
+    st.one_of(st.floats(allow_nan=False), st.text(max_size=3)), st.one_of(st.none(), st.integers(), st.text()),
+    st.one_of(st.dictionaries(st.text(max_size=3), st.floats(allow_nan=False)), st.lists(st.integers())))))
+def test_a_shared_copy_of_anything_is_a_snapshot_or_none(data: bytes) -> None:
+    snapshot = Snapshot.from_bytes(data)
+    assert snapshot is None or isinstance(snapshot.fetched_at, float)
+
+
+@settings(max_examples=300, deadline=None)
+@given(header=st.text(max_size=60))
+def test_max_age_of_any_header_is_none_or_a_number(header: str) -> None:
+    age = _max_age(header)
+    assert age is None or age >= 0
+
+
+class JWKSHandler(http.server.BaseHTTPRequestHandler):
+    issuer = TestIssuer()
+    cache_control = "max-age=7"
+
+    def do_GET(self) -> None:
+        base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if self.path == "/.well-known/openid-configuration":
+            body, headers = {"issuer": base, "jwks_uri": base + "/jwks"}, {}
+        else:
+            body, headers = self.issuer.jwks(), {"Cache-Control": self.cache_control}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_issuer() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JWKSHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_real_jwks_response_sets_the_period_and_a_fork_gets_its_own_connections(http_issuer: str) -> None:
+    d = Discovery(Settings(issuer=http_issuer, audience=[AUDIENCE], rediscovery_lifetime=30))
+    d.start()
+    assert d.report()["period"] == 7
+    assert d.keys_for("k1")
+    parent = d._http
+    d._pid = -1  # as in a child forked after the start-up fetch (gunicorn --preload)
+    d.refresh(force=True)
+    assert d._http is not parent
+    assert d.report()["kids"] == ["k1"]

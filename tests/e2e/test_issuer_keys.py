@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
 
 from .conftest import Stack, StackFactory, mint
+from .test_issuer_faults import workers_of
 
 WORKERS = 3
 MAX_STALENESS = 12
@@ -33,24 +35,25 @@ SECRET = "issuer-keys-e2e-secret-0123456789"
 API_B = "https://api-b.test"
 
 
-@pytest.fixture(scope="module")
-def own_idp(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    provider = OidcProvider(tmp_path_factory.mktemp("idp-keys"), ca=pki.ca, bound={"bound": pki.alice})
+def started_idp(pki: Pki, directory: Path) -> Iterator[OidcProvider]:
+    """An IdP of this module's own (restarting it disturbs no other module), bound client: alice."""
+    provider = OidcProvider(directory, ca=pki.ca, bound={"bound": pki.alice})
     provider.start()
     try:
         yield provider
     finally:
         provider.stop()
+
+
+@pytest.fixture(scope="module")
+def own_idp(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
+    yield from started_idp(pki, tmp_path_factory.mktemp("idp-keys"))
 
 
 @pytest.fixture(scope="module")
 def idp_b(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    provider = OidcProvider(tmp_path_factory.mktemp("idp-b"), ca=pki.ca, bound={"bound": pki.alice})
-    provider.start()
-    try:
-        yield provider
-    finally:
-        provider.stop()
+    """A second issuer."""
+    yield from started_idp(pki, tmp_path_factory.mktemp("idp-b"))
 
 
 def shared(redis_server: RedisServer, **extra: str) -> dict[str, str]:
@@ -69,12 +72,6 @@ def slow_stack(stacks: StackFactory, own_idp: OidcProvider, redis_server: RedisS
     """Keys refreshed every 300 s: only an unknown kid can make a worker ask sooner."""
     own_idp.start()
     return stacks(own_idp, "gunicorn", workers=WORKERS, **shared(redis_server, rediscovery_lifetime="300"))
-
-
-def workers_of(stack: Stack) -> set[int]:
-    pid = stack.app_server.process.pid
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return {int(p) for p in fh.read().split()}
 
 
 def statuses(stack: Stack, token: str, pki: Pki, n: int = 3 * WORKERS) -> list[int]:
@@ -99,7 +96,7 @@ def bound_token(provider: OidcProvider, pki: Pki, **kwargs: object) -> str:
 
 
 def test_idp_down_and_hup_serve_from_the_shared_copy_then_fail_closed(
-    stack: Stack, own_idp: OidcProvider, pki: Pki
+    stack: Stack, own_idp: OidcProvider, pki: Pki, record_property: Any
 ) -> None:
     known = own_idp.token("bound")
     assert statuses(stack, known, pki) == [200] * 9
@@ -125,6 +122,7 @@ def test_idp_down_and_hup_serve_from_the_shared_copy_then_fail_closed(
         assert response.status_code == 503
         assert int(response.headers["Retry-After"]) >= 1
         assert response.json()["error"] == "temporarily_unavailable"
+        record_property("seconds_until_all_503", round(failed_after, 2))
         assert failed_after <= MAX_STALENESS + 4, failed_after
     finally:
         own_idp.start()
@@ -135,7 +133,7 @@ def test_idp_down_and_hup_serve_from_the_shared_copy_then_fail_closed(
 
 
 def test_a_key_removed_at_the_idp_is_refused_by_every_worker_within_the_period(
-    stack: Stack, own_idp: OidcProvider, pki: Pki
+    stack: Stack, own_idp: OidcProvider, pki: Pki, record_property: Any
 ) -> None:
     own_idp.restart(new_key=True, keep_old_key=True)
     old_key = KeySet.import_key_set(own_idp.private_jwks()).keys[1]
@@ -153,6 +151,7 @@ def test_a_key_removed_at_the_idp_is_refused_by_every_worker_within_the_period(
 
     assert wait_until(refused, timeout=10, interval=0.05), results[-3:]
     took = results[-1][0]
+    record_property("seconds_until_refused_everywhere", round(took, 2))
     # The documented bound: rediscovery_lifetime (1 s), plus the retry delay (2 s) after the
     # restart made the IdP unreachable for a moment, plus the time of one round of requests.
     assert took <= 1 + 2 + 1.5, results
@@ -165,7 +164,7 @@ def test_a_key_removed_at_the_idp_is_refused_by_every_worker_within_the_period(
 
 
 def test_an_abrupt_rotation_is_accepted_at_once_with_no_401(
-    slow_stack: Stack, own_idp: OidcProvider, pki: Pki
+    slow_stack: Stack, own_idp: OidcProvider, pki: Pki, record_property: Any
 ) -> None:
     old = own_idp.token("bound")
     assert statuses(slow_stack, old, pki) == [200] * 9
@@ -176,6 +175,7 @@ def test_an_abrupt_rotation_is_accepted_at_once_with_no_401(
     started = time.monotonic()
     assert statuses(slow_stack, new, pki) == [200] * 9
     took = time.monotonic() - started
+    record_property("seconds_for_9_calls_with_the_new_kid", round(took, 2))
     assert took < 1.5, took
     # One worker asked the IdP; the others took its answer from Redis.
     assert own_idp.stats()["jwks"] == 1
