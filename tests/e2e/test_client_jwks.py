@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -156,7 +157,7 @@ def test_the_code_exchange_authenticates_with_private_key_jwt(world: World) -> N
         assert final.json()["claims"]["sub"] == "alice"
 
 
-def test_rotating_our_key_under_load_fails_no_request(world: World) -> None:
+def test_rotating_our_key_under_load_fails_no_request(world: World, record_property: Any) -> None:
     token = world.idp.token("unbound", resource=OPAQUE_RESOURCE)
     assert world.call(token).status_code == 200
     upcoming = [key["kid"] for key in world.jwks()["keys"]][1]  # type: ignore[index]
@@ -185,5 +186,6 @@ def test_rotating_our_key_under_load_fails_no_request(world: World) -> None:
         for thread in threads:
             thread.join(20)
     assert [key["kid"] for key in world.jwks()["keys"]] == [upcoming, newest]  # type: ignore[index]
+    record_property("requests_during_rotation", len(results))
     assert len(results) > during > 10, (during, len(results))
     assert set(results) == {200}, {status: results.count(status) for status in set(results)}
