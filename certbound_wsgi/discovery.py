@@ -302,12 +302,13 @@ class Discovery:
         token = shared.lock()
         if token is False:
             awaited = self._await(shared, now if force else -math.inf)
-            if awaited is not None:
+            if isinstance(awaited, Snapshot):
                 self._adopt(awaited)
                 return
-            token = None  # the other worker is slow or gone: ask the issuer ourselves
+            token = awaited  # the other worker failed (we hold the lock now), or is slow: ask ourselves
         try:
             snapshot = self._fetch_counted(now)
+            shared.save(snapshot, self._clock())  # before the lock goes: whoever waits finds it
         except DiscoveryError:
             # The issuer cannot be asked: a copy another worker made is better than none, or than ours.
             if copy is not None and self._newer(copy):
@@ -316,7 +317,6 @@ class Discovery:
         finally:
             if isinstance(token, str):
                 shared.unlock(token)
-        shared.save(snapshot, self._clock())
         self._adopt(snapshot)
 
     def _newer(self, copy: Snapshot) -> bool:
@@ -325,14 +325,22 @@ class Discovery:
     def _fresh(self, copy: Snapshot, now: float) -> bool:
         return copy.fetched_at <= now < copy.fetched_at + self._period_of(copy.max_age)
 
-    def _await(self, shared: SharedKeys, since: float) -> Snapshot | None:
-        """Another worker is fetching: its copy, once in Redis, or ``None`` after ``http_timeout``."""
+    def _await(self, shared: SharedKeys, since: float) -> Snapshot | str | None:
+        """Another worker is fetching: its copy, once in Redis; the lock, once that worker let it go
+        without a copy (its fetch failed); ``None`` after ``http_timeout`` (it is slow, or gone)."""
         deadline = time.monotonic() + self._settings.http_timeout + 0.5
         while time.monotonic() < deadline:
             time.sleep(POLL_SECONDS)
             copy = shared.load()
             if copy is not None and self._newer(copy) and copy.fetched_at >= since:
                 return copy
+            token = shared.lock()
+            if isinstance(token, str):
+                copy = shared.load()  # it may have finished between the two looks
+                if copy is not None and self._newer(copy) and copy.fetched_at >= since:
+                    shared.unlock(token)
+                    return copy
+                return token
         return None
 
     def _adopt(self, snapshot: Snapshot) -> None:

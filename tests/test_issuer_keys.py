@@ -581,3 +581,19 @@ def test_a_real_jwks_response_sets_the_period_and_a_fork_gets_its_own_connection
     d.refresh(force=True)
     assert d._http is not parent
     assert d.report()["kids"] == ["k1"]
+
+
+def test_a_waiting_worker_asks_itself_as_soon_as_the_fetcher_gives_up(
+    redis_settings: dict[str, Any], issuer: TestIssuer, clock: Clock
+) -> None:
+    b = worker(issuer, clock, **redis_settings)
+    fetcher = b._shared
+    assert fetcher is not None
+    token = fetcher.lock()  # another worker is fetching...
+    assert isinstance(token, str)
+    threading.Timer(0.3, fetcher.unlock, args=(token,)).start()  # ...and fails: no copy, the lock let go
+    started = time.monotonic()
+    b.start()
+    took = time.monotonic() - started
+    assert b.fetches == 1
+    assert 0.3 <= took < 1.0  # not the whole http_timeout (5 s)
