@@ -103,6 +103,7 @@ class Discovery:
         self._keys: dict[str | None, list[PublicKey]] = {}
         self._algs: frozenset[str] = frozenset()
         self._fetched_at: float | None = None  # when the issuer was asked for the keys held now
+        self._stale_at = -math.inf  # when they become too old to use
         self._next_fetch = 0.0
         self._next_discovery = 0.0
         self._last_attempt = -math.inf
@@ -131,10 +132,12 @@ class Discovery:
     def refresh_if_due(self) -> int:
         """Refresh when the period is over (I/O only then), and return :attr:`generation`.
 
-        Cheap otherwise: one clock read and two comparisons. A thread that finds another one
+        Cheap otherwise: one clock read and three comparisons. A thread that finds another one
         already fetching carries on with the keys held now rather than waiting.
         """
         now = self._clock()
+        if self._last_attempt <= now < self._next_fetch and now <= self._stale_at:
+            return self.generation
         if now >= self._next_fetch or now < self._last_attempt:  # a clock set back is "due" too
             self.refresh(wait=False)
         if not self._stale and self._too_stale(now):
@@ -352,6 +355,7 @@ class Discovery:
             self._keys = keys
             self._algs = algs
             self._fetched_at = snapshot.fetched_at
+            self._stale_at = snapshot.fetched_at + self._max_staleness
             self._period = self._period_of(snapshot.max_age)
             self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in snapshot.first_seen.items()}
             self._next_fetch = snapshot.fetched_at + self._period

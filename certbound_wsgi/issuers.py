@@ -78,11 +78,14 @@ class IssuerRouter:
     :param routes: by issuer URL; the first is the configured ``issuer``.
     """
 
-    def __init__(self, routes: Mapping[str, IssuerRoute]) -> None:
+    def __init__(self, routes: Mapping[str, IssuerRoute], memo_size: int = 10000) -> None:
         self.routes = dict(routes)
         # One issuer (the usual case): no need to read the token's iss before its memo is looked up;
         # the validator checks iss after the signature anyway.
         self._only = next(iter(self.routes.values())) if len(self.routes) == 1 else None
+        # Several: the route of a token already seen, so that its iss is decoded once, not per request.
+        self._route_of: dict[str, IssuerRoute] = {}
+        self._memo_size = memo_size
 
     def validate(self, token: str) -> Claims:
         """The token's claims once it is valid for the issuer it names.
@@ -90,9 +93,16 @@ class IssuerRouter:
         :raises InvalidToken: invalid, or from an issuer that is not accepted.
         :raises TemporarilyUnavailable: that issuer's keys cannot be had now.
         """
-        route = self._only or self.routes.get(unverified_issuer(token))
+        route = self._only or self._route_of.get(token)
         if route is None:
-            raise InvalidToken("the token was issued by another issuer")
+            route = self.routes.get(unverified_issuer(token))
+            if route is None:
+                raise InvalidToken("the token was issued by another issuer")
+            claims = route.validate(token)
+            if len(self._route_of) >= self._memo_size:
+                self._route_of.clear()  # bounded; the next requests of live tokens refill it
+            self._route_of[token] = route  # only a valid token: garbage cannot fill it
+            return claims
         return route.validate(token)
 
     def start(self) -> None:
@@ -129,7 +139,7 @@ def build_router(
             settings, clock=clock, shared=shared(issuer) if shared is not None else None, issuer_url=issuer
         )
         routes[issuer] = IssuerRoute(discovery, _validator_factory(settings, issuer, discovery, clock))
-    return IssuerRouter(routes)
+    return IssuerRouter(routes, settings.token_cache_size)
 
 
 def _validator_factory(settings: Settings, issuer: str, discovery: Discovery,

@@ -597,3 +597,16 @@ def test_a_waiting_worker_asks_itself_as_soon_as_the_fetcher_gives_up(
     took = time.monotonic() - started
     assert b.fetches == 1
     assert 0.3 <= took < 1.0  # not the whole http_timeout (5 s)
+
+
+def test_the_route_of_a_valid_token_is_remembered_within_bounds(issuer: TestIssuer, clock: Clock) -> None:
+    other = second_issuer()
+    r = router(issuer, other, clock, token_cache_size=2)
+    with pytest.raises(InvalidToken):
+        r.validate(other.token(iss=ISSUER_B, aud="https://nobody.test"))
+    assert r._route_of == {}  # an invalid token is not remembered
+    tokens = [other.token(iss=ISSUER_B, jti=str(n)) for n in range(3)] + [issuer.token()]
+    for token in tokens:
+        assert r.validate(token)["iss"] in (ISSUER, ISSUER_B)
+        assert len(r._route_of) <= 2
+    assert r.validate(tokens[-1])["iss"] == ISSUER  # remembered routes stay right
