@@ -104,7 +104,8 @@ class Discovery:
         self._algs: frozenset[str] = frozenset()
         self._fetched_at: float | None = None  # when the issuer was asked for the keys held now
         self._stale_at = -math.inf  # when they become too old to use
-        self._next_fetch = 0.0
+        self._next_fetch = 0.0  # when keys_for refreshes before answering (0 with rediscovery_lifetime=0)
+        self._next_periodic = 0.0  # when refresh_if_due refreshes: never sooner than MIN_PERIOD
         self._next_discovery = 0.0
         self._last_attempt = -math.inf
         self._last_kid_refresh = -math.inf
@@ -136,9 +137,9 @@ class Discovery:
         already fetching carries on with the keys held now rather than waiting.
         """
         now = self._clock()
-        if self._last_attempt <= now < self._next_fetch and now <= self._stale_at:
+        if self._last_attempt <= now < self._next_periodic and now <= self._stale_at:
             return self.generation
-        if now >= self._next_fetch or now < self._last_attempt:  # a clock set back is "due" too
+        if now >= self._next_periodic or now < self._last_attempt:  # a clock set back is "due" too
             self.refresh(wait=False)
         if not self._stale and self._too_stale(now):
             with self._lock:
@@ -233,6 +234,7 @@ class Discovery:
                 if not ok:
                     # Retry sooner than a period, but never hammer an issuer that is down.
                     self._next_fetch = now + min(RETRY_AFTER_FAILURE, self._lifetime or RETRY_AFTER_FAILURE)
+                    self._next_periodic = self._next_fetch
                 self._inflight = None
             done.set()
 
@@ -359,6 +361,7 @@ class Discovery:
             self._period = self._period_of(snapshot.max_age)
             self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in snapshot.first_seen.items()}
             self._next_fetch = snapshot.fetched_at + self._period
+            self._next_periodic = snapshot.fetched_at + max(self._period, MIN_PERIOD)
             if withdrawn:
                 self.generation += 1
             if self._stale and not self._too_stale(self._clock()):

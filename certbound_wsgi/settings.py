@@ -282,7 +282,7 @@ class Settings:
         "``Cache-Control: max-age`` says so, but not under 1 second). A key removed at the issuer is refused "
         "by every worker from its first request after this period (plus ``http_timeout``). A token with an "
         "unknown ``kid`` triggers an immediate refresh (at most one a second), so that key rotation needs no "
-        "restart. 0: refresh before every cold validation.",
+        "restart. 0: every second, and before each validation of a token not seen before (for tests).",
         min=0,
     )
     discovery_max_staleness: int = _option(

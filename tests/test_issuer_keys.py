@@ -76,7 +76,8 @@ def discovery(issuer: TestIssuer, clock: Clock, **overrides: Any) -> StaticDisco
         pytest.param(30, 29.9, False, id="just-before-the-period"),
         pytest.param(30, 30, True, id="at-the-period"),
         pytest.param(30, 3600, True, id="long-after"),
-        pytest.param(0, 0, True, id="lifetime-zero"),
+        pytest.param(0, 0, False, id="lifetime-zero-not-twice-a-second"),
+        pytest.param(0, 1, True, id="lifetime-zero-after-a-second"),
     ],
 )
 def test_refresh_if_due_fetches_only_when_the_period_is_over(
