@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,9 @@ from tests.support.idp import API_RESOURCE, OidcProvider, decode_jwt, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.servers import start_gunicorn, start_nginx
 
-from .conftest import Stack, StackFactory, mint
+from .conftest import Stack, StackFactory, app_env, log_of, mint
 from .test_issuer_faults import workers_of
 
 WORKERS = 3
@@ -262,3 +264,47 @@ def test_check_config_reports_the_keys_per_issuer_and_their_ages(
     assert down.returncode == 1
     assert f"discovery failed: {idp_b.issuer}:" in down.stderr
     assert f"issuer metadata: {own_idp.issuer}" in down.stdout
+
+
+# -- gunicorn --preload ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def preloaded(own_idp: OidcProvider, redis_server: RedisServer, pki: Pki,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The app built once in gunicorn's master (which fetches the keys), then forked into the workers."""
+    own_idp.start()
+    env = app_env(own_idp, **shared(redis_server, rediscovery_lifetime="300"))
+    env["GUNICORN_CMD_ARGS"] = "--preload"
+    server = start_gunicorn(env, workers=WORKERS, log_dir=tmp_path_factory.mktemp("gunicorn-preload"))
+    try:
+        nginx = start_nginx(tmp_path_factory.mktemp("nginx-preload"), "gunicorn", server.backend, pki.server)
+    except BaseException:
+        server.stop()
+        raise
+    try:
+        yield Stack(nginx, server, pki.ca_file)
+    finally:
+        nginx.stop()
+        server.stop()
+
+
+def test_preloaded_workers_fetch_with_their_own_connections(preloaded: Stack, own_idp: OidcProvider,
+                                                            pki: Pki) -> None:
+    assert statuses(preloaded, own_idp.token("bound"), pki) == [200] * 9
+    own_idp.restart(new_key=True)
+    new = own_idp.token("bound")
+    # Each worker meets the new kid and asks the IdP (or takes the shared copy) over its own pool:
+    # none reuses a kept-alive socket of the master's, which the restart closed anyway.
+    results: list[int] = []
+
+    def one() -> None:
+        results.append(preloaded.call(new, pki.alice).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(3 * WORKERS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [200] * 9
+    assert "Traceback" not in log_of(preloaded.app_server.process.log)
