@@ -23,13 +23,15 @@ from .cache.redis import RedisCache, check_replay_store, make_client, make_repla
 from .cache.seal import Sealer
 from .certificates import CertificateReader
 from .channel import ProxyChannel, check_at_start_up, uwsgi_listeners
+from .client_keys import ClientKeys
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPVerifier, ReplayCache
 from .errors import InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable
 from .introspection import IntrospectionClient, IntrospectionValidator
+from .issuers import IssuerRouter, build_router, shared_keys
 from .jose import expiry
-from .jwt_tokens import JWTValidator, looks_like_jwt
+from .jwt_tokens import looks_like_jwt
 from .oidc_login import BrowserLogin
 from .sessions import Session, Sessions
 from .settings import Settings
@@ -76,12 +78,14 @@ class Authenticator:
 
     :param credentials: finds the request's access token (RFC 6750 section 2).
     :param certificates: the presented certificate's thumbprint, from an authenticated channel only.
-    :param jwt: validates JWT access tokens (``bearer`` in ``auth_methods``).
+    :param jwt: validates JWT access tokens (``bearer`` in ``auth_methods``), each with the keys of the
+        issuer it names (``issuer``, ``issuers_allowed``).
     :param introspection: validates tokens at the issuer (``introspection`` in ``auth_methods``).
     :param dpop: verifies DPoP proofs; ``None`` when ``proof_of_possession_dpop`` is ``off``.
     :param sessions: the session store (``session`` in ``auth_methods``).
     :param login: the browser login (``authorization_code``); used by the endpoints, not here.
     :param discovery: the issuer's metadata and keys, shared by the validators.
+    :param client_keys: our ``private_key_jwt`` keys, whose public JWKS is served at ``client_jwks_path``.
     :param stats: the counters of this instance.
     :param mtls: ``proof_of_possession_mtls``.
     :param dpop_mode: ``proof_of_possession_dpop``.
@@ -92,12 +96,13 @@ class Authenticator:
 
     credentials: CredentialReader
     certificates: CertificateReader
-    jwt: JWTValidator | None
+    jwt: IssuerRouter | None
     introspection: IntrospectionValidator | None
     dpop: DPoPVerifier | None
     sessions: Sessions | None
     login: BrowserLogin | None
     discovery: Discovery
+    client_keys: ClientKeys | None
     stats: Stats
     mtls: str
     dpop_mode: str
@@ -208,7 +213,6 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     :param discovery: the issuer's keys; made from ``settings`` when omitted.
     :param clock: wall-clock seconds for expiry decisions; injectable for tests.
     """
-    discovery = discovery or Discovery(settings)
     channel = ProxyChannel(
         secret=settings.proxy_secret, secret_header=settings.proxy_secret_header,
         trusted_proxies=settings.trusted_proxies, uwsgi=uwsgi_listeners(),
@@ -223,10 +227,16 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     secret = settings.shared_secret or None
     # One sealer for introspection entries, in Redis and in the key names alike.
     intro_sealer = Sealer(secret, "intro")
-    redis = RedisCache(make_client(settings), intro_sealer, stats) if settings.uses_redis else None
+    client = make_client(settings) if settings.uses_redis else None
+    redis = RedisCache(client, intro_sealer, stats) if client is not None else None
+    # The issuers' keys: shared by every worker through Redis, when there is one (issue 14).
+    shared = shared_keys(settings, client, stats) if client is not None else None
+    discovery = discovery or Discovery(settings, shared=shared(settings.issuer) if shared is not None else None)
     methods = settings.auth_methods
+    client_keys = ClientKeys.from_settings(settings) if settings.client_jwk else None
     introspection = (
-        _introspection(settings, discovery, redis, intro_sealer, stats, clock) if "introspection" in methods else None
+        _introspection(settings, discovery, redis, intro_sealer, stats, clock, client_keys)
+        if "introspection" in methods else None
     )
     dpop = None
     if settings.proof_of_possession_dpop != "off":
@@ -242,16 +252,15 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         if "session" in methods else None
     )
     login = (
-        BrowserLogin(settings, discovery, sessions, clock)
+        BrowserLogin(settings, discovery, sessions, clock, client_keys=client_keys)
         if sessions is not None and "authorization_code" in methods
         else None
     )
-    jwt = JWTValidator(
-        discovery, issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway,
-        signing_algs=settings.token_signing_algs, memo_size=settings.token_cache_size, clock=clock,
-    ) if "bearer" in methods else None
-    # Last, so that an error about another option is reported first.
+    jwt = build_router(settings, discovery, shared, clock) if "bearer" in methods else None
+    # Before any I/O, so that an error about another option is reported first and fast.
     check_at_start_up(channel, settings.proof_of_possession_mtls)
+    if jwt is not None:
+        jwt.start()  # the keys are fetched as the worker starts; an issuer down then is not fatal
     return Authenticator(
         credentials=CredentialReader(
             settings.bearer_token_param_type, cookie_name=settings.bearer_token_cookie_name,
@@ -264,6 +273,7 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         sessions=sessions,
         login=login,
         discovery=discovery,
+        client_keys=client_keys,
         stats=stats,
         mtls=settings.proof_of_possession_mtls,
         dpop_mode=settings.proof_of_possession_dpop,
@@ -292,13 +302,13 @@ def _replay_cache(settings: Settings, secret: str | None, stats: Stats, clock: C
 
 
 def _introspection(settings: Settings, discovery: Discovery, redis: RedisCache | None, sealer: Sealer,
-                   stats: Stats, clock: Callable[[], float]) -> IntrospectionValidator:
+                   stats: Stats, clock: Callable[[], float], client_keys: ClientKeys | None) -> IntrospectionValidator:
     l1 = MemoryCache(settings.cache_l1_size, max_age=settings.cache_l1_ttl if redis is not None else None,
                      clock=clock)
     endpoint_id = settings.introspection_endpoint or settings.issuer
     return IntrospectionValidator(
         settings,
-        IntrospectionClient(settings, discovery if settings.issuer else None),
+        IntrospectionClient(settings, discovery if settings.issuer else None, client_keys=client_keys),
         l1,
         redis,
         lambda token: sealer.key_name(endpoint_id, token),

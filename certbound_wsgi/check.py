@@ -9,6 +9,7 @@ import ipaddress
 import os
 import shlex
 from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from .cache.redis import replay_store_warning
@@ -17,7 +18,7 @@ from .errors import ConfigurationError
 from .proxies import UNIX, TrustedProxies
 from .settings import Settings
 
-__all__ = ["bind_host", "channel_errors", "check_config", "gunicorn_binds", "unsafe_settings"]
+__all__ = ["bind_host", "channel_errors", "check_config", "gunicorn_binds", "issuer_keys", "unsafe_settings"]
 
 
 def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -183,3 +184,29 @@ def _weakened_cache(settings: Settings) -> list[str]:
     if settings.cache_ttl_max == 0 and "introspection" in settings.auth_methods:
         warnings.append("cache_ttl_max=0: a revoked token keeps working until its exp while cached.")
     return warnings
+
+
+def issuer_keys(settings: Settings) -> list[dict[str, Any]]:
+    """The keys found now at each accepted issuer (``issuer``, ``issuers_allowed``), and their ages.
+
+    Each item is :meth:`Discovery.report` (``issuer``, ``jwks_uri``, ``kids``, ``key_ages``: seconds since
+    each key was first fetched, ``age``, ``period``), or ``{"issuer": ..., "error": ...}`` when that
+    issuer's keys cannot be fetched. With Redis, the ages are those of the copy every worker shares
+    (read, never written, here); without it, every key is new to this process.
+    """
+    from .cache.redis import make_client
+    from .discovery import Discovery, DiscoveryError
+    from .issuers import shared_keys
+    from .stats import Stats
+
+    shared = shared_keys(settings, make_client(settings), Stats()) if settings.uses_redis else None
+    reports: list[dict[str, Any]] = []
+    for issuer in settings.issuers:
+        discovery = Discovery(settings, shared=shared(issuer) if shared is not None else None, issuer_url=issuer)
+        try:
+            discovery.check()
+        except DiscoveryError as exc:
+            reports.append({"issuer": issuer, "error": str(exc)})
+            continue
+        reports.append(discovery.report())
+    return reports

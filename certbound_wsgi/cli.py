@@ -122,8 +122,7 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
     :returns: 0 (fine), 1 (discovery failed), 2 (invalid, or no certificate could ever be believed:
         one ``error:`` line each, naming the fix), 3 (valid with warnings).
     """
-    from .check import check_config
-    from .discovery import Discovery, DiscoveryError
+    from .check import check_config, issuer_keys
 
     try:
         settings, errors, warnings = check_config(bind=bind, server=server)
@@ -138,14 +137,27 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
     for warning in warnings:
         _error(f"warning: {warning}")
     if discover and settings.issuer:
-        try:
-            metadata, keys = Discovery(settings).check()
-        except DiscoveryError as exc:
-            _error(f"discovery failed: {exc}")
+        failed = False
+        for report in issuer_keys(settings):
+            if "error" in report:
+                _error(f"discovery failed: {report['issuer']}: {report['error']}")
+                failed = True
+                continue
+            print(f"issuer metadata: {report['issuer']} (jwks_uri {report['jwks_uri']})")
+            ages = report["key_ages"]
+            print(f"signing keys: {', '.join(f'{kid} (age {_age(ages[kid])})' for kid in report['kids']) or 'none'}")
+        if failed:
             return 1
-        print(f"issuer metadata: {metadata.get('issuer')} (jwks_uri {metadata.get('jwks_uri')})")
-        print(f"signing keys: {', '.join(keys) or 'none'}")
     return 3 if warnings else 0
+
+
+def _age(seconds: float) -> str:
+    """``3d4h``, ``2h5m``, ``40s``: how long ago a key was first fetched."""
+    seconds = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}{(seconds % size) // sub_size}{sub}"
+    return f"{seconds}s"
 
 
 def nginx_config_command(args: argparse.Namespace) -> int:

@@ -1,14 +1,28 @@
-"""The issuer's metadata and signing keys (OpenID Connect Discovery, RFC 8414, RFC 7517).
+"""The issuer's metadata and signing keys (OpenID Connect Discovery, RFC 8414, RFC 7517), shared and refreshed.
 
-Keys are fetched lazily and cached. A token signed with an unknown ``kid``
-triggers a refetch, at most once per ``rediscovery_lifetime``, so that key
-rotation at the issuer needs no restart. Only one thread per process fetches;
-the others wait for its result instead of fetching too.
+The keys are a managed resource, not a per-worker guess:
+
+* fetched when the worker starts (:meth:`Discovery.start`); an issuer that is down then is not fatal;
+* refreshed when due, lazily, on the request path (:meth:`Discovery.refresh_if_due`): every
+  ``rediscovery_lifetime`` seconds, sooner when the JWKS's ``Cache-Control: max-age`` says so. A key
+  removed at the issuer is therefore distrusted by every worker at its first request after one period;
+* an unknown ``kid`` triggers one immediate refresh (at most one per :data:`UNKNOWN_KID_COOLDOWN`);
+  the token is refused (401) only once the issuer has been asked since the ``kid`` was first seen,
+  and while the issuer cannot be asked the answer is "unavailable" (503), never "invalid";
+* with Redis, one worker fetches while the others wait for its answer there, and a sealed
+  last-known-good copy lets a restarted worker serve while the issuer is down, up to
+  ``discovery_max_staleness``; past that the keys are not used at all (503).
+
+No thread runs in the background: nothing here can be broken by a fork (gunicorn ``--preload``).
+The HTTP session is remade in a forked child, and no lock is held while fetching.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +30,10 @@ from typing import Any
 
 import requests
 
-from . import http
+from . import http, metrics
 from .jose import PRIVATE_MEMBERS, JWKError, PublicKey, public_key
 from .settings import ASYMMETRIC_ALGS, Settings
+from .shared_keys import SharedKeys, Snapshot
 
 __all__ = ["Discovery", "DiscoveryError", "UnknownKey", "PublicKey"]
 
@@ -28,6 +43,17 @@ log = logging.getLogger("certbound_wsgi")
 MAX_DOCUMENT = 512 * 1024
 # How soon a failed fetch may be retried, whatever rediscovery_lifetime says.
 RETRY_AFTER_FAILURE = 2.0
+#: Seconds between two refreshes triggered by unknown ``kid`` values: a flood of made-up ones
+#: costs the issuer one request per this, per worker (per deployment, with Redis).
+UNKNOWN_KID_COOLDOWN = 1.0
+#: The shortest refresh period a JWKS's ``max-age`` may ask for (``rediscovery_lifetime`` may be shorter).
+MIN_PERIOD = 1.0
+#: How often a worker waiting for another worker's fetch looks in Redis.
+POLL_SECONDS = 0.02
+#: Unknown ``kid`` values remembered (with when each was first seen); an attacker can fill it, no more.
+MAX_UNKNOWN_KIDS = 1024
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)", re.IGNORECASE)
+_NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\b", re.IGNORECASE)
 
 
 class DiscoveryError(Exception):
@@ -39,36 +65,59 @@ class Unreachable(DiscoveryError):
 
 
 class UnknownKey(Exception):
-    """The keys were fetched, recently and successfully, and none has this ``kid``."""
+    """The issuer was asked after this ``kid`` was first seen, and has no such key."""
 
 
 class Discovery:
-    """Issuer metadata and JWKS for one issuer, cached per process.
+    """Issuer metadata and JWKS for one issuer, cached per process and, with Redis, shared.
 
-    :param settings: supplies ``issuer``, ``ssl_verify``, ``ca_file``, ``http_timeout``,
-        ``rediscovery_lifetime`` and ``token_signing_algs``.
-    :param session: a :class:`requests.Session` to reuse (one is made otherwise).
-    :param clock: monotonic seconds; injectable for tests.
+    :param settings: supplies ``issuer``, ``ssl_verify``, ``ca_file``, ``http_timeout``, ``rediscovery_lifetime``,
+        ``discovery_max_staleness`` and ``token_signing_algs``.
+    :param session: a :class:`requests.Session` to reuse (one is made otherwise, and remade after a fork).
+    :param clock: wall-clock seconds, shared with other workers through the Redis copy; injectable for tests.
+    :param shared: the copy in Redis, or ``None`` for a per-process cache only.
+    :param issuer_url: the issuer, when not ``settings.issuer`` (one of ``issuers_allowed``).
     """
 
     def __init__(
         self,
         settings: Settings,
         session: requests.Session | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        *,
+        shared: SharedKeys | None = None,
+        issuer_url: str | None = None,
     ) -> None:
         self._settings = settings
-        self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
-                                     max_body=MAX_DOCUMENT, session=session)
+        self._issuer = issuer_url or settings.issuer
+        self._session = session
+        self._http = self._client()
+        self._pid = os.getpid()
         self._clock = clock
+        self._shared = shared
+        self._lifetime = float(settings.rediscovery_lifetime)
+        self._max_staleness = float(settings.discovery_max_staleness)
         self._lock = threading.Lock()
         self._inflight: threading.Event | None = None
         self._metadata: dict[str, Any] | None = None
         self._keys: dict[str | None, list[PublicKey]] = {}
         self._algs: frozenset[str] = frozenset()
-        self._next_fetch = 0.0
+        self._fetched_at: float | None = None  # when the issuer was asked for the keys held now
+        self._stale_at = -math.inf  # when they become too old to use
+        self._next_fetch = 0.0  # when keys_for refreshes before answering (0 with rediscovery_lifetime=0)
+        self._next_periodic = 0.0  # when refresh_if_due refreshes: never sooner than MIN_PERIOD
         self._next_discovery = 0.0
+        self._last_attempt = -math.inf
+        self._last_kid_refresh = -math.inf
         self._last_ok = False
+        self._period = self._lifetime
+        self._seen: dict[str, float] = {}  # when each kid was first fetched
+        self._last_max_age: float | None = None
+        self._unknown: dict[str | None, float] = {}
+        self._stale = False
+        #: Changes whenever a key that was trusted no longer is (withdrawn by the issuer, or too
+        #: stale): whoever remembers what a key verified must forget it then.
+        self.generation = 0
 
     # -- the request path ----------------------------------------------------
 
@@ -77,22 +126,59 @@ class Discovery:
         """Algorithms accepted now: configured, asymmetric and advertised by the issuer."""
         return self._algs
 
-    def keys_for(self, kid: str | None) -> list[PublicKey]:
-        """The issuer's keys with this ``kid``, fetching the JWKS when it is unknown.
-
-        :raises UnknownKey: the JWKS is fresh and has no such key.
-        :raises DiscoveryError: the JWKS could not be fetched and no such key is cached.
-        """
-        keys = self._keys.get(kid)
-        if keys:
-            return keys
+    def start(self) -> None:
+        """Fetch the keys (or adopt the shared copy) as a worker starts; failing is not fatal."""
         self.refresh()
+
+    def refresh_if_due(self) -> int:
+        """Refresh when the period is over (I/O only then), and return :attr:`generation`.
+
+        Cheap otherwise: one clock read and three comparisons. A thread that finds another one
+        already fetching carries on with the keys held now rather than waiting.
+        """
+        now = self._clock()
+        if self._last_attempt <= now < self._next_periodic and now <= self._stale_at:
+            return self.generation
+        if now >= self._next_periodic or now < self._last_attempt:  # a clock set back is "due" too
+            self.refresh(wait=False)
+        if not self._stale and self._too_stale(now):
+            with self._lock:
+                if not self._stale:
+                    self._stale = True
+                    self.generation += 1
+                    log.warning("certbound: the keys of %s are older than discovery_max_staleness; "
+                                "refusing their tokens until the issuer can be reached", self._issuer)
+        return self.generation
+
+    def keys_for(self, kid: str | None) -> list[PublicKey]:
+        """The issuer's keys with this ``kid``, refreshing them when it is unknown.
+
+        :raises UnknownKey: the issuer was asked after this ``kid`` was first seen, and has no such key.
+        :raises DiscoveryError: the keys cannot be had now (the issuer is down, they are too stale,
+            or an unknown ``kid`` cannot be asked about yet).
+        """
+        now = self._clock()
+        keys = self._keys.get(kid)
+        if keys and not self._too_stale(now):
+            return keys
+        if keys is None:
+            self._first_seen(kid, now)
+        if now >= self._next_fetch:
+            self.refresh()
+        elif keys is None and self._last_ok and not self._asked_about(kid) \
+                and now >= self._last_kid_refresh + UNKNOWN_KID_COOLDOWN:
+            # A kid the issuer has not been asked about since it appeared: perhaps a rotation.
+            self._last_kid_refresh = now
+            self.refresh(force=True, kid=kid)
+        now = self._clock()
+        if self._too_stale(now):
+            raise DiscoveryError("the issuer's keys cannot be fetched and the last copy is too old")
         keys = self._keys.get(kid)
         if keys:
             return keys
-        if not self._last_ok:
-            raise DiscoveryError("the issuer's keys cannot be fetched")
-        raise UnknownKey(kid)
+        if self._last_ok and self._asked_about(kid):
+            raise UnknownKey(kid)
+        raise DiscoveryError("the issuer's keys cannot be fetched")
 
     def metadata(self, needs: str | None = None) -> dict[str, Any]:
         """The issuer's metadata, discovered on first use.
@@ -113,43 +199,186 @@ class Discovery:
 
     def retry_after(self) -> int:
         """Seconds until the next fetch may be tried, for a ``Retry-After`` header."""
-        return max(1, int(self._next_fetch - self._clock() + 0.999))
+        # After a failure, the next attempt; otherwise the end of the unknown-kid cooldown.
+        until = self._last_kid_refresh + UNKNOWN_KID_COOLDOWN if self._last_ok else self._next_fetch
+        return max(1, math.ceil(until - self._clock()))
 
-    def refresh(self, force: bool = False) -> None:
-        """Fetch metadata and keys, unless fetched too recently. Never holds a lock while fetching."""
+    def refresh(self, force: bool = False, *, wait: bool = True, kid: str | None = None) -> None:
+        """Fetch metadata and keys, unless fetched too recently. Never holds a lock while fetching.
+
+        :param force: fetch even if the period is not over (an unknown ``kid``).
+        :param wait: when another thread is fetching, wait for its result (else return at once).
+        :param kid: the unknown ``kid`` that forces it: a shared copy that has it will do.
+        """
+        now = self._clock()
         with self._lock:
-            if not force and self._clock() < self._next_fetch:
+            if not force and self._last_attempt <= now < self._next_fetch:
                 return
             waiting = self._inflight
             if waiting is None:
                 done = self._inflight = threading.Event()
+                self._last_attempt = now
         if waiting is not None:
-            waiting.wait(2 * self._settings.http_timeout + 1)
+            if wait:
+                waiting.wait(2 * self._settings.http_timeout + 1)
             return
         ok = False
         try:
-            self._fetch()
+            self._refresh(now, force, kid)
             ok = True
         except DiscoveryError as exc:
-            log.warning("certbound: cannot refresh keys of %s: %s", self._settings.issuer, exc)
+            log.warning("certbound: cannot refresh keys of %s: %s", self._issuer, exc)
         finally:
             with self._lock:
                 self._last_ok = ok
-                lifetime = self._settings.rediscovery_lifetime
-                # After a failure retry sooner, but never hammer an issuer that is down.
-                delay = lifetime if ok else min(RETRY_AFTER_FAILURE, lifetime or RETRY_AFTER_FAILURE)
-                self._next_fetch = self._clock() + delay
+                if not ok:
+                    # Retry sooner than a period, but never hammer an issuer that is down.
+                    self._next_fetch = now + min(RETRY_AFTER_FAILURE, self._lifetime or RETRY_AFTER_FAILURE)
+                    self._next_periodic = self._next_fetch
                 self._inflight = None
             done.set()
 
     def check(self) -> tuple[dict[str, Any], list[str]]:
-        """Fetch everything now (for ``check-config``); return the metadata and the key ids."""
-        metadata = self._fetch()
-        return metadata, sorted(str(kid) for kid in self._keys)
+        """Fetch everything now (for ``check-config``); return the metadata and the key ids.
+
+        With Redis, the shared copy is read first, so that the keys' ages are the ones every worker
+        has seen; nothing is written there.
+        """
+        if self._shared is not None and self._fetched_at is None:
+            copy = self._shared.load()
+            if copy is not None:
+                self._adopt(copy)
+        snapshot = self._fetch(self._clock())
+        self._adopt(snapshot)
+        return snapshot.metadata, sorted(str(kid) for kid in self._keys)
+
+    def report(self) -> dict[str, Any]:
+        """What is held now, for ``check-config``: the keys, and ages in seconds (of the copy, and of each
+        key since it was first fetched)."""
+        now = self._clock()
+        fetched_at = self._fetched_at
+        return {
+            "issuer": self._issuer,
+            "jwks_uri": (self._metadata or {}).get("jwks_uri"),
+            "kids": sorted(str(kid) for kid in self._keys),
+            "key_ages": {str(kid): max(0.0, now - self._seen.get(str(kid), now)) for kid in self._keys},
+            "algorithms": sorted(self._algs),
+            "age": None if fetched_at is None else max(0.0, now - fetched_at),
+            "period": self._period,
+        }
+
+    # -- the state -----------------------------------------------------------
+
+    def _too_stale(self, now: float) -> bool:
+        return self._fetched_at is None or now - self._fetched_at > self._max_staleness
+
+    def _first_seen(self, kid: str | None, now: float) -> None:
+        if kid not in self._unknown:
+            if len(self._unknown) >= MAX_UNKNOWN_KIDS:
+                self._unknown.pop(next(iter(self._unknown)), None)
+            self._unknown[kid] = now
+
+    def _asked_about(self, kid: str | None) -> bool:
+        """Whether the keys held now were fetched after ``kid`` was first seen."""
+        seen = self._unknown.get(kid)
+        return self._fetched_at is not None and (seen is None or self._fetched_at >= seen)
+
+    def _period_of(self, max_age: float | None) -> float:
+        # RFC 9111 section 5.2.2.1: a shorter max-age shortens the period, down to MIN_PERIOD.
+        if max_age is None:
+            return self._lifetime
+        return min(self._lifetime, max(max_age, MIN_PERIOD))
+
+    def _refresh(self, now: float, force: bool, kid: str | None) -> None:
+        shared = self._shared
+        if shared is None:
+            self._adopt(self._fetch_counted(now))
+            return
+        # Another worker may have fetched already: its copy is as good as ours would be if it is
+        # newer than what we hold and fresh or, for an unknown kid, has it or was fetched since.
+        copy = shared.load()
+        if copy is not None:  # the keys' ages are the deployment's, not this worker's
+            self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in copy.first_seen.items()}
+        if copy is not None and self._newer(copy) and (
+            (copy.fetched_at >= now or _has_kid(copy, kid)) if force else self._fresh(copy, now)
+        ):
+            self._adopt(copy)
+            return
+        token = shared.lock()
+        if token is False:
+            awaited = self._await(shared, now if force else -math.inf)
+            if isinstance(awaited, Snapshot):
+                self._adopt(awaited)
+                return
+            token = awaited  # the other worker failed (we hold the lock now), or is slow: ask ourselves
+        try:
+            snapshot = self._fetch_counted(now)
+            shared.save(snapshot, self._clock())  # before the lock goes: whoever waits finds it
+        except DiscoveryError:
+            # The issuer cannot be asked: a copy another worker made is better than none, or than ours.
+            if copy is not None and self._newer(copy):
+                self._adopt(copy)
+            raise
+        finally:
+            if isinstance(token, str):
+                shared.unlock(token)
+        self._adopt(snapshot)
+
+    def _newer(self, copy: Snapshot) -> bool:
+        return self._fetched_at is None or copy.fetched_at > self._fetched_at
+
+    def _fresh(self, copy: Snapshot, now: float) -> bool:
+        return copy.fetched_at <= now < copy.fetched_at + self._period_of(copy.max_age)
+
+    def _await(self, shared: SharedKeys, since: float) -> Snapshot | str | None:
+        """Another worker is fetching: its copy, once in Redis; the lock, once that worker let it go
+        without a copy (its fetch failed); ``None`` after ``http_timeout`` (it is slow, or gone)."""
+        deadline = time.monotonic() + self._settings.http_timeout + 0.5
+        while time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+            copy = shared.load()
+            if copy is not None and self._newer(copy) and copy.fetched_at >= since:
+                return copy
+            token = shared.lock()
+            if isinstance(token, str):
+                copy = shared.load()  # it may have finished between the two looks
+                if copy is not None and self._newer(copy) and copy.fetched_at >= since:
+                    shared.unlock(token)
+                    return copy
+                return token
+        return None
+
+    def _adopt(self, snapshot: Snapshot) -> None:
+        """Make ``snapshot`` the keys held now; a kid that was trusted and is gone bumps :attr:`generation`."""
+        keys, algs = self._parse(snapshot.metadata, snapshot.jwks)
+        with self._lock:
+            withdrawn = any(kid not in keys for kid in self._keys)
+            self._metadata = snapshot.metadata
+            self._keys = keys
+            self._algs = algs
+            self._fetched_at = snapshot.fetched_at
+            self._stale_at = snapshot.fetched_at + self._max_staleness
+            self._period = self._period_of(snapshot.max_age)
+            self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in snapshot.first_seen.items()}
+            self._next_fetch = snapshot.fetched_at + self._period
+            self._next_periodic = snapshot.fetched_at + max(self._period, MIN_PERIOD)
+            if withdrawn:
+                self.generation += 1
+            if self._stale and not self._too_stale(self._clock()):
+                self._stale = False
+            self._unknown = {kid: seen for kid, seen in self._unknown.items() if kid not in keys}
 
     # -- fetching ------------------------------------------------------------
 
+    def _client(self) -> http.JSONClient:
+        return http.JSONClient(verify=self._settings.tls_verify, timeout=self._settings.http_timeout,
+                               max_body=MAX_DOCUMENT, session=self._session)
+
     def _get_json(self, url: str) -> dict[str, Any]:
+        if os.getpid() != self._pid:
+            # A forked worker (gunicorn --preload) must not share the parent's pooled sockets.
+            self._session, self._pid = None, os.getpid()
+            self._http = self._client()
         try:
             answer = self._http.get(url)
         except http.Unreachable as exc:
@@ -160,10 +389,11 @@ class Discovery:
             raise DiscoveryError(f"{url} answered {answer.status}")
         if answer.document is None:
             raise DiscoveryError(f"{url}: {answer.problem}")
+        self._last_max_age = _max_age(answer.cache_control)
         return answer.document
 
     def _discover(self) -> dict[str, Any]:
-        issuer = self._settings.issuer.rstrip("/")
+        issuer = self._issuer.rstrip("/")
         errors = []
         # OpenID Connect Discovery 1.0 section 4, then RFC 8414 section 3.
         for path in ("/.well-known/openid-configuration", "/.well-known/oauth-authorization-server"):
@@ -175,14 +405,25 @@ class Discovery:
                 errors.append(str(exc))
                 continue
             # RFC 8414 section 3.3: the issuer value MUST be identical to the one configured.
-            if metadata.get("issuer") != self._settings.issuer:
+            if metadata.get("issuer") != self._issuer:
                 raise DiscoveryError(f"metadata names issuer {metadata.get('issuer')!r}, not the configured one")
             if not isinstance(metadata.get("jwks_uri"), str):
                 raise DiscoveryError("metadata has no jwks_uri")
             return metadata
         raise DiscoveryError("; ".join(errors))
 
-    def _fetch(self) -> dict[str, Any]:
+    def _fetch_counted(self, now: float) -> Snapshot:
+        """:meth:`_fetch`, counted in ``certbound_key_fetches_total``."""
+        try:
+            snapshot = self._fetch(now)
+        except DiscoveryError:
+            metrics.key_fetch(False)
+            raise
+        metrics.key_fetch(True, now)
+        return snapshot
+
+    def _fetch(self, now: float) -> Snapshot:
+        """Ask the issuer: its metadata, then its JWKS, as a :class:`Snapshot` stamped ``now``."""
         # Rediscover on every refresh (itself rate-limited): a document fixed at the issuer,
         # such as a corrected jwks_uri, is picked up without a restart.
         try:
@@ -193,7 +434,17 @@ class Discovery:
             if self._metadata is None:
                 raise
             metadata = self._metadata
-        parsed, key_algs = _parse_jwks(self._get_json(metadata["jwks_uri"]))
+        self._last_max_age = None
+        jwks = self._get_json(metadata["jwks_uri"])
+        keys, _ = self._parse(metadata, jwks)  # refuse a JWKS without a usable key before anyone adopts it
+        seen = {str(kid): self._seen.get(str(kid), now) for kid in keys}
+        return Snapshot(metadata, jwks, now, self._last_max_age, seen)
+
+    def _parse(
+        self, metadata: dict[str, Any], jwks: dict[str, Any]
+    ) -> tuple[dict[str | None, list[PublicKey]], frozenset[str]]:
+        """The public signing keys by ``kid``, and the algorithms accepted with them."""
+        parsed, key_algs = _parse_jwks(jwks)
         advertised = {
             alg
             for name, values in metadata.items()
@@ -204,11 +455,21 @@ class Discovery:
         algs = frozenset(self._settings.token_signing_algs) & frozenset(ASYMMETRIC_ALGS)
         if advertised & algs:
             algs &= advertised
-        with self._lock:
-            self._metadata = metadata
-            self._keys = parsed
-            self._algs = algs
-        return metadata
+        return parsed, algs
+
+
+def _has_kid(copy: Snapshot, kid: str | None) -> bool:
+    keys = copy.jwks.get("keys")
+    return kid is not None and isinstance(keys, list) and any(isinstance(k, dict) and k.get("kid") == kid for k in keys)
+
+
+def _max_age(cache_control: str) -> float | None:
+    """The JWKS response's freshness lifetime (RFC 9111 section 5.2.2): ``max-age``, 0 for
+    ``no-cache``/``no-store``, ``None`` when it says nothing."""
+    if _NO_CACHE.search(cache_control):
+        return 0.0
+    match = _MAX_AGE.search(cache_control)
+    return float(match.group(1)) if match else None
 
 
 def _parse_jwks(jwks: dict[str, Any]) -> tuple[dict[str | None, list[PublicKey]], set[str]]:

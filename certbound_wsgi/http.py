@@ -40,11 +40,13 @@ class JSONResponse:
     :param status: the HTTP status code.
     :param document: the body as a strict JSON object (see :func:`~certbound_wsgi.jose.json_object`), or ``None``.
     :param problem: why ``document`` is ``None``: ``not JSON``, ``not a JSON object`` or ``nested too deeply``.
+    :param cache_control: a GET's ``Cache-Control`` header, if any (the JWKS's says how long its keys may be kept).
     """
 
     status: int
     document: dict[str, Any] | None
     problem: str = ""
+    cache_control: str = ""
 
 
 class JSONClient:
@@ -90,7 +92,9 @@ class JSONClient:
             raise Unreachable(type(exc).__name__) from None
         if len(body) > self._max_body:
             raise TooLarge(url)
+        # Only a GET's answer may be kept (RFC 9111 section 4): a POST's Cache-Control means nothing to us.
+        cache_control = response.headers.get("Cache-Control", "") if method == "GET" else ""
         try:
-            return JSONResponse(response.status_code, json_object(body))
+            return JSONResponse(response.status_code, json_object(body), cache_control=cache_control)
         except JSONError as exc:
-            return JSONResponse(response.status_code, None, exc.phrase)
+            return JSONResponse(response.status_code, None, exc.phrase, cache_control)

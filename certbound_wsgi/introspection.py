@@ -9,26 +9,23 @@ hit or not.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 import requests
-from joserfc import jwt
-from joserfc.errors import JoseError
 
 from . import http
 from .cache import Entry
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache
+from .client_keys import ClientKeys
 from .discovery import Discovery, DiscoveryError
-from .errors import ConfigurationError, InvalidToken, TemporarilyUnavailable
-from .jose import KEY_TYPES, AsymmetricKey, TimeClaimError, check_time_claims, expiry, issued_by, meant_for
+from .errors import InvalidToken, TemporarilyUnavailable
+from .jose import TimeClaimError, check_time_claims, expiry, issued_by, meant_for
 from .settings import Settings
 from .stats import Stats
 from .types import Claims
@@ -46,20 +43,6 @@ class IntrospectionError(Exception):
     """The issuer could not give an answer (unreachable, 5xx, refused us, or sent garbage)."""
 
 
-def _load_client_key(path: str) -> AsymmetricKey:
-    """The private key of ``client_jwk``, a JWK (JSON) or a PEM file, of any asymmetric type."""
-    with open(path, "rb") as fh:
-        data = fh.read()
-    for key_type in KEY_TYPES.values():
-        try:
-            key = key_type.import_key(json.loads(data) if data.lstrip().startswith(b"{") else data)
-        except (JoseError, ValueError, TypeError, KeyError):
-            key = None
-        if key is not None and key.is_private:
-            return key
-    raise ConfigurationError("client_jwk", f"{path!r} holds no usable private key")
-
-
 class IntrospectionClient:
     """Asks the issuer's introspection endpoint about one token (RFC 7662 section 2).
 
@@ -68,24 +51,19 @@ class IntrospectionClient:
         ``tls_client_auth_cert_file``, ``tls_client_auth_key_file``), ``ssl_verify``, ``ca_file``, ``http_timeout``.
     :param discovery: finds the endpoint in the issuer's metadata when it is not configured.
     :param session: a :class:`requests.Session` to reuse (one is made otherwise).
+    :param client_keys: signs the ``private_key_jwt`` assertions (read from ``client_jwk`` when omitted).
     """
 
     def __init__(
-        self, settings: Settings, discovery: Discovery | None, session: requests.Session | None = None
+        self, settings: Settings, discovery: Discovery | None, session: requests.Session | None = None,
+        *, client_keys: ClientKeys | None = None,
     ) -> None:
         self._settings = settings
         self._discovery = discovery
         self._http = http.JSONClient(verify=settings.tls_verify, timeout=settings.http_timeout,
                                      max_body=MAX_RESPONSE, session=session)
         method = settings.introspection_endpoint_auth_method
-        self._key = _load_client_key(settings.client_jwk) if method == "private_key_jwt" else None
-        if self._key is not None:
-            try:  # at start-up, not on every request: the key must be able to sign with client_alg
-                jwt.encode({"alg": settings.client_alg}, {"probe": True}, self._key, algorithms=[settings.client_alg])
-            except (JoseError, ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    "client_alg", f"{settings.client_alg} cannot sign with the client_jwk key ({type(exc).__name__})"
-                ) from None
+        self._keys = (client_keys or ClientKeys.from_settings(settings)) if method == "private_key_jwt" else None
         self._cert = (
             (settings.tls_client_auth_cert_file, settings.tls_client_auth_key_file)
             if method == "tls_client_auth"
@@ -114,14 +92,8 @@ class IntrospectionClient:
         data["client_id"] = settings.client_id
         if method == "client_secret_post":
             data["client_secret"] = settings.client_secret
-        elif method == "private_key_jwt" and self._key is not None:
-            # RFC 7523 section 3 / OpenID Connect Core section 9.
-            now = int(time.time())
-            claims = {"iss": settings.client_id, "sub": settings.client_id, "aud": endpoint,
-                      "jti": uuid.uuid4().hex, "iat": now, "exp": now + 60}
-            data["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-            data["client_assertion"] = jwt.encode({"alg": settings.client_alg}, claims, self._key,
-                                                  algorithms=[settings.client_alg])
+        elif method == "private_key_jwt" and self._keys is not None:
+            data.update(self._keys.form(endpoint))  # RFC 7523 section 2.2 / OpenID Connect Core section 9
         return None
 
     def introspect(self, token: str) -> dict[str, Any]:

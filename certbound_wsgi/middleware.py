@@ -17,6 +17,7 @@ from .authenticator import Identity, build
 from .discovery import Discovery
 from .endpoints import Endpoints
 from .errors import AuthError, Challenges, MissingToken
+from .http import request_path
 from .jose import copy_claims
 from .settings import Settings
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -63,6 +64,7 @@ class CertBoundMiddleware:
         self.settings = settings = settings if settings is not None else Settings.from_env()
         self.authenticator = auth = build(settings, discovery=discovery, clock=clock)
         self.on_error = on_error
+        self.client_jwks = auth.client_keys if settings.client_jwks_path else None
         self.challenges = Challenges(settings.realm, bearer=settings.proof_of_possession_dpop != "strict",
                                      dpop_algs=auth.dpop.algs_param if auth.dpop is not None else None)
         self.endpoints = (
@@ -74,6 +76,8 @@ class CertBoundMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
         self.authenticator.certificates.channel.verdict(environ)
+        if self.client_jwks is not None and request_path(environ) == self.settings.client_jwks_path:
+            return self.client_jwks(environ, start_response)  # public: the issuer downloads it unauthenticated
         endpoint = self.endpoints.match(environ) if self.endpoints is not None else None
         if endpoint is not None:
             return endpoint(environ, start_response)

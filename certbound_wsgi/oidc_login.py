@@ -26,6 +26,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 from . import http
 from .cache.seal import Sealer
+from .client_keys import ClientKeys
 from .credentials import read_cookie
 from .discovery import Discovery, DiscoveryError
 from .errors import InvalidRequest, InvalidToken, TemporarilyUnavailable
@@ -102,6 +103,7 @@ class BrowserLogin:
     """Starts logins and handles the issuer's redirect back.
 
     :param settings: ``redirect_uri``, ``login_redirect_uri``, ``scopes``, ``client_id``, ``client_secret``,
+        ``token_endpoint_auth_method`` (with ``private_key_jwt``: ``client_jwk``, ``client_alg``),
         ``session_cookie_name`` and ``session_cookie_secure`` (the login cookie is named after them),
         ``session_secret`` (its sealing key); ``issuer``, ``leeway`` and ``token_signing_algs`` for the ID
         token; ``ssl_verify``, ``ca_file`` and ``http_timeout`` for the token endpoint.
@@ -110,7 +112,7 @@ class BrowserLogin:
     """
 
     def __init__(self, settings: Settings, discovery: Discovery, sessions: Sessions,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, client_keys: ClientKeys | None = None) -> None:
         self._settings = settings
         self._discovery = discovery
         self._sessions = sessions
@@ -125,6 +127,8 @@ class BrowserLogin:
                                          secure=settings.session_cookie_secure, host_only=True, path="/")
         # Seals the login state cookie; keyed from session_secret, apart from every other use.
         self._sealer = Sealer(settings.session_secret, "login")
+        private_key_jwt = settings.token_endpoint_auth_method == "private_key_jwt"  # noqa: S105 - a method name
+        self._keys = (client_keys or ClientKeys.from_settings(settings)) if private_key_jwt else None
 
     def _endpoint(self, name: str) -> str:
         try:
@@ -223,10 +227,17 @@ class BrowserLogin:
         s = self._settings
         data = {"grant_type": "authorization_code", "code": code, "redirect_uri": s.redirect_uri,
                 "code_verifier": verifier}
-        # RFC 6749 section 2.3.1: both are form-urlencoded before Basic encoding.
-        auth = (quote(s.client_id, safe=""), quote(s.client_secret, safe=""))
+        endpoint = self._endpoint("token_endpoint")
+        auth = None
+        if self._keys is not None:
+            data.update(self._keys.form(endpoint))  # RFC 7523 section 2.2
+        elif s.token_endpoint_auth_method == "client_secret_post":  # noqa: S105 - a method name
+            data.update(client_id=s.client_id, client_secret=s.client_secret)
+        else:
+            # RFC 6749 section 2.3.1: both are form-urlencoded before Basic encoding.
+            auth = (quote(s.client_id, safe=""), quote(s.client_secret, safe=""))
         try:
-            answer = self._http.post(self._endpoint("token_endpoint"), data, auth=auth)
+            answer = self._http.post(endpoint, data, auth=auth)
         except http.Unreachable as exc:
             raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({exc})") from None
         except http.TooLarge:

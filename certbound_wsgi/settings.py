@@ -199,6 +199,19 @@ def _cookie_domain(domain: str) -> None:
         raise ValueError("a domain name: visible ASCII without ';', ',' or quotes")
 
 
+def _https_urls(urls: tuple[str, ...]) -> None:
+    for url in urls:
+        _https_url(url)
+
+
+def _issuer_audiences(items: tuple[str, ...]) -> None:
+    for item in items:
+        issuer, sep, audience = item.partition("=")
+        if not sep or not audience:
+            raise ValueError(f"{item!r} is not ISSUER=AUDIENCE")
+        _https_url(issuer)
+
+
 def _redis_url(url: str) -> None:
     if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must start with redis://, rediss:// or unix://")
@@ -266,9 +279,32 @@ class Settings:
     )
     rediscovery_lifetime: int = _option(
         30,
-        "Seconds between fetches of the issuer's JWKS. A token with an unknown ``kid`` triggers a refetch "
-        "at most this often, so that key rotation needs no restart.",
+        "Seconds between refreshes of each issuer's metadata and JWKS (shorter when the JWKS's "
+        "``Cache-Control: max-age`` says so, but not under 1 second). A key removed at the issuer is refused "
+        "by every worker from its first request after this period (plus ``http_timeout``). A token with an "
+        "unknown ``kid`` triggers an immediate refresh (at most one a second), so that key rotation needs no "
+        "restart. 0: every second, and before each validation of a token not seen before (for tests).",
         min=0,
+    )
+    discovery_max_staleness: int = _option(
+        21600,
+        "Seconds the last successfully fetched metadata and keys may still be used while the issuer cannot be "
+        "reached (with Redis, also by a worker started after the issuer went down: the copy is shared, "
+        "sealed). Past this, tokens of that issuer are answered 503 until it is back.",
+        min=1,
+    )
+    issuers_allowed: tuple[str, ...] = _option(
+        (),
+        "Further issuers (as in Kong) whose JWT access tokens are accepted besides ``issuer``. A token is routed "
+        "by its ``iss`` to that issuer's own discovery and keys: a token naming one issuer and signed with "
+        "another's key is refused.",
+        check=_https_urls,
+    )
+    issuer_audiences: tuple[str, ...] = _option(
+        (),
+        "Audiences per issuer, as ``ISSUER=AUDIENCE`` items (repeat an issuer for several audiences). An "
+        "issuer without an item here accepts ``audience``.",
+        check=_issuer_audiences,
     )
     token_signing_algs: tuple[str, ...] = _option(
         ASYMMETRIC_ALGS,
@@ -476,11 +512,31 @@ class Settings:
         "``tls_client_auth_cert_file`` and ``tls_client_auth_key_file``).",
         choices=INTROSPECTION_AUTH_METHODS,
     )
+    token_endpoint_auth_method: str = _option(
+        "client_secret_basic",
+        "How the ``authorization_code`` login authenticates its code exchange at the token endpoint: "
+        "``client_secret_basic``, ``client_secret_post`` or ``private_key_jwt`` (``client_jwk``).",
+        choices=("client_secret_basic", "client_secret_post", "private_key_jwt"),
+    )
     client_id: str = _option("", "This resource server's client id at the issuer, for introspection.")
     client_secret: str = _option("", "The client secret for ``client_secret_basic`` / ``client_secret_post``.")
     client_jwk: str = _option(
         "", "Path to this resource server's private key (a JWK in JSON, or PEM) for ``private_key_jwt``.",
         check=_readable_file,
+    )
+    client_jwk_next: str = _option(
+        "",
+        "Path to the next private key (JWK or PEM): published at ``client_jwks_path`` but not used to sign, "
+        "so that the issuer has it before it signs. To rotate: set it, wait until the issuer has refetched "
+        "the JWKS, then make it ``client_jwk``.",
+        check=_readable_file,
+    )
+    client_jwks_path: str = _option(
+        "",
+        "Where this resource server publishes the public part of ``client_jwk`` and ``client_jwk_next`` as a "
+        "JWKS, for an issuer that authenticates ``private_key_jwt`` with a ``jwks_uri`` (e.g. "
+        "``/.well-known/jwks.json``). Unauthenticated and cacheable. Empty: not published.",
+        check=_absolute_path,
     )
     client_alg: str = _option("ES256", "The signing algorithm of the ``private_key_jwt`` client assertion.",
                               choices=ASYMMETRIC_ALGS)
@@ -613,6 +669,27 @@ class Settings:
         if self.proof_of_possession_dpop != "off":
             self._validate_dpop()
         self._validate_cache()
+        self._validate_keys()
+
+    def _validate_keys(self) -> None:
+        for item in self.issuer_audiences:
+            if item.partition("=")[0] not in self.issuers:
+                raise ConfigurationError("issuer_audiences", f"{item.partition('=')[0]!r} is not an accepted issuer")
+        if self.token_endpoint_auth_method == "private_key_jwt" and not self.client_jwk:  # noqa: S105
+            raise ConfigurationError("client_jwk", "required with private_key_jwt")
+        for name in ("client_jwk_next", "client_jwks_path"):
+            if getattr(self, name) and not self.client_jwk:
+                raise ConfigurationError(name, "needs client_jwk")
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        """Every accepted issuer: ``issuer`` first, then ``issuers_allowed``."""
+        return tuple(dict.fromkeys(i for i in (self.issuer, *self.issuers_allowed) if i))
+
+    def audiences_of(self, issuer: str) -> tuple[str, ...]:
+        """The audiences accepted in tokens of ``issuer``: its ``issuer_audiences``, else ``audience``."""
+        own = tuple(a for i, _, a in (item.partition("=") for item in self.issuer_audiences) if i == issuer)
+        return own or self.audience
 
     def _validate_dpop(self) -> None:
         # RFC 9449 section 4.3 (9): htu is the URI the client addressed. Rebuilt from the request
@@ -670,7 +747,8 @@ class Settings:
     def _validate_login(self) -> None:
         if not self.redirect_uri:
             raise ConfigurationError("redirect_uri", "required with authorization_code")
-        if not self.client_id or not self.client_secret:
+        secret_needed = self.token_endpoint_auth_method != "private_key_jwt"  # noqa: S105 - a method name
+        if not self.client_id or (secret_needed and not self.client_secret):
             raise ConfigurationError("client_id", "client_id and client_secret are needed for authorization_code")
         if "openid" not in self.scopes:
             raise ConfigurationError("scopes", "must include openid")

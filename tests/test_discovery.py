@@ -82,15 +82,17 @@ def test_first_lookup_of_unknown_kid_fetches_once(issuer: TestIssuer, clock: Clo
     assert d.fetches == 1
 
 
-def test_key_rotation_is_picked_up_after_the_lifetime(issuer: TestIssuer, clock: Clock) -> None:
+def test_key_rotation_is_picked_up_at_once(issuer: TestIssuer, clock: Clock) -> None:
+    # Issue 14: the new kid was refused (401) for up to rediscovery_lifetime after a rotation.
     d = discovery(issuer, clock, rediscovery_lifetime=30)
     d.keys_for("k1")
     issuer.rotate("k2")
     clock.now += 5
-    with pytest.raises(UnknownKey):
-        d.keys_for("k2")
-    clock.now += 25
     assert d.keys_for("k2")[0].as_dict() == issuer.key.as_dict(private=False) | {"kid": "k2"}
+    assert d.fetches == 2
+    # The old kid is gone: the issuer was asked after it was last trusted.
+    with pytest.raises(UnknownKey):
+        d.keys_for("k1")
     assert d.fetches == 2
 
 

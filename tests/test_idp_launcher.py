@@ -186,13 +186,14 @@ def test_revoked_token_introspects_as_inactive(idp: OidcProvider, resource: str)
 
 def test_counters_count_token_and_introspection_requests(idp: OidcProvider, pki: Pki) -> None:
     idp.reset_stats()
-    assert idp.stats() == {"tokens": 0, "introspections": 0, "revocations": 0}
+    assert idp.stats() == {"tokens": 0, "introspections": 0, "revocations": 0, "jwks": 0}
     token = idp.token("bound", cert=pki.alice)
     opaque = idp.token("unbound", resource=OPAQUE_RESOURCE)
     idp.introspect(token)
     idp.introspect(opaque)
     idp.introspect(opaque)
-    assert idp.stats() == {"tokens": 2, "introspections": 3, "revocations": 0}
+    idp.jwks()
+    assert idp.stats() == {"tokens": 2, "introspections": 3, "revocations": 0, "jwks": 1}
     idp.reset_stats()
     assert idp.stats()["introspections"] == 0
 

@@ -328,6 +328,8 @@ def test_issuer_down_is_503_with_retry_after(
     fetched_before: bool, kid: str, issuer: TestIssuer, make_client: MakeClient
 ) -> None:
     app = CountingApp()
+    # The keys are fetched as the middleware starts: "never fetched" means the issuer was down then.
+    issuer.down = not fetched_before
     client = make_client(app, proof_of_possession_mtls="off", rediscovery_lifetime=0)
     if fetched_before:
         assert client.get("/", headers=bearer(issuer.token())).status_code == 200

@@ -18,6 +18,7 @@
 //       {"client_id": "unbound", "auth": "client_secret_basic", "secret": "..."},
 //       {"client_id": "rs-client", "auth": "client_secret_basic", "secret": "...", "introspect": true},
 //       {"client_id": "rs-jwt", "auth": "private_key_jwt", "jwks": {"keys": [...]}, "introspect": true},
+//       {"client_id": "rs-jwks", "auth": "private_key_jwt", "jwks_uri": "https://...", "introspect": true},
 //       {"client_id": "rs-mtls", "auth": "tls_client_auth", "subject_dn": "CN=rs-mtls", "introspect": true},
 //       {"client_id": "web-client", "auth": "client_secret_basic", "secret": "...", "code": true,
 //        "redirect_uris": ["https://127.0.0.1:8443/callback"]}
@@ -26,13 +27,17 @@
 //   }
 //
 // A private_key_jwt client's "jwks" is its JWKS, inline or as a file path;
-// only the public members of its keys are registered. Its client assertions
-// may name as "aud" the endpoint's URL, the issuer or the token endpoint.
+// only the public members of its keys are registered. With "jwks_uri"
+// instead, the provider downloads the client's keys from there (and again,
+// at most once a minute, when an assertion names a kid it does not hold);
+// NODE_EXTRA_CA_CERTS must then name the CA of that server. Its client
+// assertions may name as "aud" the endpoint's URL, the issuer or the token
+// endpoint.
 //
 // Prints exactly one line, "READY <port>", on stdout once it serves requests.
 // Everything it listens on is the given loopback address; it makes no outgoing
-// requests. Besides the provider's own routes it serves GET /__stats
-// ({"tokens", "introspections", "revocations"}: requests received),
+// requests but to a client's jwks_uri. Besides the provider's own routes it serves GET /__stats
+// ({"tokens", "introspections", "revocations", "jwks"}: requests received),
 // POST /__stats/reset and PUT /__clients/<client_id>/redirect_uris (a JSON
 // array: the client's redirect URIs from now on, no restart), and answers
 // /.well-known/oauth-authorization-server with the provider's discovery document.
@@ -76,7 +81,7 @@ console.error = stderr;
 const { default: Provider, errors } = await import('oidc-provider');
 
 const host = config.host ?? '127.0.0.1';
-const stats = { tokens: 0, introspections: 0, revocations: 0 };
+const stats = { tokens: 0, introspections: 0, revocations: 0, jwks: 0 };
 const ROUTES = {
   token: '/token',
   introspection: '/token/introspection',
@@ -137,7 +142,10 @@ function clientMetadata(spec) {
     metadata.jwks = { keys: (spec.certificates ?? []).map(certificateJwk) };
   }
   if (auth === 'tls_client_auth') metadata.tls_client_auth_subject_dn = spec.subject_dn;
-  if (auth === 'private_key_jwt') metadata.jwks = publicJwks(spec.jwks);
+  if (auth === 'private_key_jwt') {
+    if (spec.jwks_uri) metadata.jwks_uri = spec.jwks_uri;
+    else metadata.jwks = publicJwks(spec.jwks);
+  }
   if (spec.dpop) metadata.dpop_bound_access_tokens = true;
   return { ...metadata, ...spec.metadata };
 }
@@ -227,6 +235,10 @@ function providerFor(issuer) {
       idTokenSigningAlgValues: ['ES256'],
     },
     clientBasedCORS: () => false,
+    // The provider's only outgoing requests are to a client's jwks_uri, which in
+    // these tests is a stack on loopback: its SSRF guard (special-use addresses
+    // refused) would refuse exactly that, so this fetch goes without it.
+    fetch: (url, { dispatcher, ...options }) => globalThis.fetch(url, options),
     ttl: {
       ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ttl,
       AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? ttl,
@@ -389,6 +401,7 @@ const server = https.createServer({
       json(res, 500, { error: 'server_error' });
     });
   }
+  if (req.method === 'GET' && url.pathname === ROUTES.jwks) stats.jwks += 1;
   if (req.method === 'POST') {
     if (url.pathname === ROUTES.token) stats.tokens += 1;
     else if (url.pathname === ROUTES.introspection) stats.introspections += 1;

@@ -42,7 +42,9 @@ and ignores the environment (``REQUESTS_CA_BUNDLE``, proxies).
 Key rotation: the provider signs with the private JWKS in ``keys.json``;
 ``restart(new_key=True)`` replaces it with a fresh ES256 key (or puts a new one
 in front of the old with ``keep_old_key=True``) and restarts on the same port,
-so the issuer stays the same. Tokens live in the provider's memory: a restart
+so the issuer stays the same; ``withdraw_key(kid)`` restarts without one key.
+A client of ``extra_clients`` may register a ``jwks_uri`` instead of keys: the
+provider downloads them, trusting :attr:`~OidcProvider.ca_file`'s CA. Tokens live in the provider's memory: a restart
 forgets every token issued before it (they introspect as inactive).
 """
 
@@ -224,7 +226,9 @@ class OidcProvider:
             self._rs_mtls_cert = self._client_cert(RS_MTLS_CLIENT)
         self.config_path.write_text(json.dumps(self._config(), indent=2))
         offset = self.log.stat().st_size if self.log.exists() else 0
-        self._proc = Process([node, str(LAUNCHER), str(self.config_path)], self.log, cwd=IDP_DIR)
+        # A client's jwks_uri is served by our stack, whose certificate comes from the same CA.
+        env = {**os.environ, "NODE_EXTRA_CA_CERTS": self.ca_file}
+        self._proc = Process([node, str(LAUNCHER), str(self.config_path)], self.log, env=env, cwd=IDP_DIR)
         self._port = self._wait_ready(offset)
         return self
 
@@ -244,6 +248,15 @@ class OidcProvider:
         if new_key:
             old = self.private_jwks()["keys"] if keep_old_key else []
             self._write_keys([new_signing_key(), *old])
+        self.start()
+
+    def withdraw_key(self, kid: str) -> None:
+        """Restart without the key ``kid``: it signs nothing and is no longer in the JWKS."""
+        keys = [key for key in self.private_jwks()["keys"] if key["kid"] != kid]
+        if not keys:
+            raise ValueError("the provider needs at least one key")
+        self.stop()
+        self._write_keys(keys)
         self.start()
 
     def __enter__(self) -> OidcProvider:
@@ -423,7 +436,7 @@ class OidcProvider:
     # ----- stats -----------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        """Requests received since start or reset: ``tokens``, ``introspections``, ``revocations``."""
+        """Requests received since start or reset: ``tokens``, ``introspections``, ``revocations``, ``jwks``."""
         return dict(self._get("/__stats").json())
 
     def reset_stats(self) -> None:
