@@ -30,7 +30,7 @@ from tests.support.idp import OPAQUE_RESOURCE, OidcProvider
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import free_port, wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.servers import Gunicorn, Nginx, start_gunicorn, start_nginx
+from tests.support.servers import PROXY_SECRET, SERVER_NAME, Gunicorn, Nginx, start_gunicorn, start_nginx
 
 from .conftest import app_env, log_of
 
@@ -80,7 +80,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(pki: Pki, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     port = free_port()
-    url = f"https://127.0.0.1:{port}"
+    url = f"https://{SERVER_NAME}:{port}"
     keys = tmp_path_factory.mktemp("rs-keys")
     new_key(keys / "current.jwk")
     new_key(keys / "next.jwk")
@@ -113,7 +113,7 @@ def world(pki: Pki, redis_server: RedisServer, tmp_path_factory: pytest.TempPath
     gunicorn = start_gunicorn(env, workers=WORKERS, log_dir=logs)
     try:
         nginx = start_nginx(tmp_path_factory.mktemp("nginx-jwks"), "gunicorn", gunicorn.backend, pki.server,
-                            port=port)
+                            port=port, proxy_secret=PROXY_SECRET)
     except BaseException:
         gunicorn.stop()
         idp.stop()

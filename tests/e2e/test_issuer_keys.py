@@ -26,7 +26,7 @@ from tests.support.idp import API_RESOURCE, OidcProvider, decode_jwt, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.servers import start_gunicorn, start_nginx
+from tests.support.servers import PROXY_SECRET, start_gunicorn, start_nginx
 
 from .conftest import Stack, StackFactory, app_env, log_of, mint
 from .test_issuer_faults import workers_of
@@ -240,7 +240,7 @@ def test_check_config_reports_the_keys_per_issuer_and_their_ages(
     env.update({f"CERTBOUND_{name.upper()}": value for name, value in {
         "issuer": own_idp.issuer, "audience": API_RESOURCE, "ca_file": own_idp.ca_file,
         "issuers_allowed": idp_b.issuer, "issuer_audiences": f"{idp_b.issuer}={API_B}",
-        "proof_of_possession_mtls": "optional", **shared(redis_server),
+        "proof_of_possession_mtls": "optional", "proxy_secret": PROXY_SECRET, **shared(redis_server),
     }.items()})
     time.sleep(1.1)  # the stack shared its copy at least a second ago: the ages count from then
 
@@ -278,7 +278,8 @@ def preloaded(own_idp: OidcProvider, redis_server: RedisServer, pki: Pki,
     env["GUNICORN_CMD_ARGS"] = "--preload"
     server = start_gunicorn(env, workers=WORKERS, log_dir=tmp_path_factory.mktemp("gunicorn-preload"))
     try:
-        nginx = start_nginx(tmp_path_factory.mktemp("nginx-preload"), "gunicorn", server.backend, pki.server)
+        nginx = start_nginx(tmp_path_factory.mktemp("nginx-preload"), "gunicorn", server.backend, pki.server,
+                            proxy_secret=PROXY_SECRET)
     except BaseException:
         server.stop()
         raise
