@@ -77,6 +77,8 @@ class Discovery:
     :param clock: wall-clock seconds, shared with other workers through the Redis copy; injectable for tests.
     :param shared: the copy in Redis, or ``None`` for a per-process cache only.
     :param issuer_url: the issuer, when not ``settings.issuer`` (one of ``issuers_allowed``).
+    :param background: refresh a due period in a thread of its own (``None``: whenever threads run
+        here, i.e. not under uWSGI without ``--enable-threads``); ``False``: in the request's thread.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class Discovery:
         *,
         shared: SharedKeys | None = None,
         issuer_url: str | None = None,
+        background: bool | None = None,
     ) -> None:
         self._settings = settings
         self._issuer = issuer_url or settings.issuer
@@ -99,6 +102,10 @@ class Discovery:
         self._max_staleness = float(settings.discovery_max_staleness)
         self._lock = threading.Lock()
         self._inflight: threading.Event | None = None
+        # A due refresh runs in a thread of its own, so that no request waits on the issuer
+        # (see _revalidate); under uWSGI without threads it cannot, and runs inline instead.
+        self._threads = _threads_run() if background is None else background
+        self._revalidating = 0  # the pid whose refresh thread is running; 0 for none
         self._metadata: dict[str, Any] | None = None
         self._keys: dict[str | None, list[PublicKey]] = {}
         self._algs: frozenset[str] = frozenset()
@@ -140,7 +147,7 @@ class Discovery:
         if self._last_attempt <= now < self._next_periodic and now <= self._stale_at:
             return self.generation
         if now >= self._next_periodic or now < self._last_attempt:  # a clock set back is "due" too
-            self.refresh(wait=False)
+            self._revalidate()
         if not self._stale and self._too_stale(now):
             with self._lock:
                 if not self._stale:
@@ -149,6 +156,30 @@ class Discovery:
                     log.warning("certbound: the keys of %s are older than discovery_max_staleness; "
                                 "refusing their tokens until the issuer can be reached", self._issuer)
         return self.generation
+
+    def _revalidate(self) -> None:
+        """Start a due refresh without holding up the request that noticed it.
+
+        The keys held now keep serving meanwhile (RFC 5861's stale-while-revalidate), never past
+        ``discovery_max_staleness``: an issuer that hangs costs no request its timeout.
+        """
+        if not self._threads:
+            self.refresh(wait=False)
+            return
+        pid = os.getpid()
+        with self._lock:
+            # A pid, not a flag: after a fork the child has no thread, whatever the parent had.
+            if self._revalidating == pid:
+                return
+            self._revalidating = pid
+        threading.Thread(target=self._revalidate_now, name="certbound-keys-refresh", daemon=True).start()
+
+    def _revalidate_now(self) -> None:
+        try:
+            self.refresh(wait=False)
+        finally:
+            with self._lock:
+                self._revalidating = 0
 
     def keys_for(self, kid: str | None) -> list[PublicKey]:
         """The issuer's keys with this ``kid``, refreshing them when it is unknown.
@@ -456,6 +487,16 @@ class Discovery:
         if advertised & algs:
             algs &= advertised
         return parsed, algs
+
+
+def _threads_run() -> bool:
+    """Whether a thread started here will run: not under uWSGI without ``--enable-threads`` or ``--threads``."""
+    try:
+        import uwsgi  # type: ignore[import-untyped,unused-ignore]
+    except ImportError:
+        return True
+    options = getattr(uwsgi, "opt", None) or {}
+    return bool(options.get("enable-threads") or options.get("threads"))
 
 
 def _has_kid(copy: Snapshot, kid: str | None) -> bool:

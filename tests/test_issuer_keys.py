@@ -611,3 +611,43 @@ def test_the_route_of_a_valid_token_is_remembered_within_bounds(issuer: TestIssu
         assert r.validate(token)["iss"] in (ISSUER, ISSUER_B)
         assert len(r._route_of) <= 2
     assert r.validate(tokens[-1])["iss"] == ISSUER  # remembered routes stay right
+
+
+class HangingDiscovery(StaticDiscovery):
+    """An issuer that hangs on every JWKS fetch while ``hang`` is set (a frozen IdP)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hang = threading.Event()
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        if url.endswith("/jwks") and self.hang.is_set():
+            time.sleep(1.0)
+            raise DiscoveryError(f"{url}: ReadTimeout")
+        return super()._get_json(url)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "inline"])
+def test_a_due_refresh_holds_no_request_when_it_runs_in_the_background(
+    issuer: TestIssuer, background: bool
+) -> None:
+    """RFC 5861-style stale-while-revalidate: the keys held now serve while the issuer is asked."""
+    clock = Clock()
+    d = HangingDiscovery(make_settings(rediscovery_lifetime=30), issuer, clock=clock, background=background)
+    d.start()
+    assert d.keys_for("k1")
+    clock.now += 30  # due
+    d.hang.set()
+    started = time.perf_counter()
+    d.refresh_if_due()
+    keys = d.keys_for("k1")
+    held = time.perf_counter() - started
+    assert keys  # the keys held now still serve
+    if background:
+        assert held < 0.5, held
+        deadline = time.monotonic() + 5
+        while d._revalidating and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d._revalidating == 0
+    else:
+        assert held >= 0.9, held  # the inline refresh is what the request waited for

@@ -58,6 +58,8 @@ class StaticDiscovery(Discovery):
     """Discovery whose documents come from a :class:`TestIssuer` instead of HTTP."""
 
     def __init__(self, settings: Settings, issuer: TestIssuer, **kwargs: Any) -> None:
+        # Inline refreshes unless a test asks for the background ones: assertions follow at once.
+        kwargs.setdefault("background", False)
         super().__init__(settings, **kwargs)
         self.issuer = issuer
         self.fetches = 0
