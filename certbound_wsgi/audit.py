@@ -88,29 +88,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
-# Descriptions raised before errors carried a ``reason`` attribute, most
-# specific first; see :func:`reason_for`.
-_BY_DESCRIPTION: Final = (
-    ("does not match the x5t#s256", "cert_mismatch"),
-    ("client certificate was not specified", "cert_missing"),
-    ("x5t#s256 claim required", "claim_missing"),
-    ("already been used", "dpop_replay"),
-    ("replay protection is unavailable", "store_unavailable"),
-    ("nonce", "dpop_nonce"),
-    ("dpop", "dpop_invalid"),
-    ("session store", "store_unavailable"),
-    ("session", "session_invalid"),
-    ("login", "login_failed"),
-    ("has expired", "token_expired"),
-    ("not valid yet", "token_not_yet_valid"),
-    ("issued in the future", "token_not_yet_valid"),
-    ("not active", "token_inactive"),
-    ("another issuer", "issuer_mismatch"),
-    ("audience", "audience_mismatch"),
-    ("unknown key", "key_unknown"),
-)
-
-
 class AuditIdentity(Protocol):
     """What :meth:`Auditor.accepted` reads from the middleware's ``Identity``."""
 
@@ -160,37 +137,16 @@ def event_line(event: Mapping[str, str | int | None], fmt: Format = "text") -> s
 
 
 def reason_for(error: BaseException) -> str:
-    """The :data:`REASONS` code for a refusal.
+    """The :data:`REASONS` code for a refusal: the error's own ``reason``.
 
-    An error that carries a ``reason`` attribute naming a known code wins; otherwise
-    the code is derived from its status, class and description.
+    Every :class:`~certbound_wsgi.errors.AuthError` carries one (its class's, or the one
+    given where it was raised), so no description text is ever matched. A 500, anything
+    that is not an ``AuthError`` and an unknown code are ``internal_error``.
     """
     reason = getattr(error, "reason", None)
-    if isinstance(reason, str) and reason in REASONS:
-        return reason
-    status = getattr(error, "status", 500)
-    kind = type(error).__name__
-    description = str(getattr(error, "description", "") or "").lower()
-    if status == 500 or not isinstance(status, int):
+    if getattr(error, "status", 500) == 500 or not isinstance(reason, str) or reason not in REASONS:
         return "internal_error"
-    if kind == "MissingToken" or (status == 401 and getattr(error, "error", "") is None):
-        return "token_missing"
-    if status == 403 or kind == "InsufficientScope":
-        return "scope_insufficient"
-    if kind == "NonceRequired":
-        return "dpop_nonce"
-    for fragment, code in _BY_DESCRIPTION:
-        if fragment in description:
-            if status == 503 and code not in ("store_unavailable",):
-                break
-            return code
-    if status == 503:
-        return "store_unavailable" if "store" in description or "redis" in description else "issuer_unavailable"
-    if kind.startswith("DPoP"):
-        return "dpop_invalid"
-    if status == 400:
-        return "request_invalid"
-    return "token_invalid"
+    return reason
 
 
 def _bound_thumbprint(claims: Mapping[str, Any]) -> str | None:

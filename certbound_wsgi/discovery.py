@@ -229,6 +229,7 @@ class Discovery:
         except DiscoveryError as exc:
             log.warning("certbound: cannot refresh keys of %s: %s", self._issuer, exc)
         finally:
+            metrics.key_fetch(ok)
             with self._lock:
                 self._last_ok = ok
                 if not ok:
@@ -237,6 +238,15 @@ class Discovery:
                     self._next_periodic = self._next_fetch
                 self._inflight = None
             done.set()
+
+    def keys_loaded(self) -> bool:
+        """Whether signing keys are in memory (for readiness); no I/O."""
+        return bool(self._keys)
+
+    def reachable(self) -> bool:
+        """Whether the issuer answered the latest fetch; fetches when one is due, as rate-limited as :meth:`refresh`."""
+        self.refresh()
+        return self._last_ok
 
     def check(self) -> tuple[dict[str, Any], list[str]]:
         """Fetch everything now (for ``check-config``); return the metadata and the key ids.

@@ -90,19 +90,21 @@ def enabled() -> bool:
     return _instruments() is not None
 
 
-def request(outcome: str, reason: str, seconds: float, status: int | None = None) -> None:
+def request(outcome: str, reason: str, seconds: float | None, status: int | None = None) -> None:
     """Count one access decision and how long the middleware took for it.
 
     :param outcome: ``accepted``, ``refused`` or ``fault`` (as in the audit event).
     :param reason: the audit reason code (:data:`certbound_wsgi.audit.REASONS`).
-    :param seconds: the middleware's own time, from ``time.perf_counter()``.
+    :param seconds: the middleware's own time, from ``time.perf_counter()``; ``None`` when it is not
+        known (a refusal by the application, such as ``require_scope``'s), which the histogram skips.
     :param status: the answer's status; a 503 is also counted in ``certbound_unavailable_total``.
     """
     m = _instruments()
     if m is None:
         return
     m.requests.labels(outcome, reason).inc()
-    m.latency.labels(outcome).observe(seconds)
+    if seconds is not None:
+        m.latency.labels(outcome).observe(seconds)
     if status == 503:
         m.unavailable.labels(reason).inc()
     if reason == "dpop_replay":

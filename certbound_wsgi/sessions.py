@@ -177,7 +177,7 @@ class _RedisStore:
 
 
 def _unavailable() -> TemporarilyUnavailable:
-    return TemporarilyUnavailable("the session store is unavailable", retry_after=2)
+    return TemporarilyUnavailable("the session store is unavailable", retry_after=2, reason="store_unavailable")
 
 
 class Sessions:
@@ -309,7 +309,8 @@ class Sessions:
         return self.cookie(self.signed(CookieId(sid, record.gen, _end(record)).value))
 
     def _expired(self) -> InvalidToken:
-        return InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())])
+        return InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())],
+                            reason="session_invalid")
 
     # -- sessions ---------------------------------------------------------------------
 

@@ -53,6 +53,9 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "login_redirect_uri": ("https://app.example.com/home", "https://app.example.com/home", {}),
     "redirect_uri": ("https://app.example.com/cb", "https://app.example.com/cb", {}),
     "session_cookie_same_site": ("Strict", "Strict", {}),
+    "public_paths": ("/healthz, /static/", ("/healthz", "/static/"), {}),
+    "readiness_path": ("/readyz", "/readyz", {}),
+    "liveness_path": ("/livez", "/livez", {}),
 }
 
 
