@@ -73,6 +73,7 @@ class ConfigurationError(ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
+        self.message = message
 
 
 class AuthError(Exception):
