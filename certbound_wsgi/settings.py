@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from . import pem_files
 from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .errors import ConfigurationError
 from .proxies import parse_networks
@@ -187,6 +188,14 @@ def _header_name(header: str) -> None:
 def _readable_file(path: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is not a readable file")
+
+
+def _ca_bundle(path: str) -> None:
+    _readable_file(path)
+    try:
+        pem_files.read_certificates(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; give the CA certificate(s) that signed the issuer's TLS certificate") from None
 
 
 def _quotable(realm: str) -> None:
@@ -377,8 +386,8 @@ class Settings:
     ca_file: str = _option(
         "",
         "CA bundle for verifying the issuer's TLS certificate. Always wins over ``REQUESTS_CA_BUNDLE`` and the "
-        "like; empty means the system trust store.",
-        check=_readable_file,
+        "like; empty means the system trust store. Must hold certificates (PEM, or DER), not a key.",
+        check=_ca_bundle,
     )
     ssl_verify: bool = _option(
         True,

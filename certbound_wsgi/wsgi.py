@@ -21,12 +21,13 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
+from .cli import describe
 from .errors import ConfigurationError
 from .middleware import CertBoundMiddleware
-from .settings import Settings, env_name
+from .settings import Settings
 from .types import WSGIApplication
 
-__all__ = ["application", "create_application", "describe", "load_app"]
+__all__ = ["application", "create_application", "load_app"]
 
 #: The exit status of a worker that cannot load its application: gunicorn's ``APP_LOAD_ERROR``,
 #: on which its arbiter stops ("App failed to load") instead of booting workers forever.
@@ -62,13 +63,6 @@ def create_application(environ: Mapping[str, str] | None = None) -> CertBoundMid
     from .dev.echo import echo_app
 
     return CertBoundMiddleware(echo_app, settings)
-
-
-def describe(error: ConfigurationError) -> str:
-    """The start-up line for ``error``, naming the environment variable to fix."""
-    known = error.option in Settings.__dataclass_fields__ or error.option == "app"
-    where = f"{env_name(error.option)}: " if known else ""
-    return f"certbound-wsgi: configuration error: {where}{error.message}"
 
 
 def _under_a_server() -> bool:
