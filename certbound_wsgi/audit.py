@@ -200,15 +200,18 @@ class Auditor:
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
 
     def request_id(self, environ: WSGIEnvironment) -> str:
-        """The request's id: a trusted proxy's ``X-Request-Id`` (nginx's ``$request_id``) when
-        ``trust_request_id`` is on and it is well-formed, else a new random one. Kept in
-        ``environ["certbound.request_id"]`` so that the application can log it too."""
+        """The request's id, when ``trust_request_id`` is on and it is well-formed: the uWSGI
+        variable ``REQUEST_ID`` (``uwsgi_param REQUEST_ID $request_id``; no client can set a
+        variable that is not ``HTTP_*``), or a trusted proxy's ``X-Request-Id`` (nginx's
+        ``$request_id``); else a new random one. Kept in ``environ["certbound.request_id"]`` so
+        that the application can log it too."""
         known = environ.get("certbound.request_id")
         if isinstance(known, str):
             return known
-        offered = environ.get("HTTP_X_REQUEST_ID")
+        from_proxy = environ.get("REQUEST_ID")
+        offered = environ.get("HTTP_X_REQUEST_ID") if from_proxy is None else from_proxy
         if (self._trust_request_id and isinstance(offered, str) and _REQUEST_ID.match(offered)
-                and self._trusted(environ.get("REMOTE_ADDR", ""))):
+                and (from_proxy is not None or self._trusted(environ.get("REMOTE_ADDR", "")))):
             request_id = offered
         else:
             request_id = secrets.token_hex(8)
