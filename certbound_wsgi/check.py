@@ -125,8 +125,8 @@ def settings_of_app(target: str, environ: Mapping[str, str] | None = None) -> Se
 
     :raises ConfigurationError: the app cannot be loaded, is neither, or its settings are invalid.
     """
+    from .loader import load_app
     from .middleware import CertBoundMiddleware
-    from .wsgi import load_app
 
     app: object = load_app(target)
     for candidate in (app, getattr(app, "wsgi_app", None)):

@@ -93,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
         default="gunicorn",
         help="the application server (under uWSGI an address proves nothing: see docs/security.md)",
     )
-    check.add_argument("--no-discovery", action="store_true", help="contact neither the issuer nor Redis")
+    check.add_argument("--no-discovery", action="store_true", help="do not contact the issuer (Redis, when "
+                       "configured, is still pinged)")
     check.add_argument("--app", default=None, metavar="MODULE:ATTR",
                        help="check the settings this Flask app or middleware runs with (app.config, then the "
                        "environment), instead of the environment alone")

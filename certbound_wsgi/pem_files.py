@@ -31,7 +31,7 @@ def _read(path: str | Path) -> bytes:
         with target.open("rb") as handle:
             data = handle.read(MAX_FILE + 1)
     except OSError as exc:
-        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE:
         raise ValueError(f"{path}: larger than {MAX_FILE // (1024 * 1024)} MiB, not a certificate file")
     return data

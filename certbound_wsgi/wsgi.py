@@ -12,7 +12,6 @@ traceback per worker.
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import signal
 import socket
@@ -23,9 +22,9 @@ from typing import NoReturn
 
 from .cli import describe
 from .errors import ConfigurationError
+from .loader import load_app
 from .middleware import CertBoundMiddleware
 from .settings import Settings
-from .types import WSGIApplication
 
 __all__ = ["application", "create_application", "load_app"]
 
@@ -34,22 +33,6 @@ __all__ = ["application", "create_application", "load_app"]
 EXIT_CONFIGURATION = 4
 #: Seconds the reporting gunicorn worker keeps its claim, while its siblings fail too.
 HOLD_SECONDS = 2.0
-
-
-def load_app(target: str) -> WSGIApplication:
-    """Import ``package.module:attribute`` and return the WSGI callable it names."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise ConfigurationError("app", f"{target!r} is not of the form package.module:attribute")
-    try:
-        obj: object = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError, TypeError, ValueError) as exc:
-        raise ConfigurationError("app", f"cannot load {target!r}: {exc}") from None
-    if not callable(obj):
-        raise ConfigurationError("app", f"{target!r} is not callable")
-    return obj
 
 
 def create_application(environ: Mapping[str, str] | None = None) -> CertBoundMiddleware:
