@@ -279,3 +279,20 @@ def test_json_is_one_option_away(make_client: MakeClient, caplog: pytest.LogCapt
     assert make_client(audit_log_format="json").get("/x").status_code == 401
     (record,) = caplog.records
     assert json.loads(record.getMessage())["reason"] == "token_missing"
+
+
+def test_require_scope_refusals_are_audited_and_counted(issuer: TestIssuer, alice: Issued, alice_x5t: str,
+                                                       events: Callable[[], list[tuple[int, dict[str, str]]]]) -> None:
+    from tests.test_flask import build_app
+
+    app, _ = build_app(issuer)
+    token = issuer.token(cnf={"x5t#S256": alice_x5t}, scope="read", jti="j-9")
+    before = count("refused", "scope_insufficient")
+    response = app.test_client().post("/write", headers=bearer(token), environ_overrides=cert_env(alice.cert_pem))
+    assert response.status_code == 403
+    assert [(event["outcome"], event["reason"]) for _, event in events()] == [
+        ("accepted", "ok"), ("refused", "scope_insufficient")]
+    refused = events()[-1][1]
+    assert (refused["sub"], refused["jti"], refused["presented"], refused["path"]) == ("alice", "j-9", alice_x5t,
+                                                                                      "/write")
+    assert count("refused", "scope_insufficient") == before + 1
