@@ -175,13 +175,15 @@ def redis_problem(settings: Settings) -> str | None:
     url = settings.redis_url
     where = _without_password(url) if url else f"sentinel {settings.redis_sentinel_master}"
     variable = "CERTBOUND_REDIS_URL" if settings.redis_url else "CERTBOUND_REDIS_SENTINEL_NODES"
+    client = make_client(settings)
     try:
-        client = make_client(settings)
         if client.ping():
             return None
         failure = "no PONG"
     except Exception as exc:  # any failure of the probe is what we report
         failure = describe_failure(exc)
+    finally:
+        client.close()
     return f"Redis at {where} does not answer ({failure}): start it, or fix {variable}"
 
 
