@@ -71,31 +71,16 @@ def test_audience_required_is_kongs_name_for_audience() -> None:
         Settings.from_env({**BASE, "CERTBOUND_AUDIENCE_REQUIRED": "other"})
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory: pytest.TempPathFactory) -> DevCA:
-    return DevCA(tmp_path_factory.mktemp("what-to-do-ca"))
-
-
-@pytest.fixture(scope="module")
-def alice(ca: DevCA) -> Issued:
-    return ca.client("alice")
-
-
-@pytest.fixture(scope="module")
-def mallory(ca: DevCA) -> Issued:
-    return ca.client("mallory")
-
-
 def der_of(pem: str, path: Path) -> Path:
     path.write_bytes(x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER))
     return path
 
 
-def test_a_ca_file_must_hold_certificates(ca: DevCA, tmp_path: Path) -> None:
-    assert Settings(**{"issuer": ISSUER, "audience": (AUDIENCE,), "ca_file": str(ca.cert_path)}).ca_file
-    der = der_of(ca.cert_path.read_text(), tmp_path / "ca.der")
+def test_a_ca_file_must_hold_certificates(pki: DevCA, tmp_path: Path) -> None:
+    assert Settings(**{"issuer": ISSUER, "audience": (AUDIENCE,), "ca_file": str(pki.cert_path)}).ca_file
+    der = der_of(pki.cert_path.read_text(), tmp_path / "ca.der")
     assert Settings(issuer=ISSUER, audience=(AUDIENCE,), ca_file=str(der)).ca_file == str(der)
-    key = next(ca.directory.glob("*.key"))
+    key = next(pki.directory.glob("*.key"))
     with pytest.raises(ConfigurationError) as caught:
         Settings(issuer=ISSUER, audience=(AUDIENCE,), ca_file=str(key))
     assert caught.value.option == "ca_file"
@@ -110,12 +95,12 @@ def test_a_ca_file_must_hold_certificates(ca: DevCA, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tls_issuer(ca: DevCA) -> Iterator[str]:
+def tls_issuer(pki: DevCA) -> Iterator[str]:
     """An HTTPS server with a certificate from the private CA (it answers nothing useful: the TLS
     handshake is what fails)."""
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(*ca.server().pair)
+    context.load_cert_chain(*pki.server().pair)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -283,9 +268,9 @@ def nginx(capsys: pytest.CaptureFixture[str], cert: str, key: str, *extra: str) 
     return run(capsys, "nginx-config", "--server-cert", cert, "--server-key", key, *extra)
 
 
-def test_nginx_config_accepts_a_matching_pair(ca: DevCA, capsys: pytest.CaptureFixture[str]) -> None:
-    server = ca.server()
-    status, out, err = nginx(capsys, str(server.cert_path), str(server.key_path), "--client-ca", str(ca.cert_path))
+def test_nginx_config_accepts_a_matching_pair(pki: DevCA, capsys: pytest.CaptureFixture[str]) -> None:
+    server = pki.server()
+    status, out, err = nginx(capsys, str(server.cert_path), str(server.key_path), "--client-ca", str(pki.cert_path))
     assert (status, err) == (0, "")
     assert f'ssl_certificate "{server.cert_path}";' in out
 
@@ -300,9 +285,9 @@ def test_nginx_config_accepts_a_matching_pair(ca: DevCA, capsys: pytest.CaptureF
                                   "(are --server-cert and --server-key swapped?)", id="cert-twice"),
     pytest.param("client-ca-key", "--client-ca: {key}: holds a private key, not a certificate", id="client-ca"),
 ])
-def test_nginx_config_refuses_bad_inputs_in_one_line(ca: DevCA, alice: Issued, tmp_path: Path, case: str,
+def test_nginx_config_refuses_bad_inputs_in_one_line(pki: DevCA, alice: Issued, tmp_path: Path, case: str,
                                                      message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    server = ca.server()
+    server = pki.server()
     cert, key, other, missing = str(server.cert_path), str(server.key_path), str(alice.key_path), str(tmp_path / "x")
     argv = {"missing": (missing, key), "swapped": (key, cert), "other-key": (cert, other),
             "key-is-a-cert": (cert, cert), "client-ca-key": (cert, key, "--client-ca", key)}[case]
