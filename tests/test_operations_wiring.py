@@ -296,3 +296,23 @@ def test_require_scope_refusals_are_audited_and_counted(issuer: TestIssuer, alic
     assert (refused["sub"], refused["jti"], refused["presented"], refused["path"]) == ("alice", "j-9", alice_x5t,
                                                                                       "/write")
     assert count("refused", "scope_insufficient") == before + 1
+
+
+def test_flask_public_and_health_paths_come_from_app_config(issuer: TestIssuer) -> None:
+    from flask import Flask
+
+    from certbound_wsgi.flask import CertBound, current_claims
+
+    app = Flask(__name__)
+    app.config.update(CERTBOUND_ISSUER=ISSUER, CERTBOUND_AUDIENCE=["https://api.test"],
+                      CERTBOUND_PUBLIC_PATHS=["/status"], CERTBOUND_LIVENESS_PATH="/healthz")
+
+    @app.get("/status")
+    def status() -> Any:
+        return {"claims": dict(current_claims)}
+
+    CertBound(app)
+    client = app.test_client()
+    assert (client.get("/status").status_code, client.get("/status").json) == (200, {"claims": {}})
+    assert client.get("/healthz").json == {"status": "ok"}
+    assert client.get("/private").status_code == 401
