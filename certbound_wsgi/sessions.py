@@ -436,7 +436,7 @@ class Sessions:
             except TemporarilyUnavailable:
                 pass  # the check above refuses it on every use until it expires
             raise InvalidToken("the session's token is no longer active",
-                               headers=[("Set-Cookie", self.clear_cookie())]) from None
+                               headers=[("Set-Cookie", self.clear_cookie())], reason="token_inactive") from None
 
     def touch(self, session: Session) -> Session:
         """After a successful use: renew the cookie when due, or record the use.
