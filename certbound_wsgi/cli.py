@@ -152,14 +152,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def describe(error: ConfigurationError) -> str:
-    """The one line for a configuration error, naming the environment variable to fix
-    (``check-config``, and the start-up under gunicorn or uWSGI)."""
+def describe(error: ConfigurationError, kind: str = "configuration error") -> str:
+    """The one line for a configuration error, naming the environment variable to fix.
+
+    :param kind: what the line calls it: ``configuration error`` for ``check-config``;
+        at start-up under gunicorn or uWSGI, ``ConfigurationError``, as a traceback's last line would.
+    """
     from .settings import Settings, env_name
 
     known = error.option in Settings.__dataclass_fields__ or error.option == "app"
     variable = f" ({env_name(error.option)})" if known else ""
-    return f"certbound-wsgi: configuration error: {error}{variable}"
+    return f"certbound-wsgi: {kind}: {error}{variable}"
 
 
 def _error(message: str) -> None:

@@ -81,7 +81,7 @@ def _stop(error: ConfigurationError) -> NoReturn:
     claim = _first_to_report()
     gunicorn = "gunicorn" in sys.modules
     if claim:
-        print(describe(error), file=sys.stderr, flush=True)
+        print(describe(error, "ConfigurationError"), file=sys.stderr, flush=True)
         if gunicorn and isinstance(claim, socket.socket):
             time.sleep(HOLD_SECONDS)  # the siblings, forked milliseconds apart, fail meanwhile
     elif gunicorn:

@@ -350,7 +350,7 @@ def test_a_typo_in_one_variable_is_one_line_not_a_traceback_per_worker(tmp_path:
     env["CERTBOUND_AUDIENSE"] = env.pop("CERTBOUND_AUDIENCE")
     status, stderr = _start_with(tmp_path, server, env, workers=4)
     ours = [line for line in stderr.splitlines() if "certbound" in line.lower()]
-    assert ours == ["certbound-wsgi: configuration error: audiense: CERTBOUND_AUDIENSE is not a known option; "
+    assert ours == ["certbound-wsgi: ConfigurationError: audiense: CERTBOUND_AUDIENSE is not a known option; "
                     "did you mean CERTBOUND_AUDIENCE?"], stderr
     assert "Traceback" not in stderr and 'File "' not in stderr
     assert status == 4  # gunicorn's "App failed to load": it stops instead of booting workers forever
