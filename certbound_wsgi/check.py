@@ -20,7 +20,7 @@ from .proxies import UNIX, TrustedProxies
 from .settings import Settings
 
 __all__ = ["bind_host", "channel_errors", "check_config", "discovery_fix", "gunicorn_binds", "issuer_keys",
-           "redis_problem", "settings_of_app", "unsafe_settings"]
+           "redis_problems", "settings_of_app", "unsafe_settings"]
 
 
 def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -166,16 +166,24 @@ def discovery_fix(message: str, settings: Settings, issuer: str | None = None) -
     return ""
 
 
-def redis_problem(settings: Settings) -> str | None:
-    """Ask the configured Redis for a ``PING``; what is wrong, with the fix, or ``None`` when it answers."""
-    if not settings.uses_redis:
-        return None
-    from .cache.redis import make_client
+def redis_problems(settings: Settings) -> list[str]:
+    """Ask each configured Redis (the cache's, and the DPoP replay store's own) for a ``PING``;
+    what is wrong with each, with the fix. Empty when every one answers."""
+    from .cache.redis import make_client, make_replay_client
 
-    url = settings.redis_url
-    where = _without_password(url) if url else f"sentinel {settings.redis_sentinel_master}"
-    variable = "CERTBOUND_REDIS_URL" if settings.redis_url else "CERTBOUND_REDIS_SENTINEL_NODES"
-    client = make_client(settings)
+    problems = []
+    if settings.uses_redis:
+        url = settings.redis_url
+        where = _without_password(url) if url else f"sentinel {settings.redis_sentinel_master}"
+        variable = "CERTBOUND_REDIS_URL" if url else "CERTBOUND_REDIS_SENTINEL_NODES"
+        problems.append(_ping(make_client(settings), where, variable))
+    if settings.proof_of_possession_dpop != "off" and settings.dpop_replay_redis_url:
+        problems.append(_ping(make_replay_client(settings), _without_password(settings.dpop_replay_redis_url),
+                              "CERTBOUND_DPOP_REPLAY_REDIS_URL"))
+    return [problem for problem in problems if problem is not None]
+
+
+def _ping(client: Any, where: str, variable: str) -> str | None:
     try:
         if client.ping():
             return None

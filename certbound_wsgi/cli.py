@@ -205,7 +205,7 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
     :returns: 0 (fine), 1 (the issuer or Redis cannot be reached), 2 (invalid, or no certificate could ever
         be believed: one ``error:`` line each, naming the fix), 3 (valid with warnings).
     """
-    from .check import check_config, discovery_fix, issuer_keys, redis_problem
+    from .check import check_config, discovery_fix, issuer_keys, redis_problems
 
     try:
         settings, errors, warnings = check_config(bind=bind, server=server, app=app)
@@ -230,11 +230,11 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
             print(f"issuer metadata: {report['issuer']} (jwks_uri {report['jwks_uri']})")
             ages = report["key_ages"]
             print(f"signing keys: {', '.join(f'{kid} (age {_age(ages[kid])})' for kid in report['kids']) or 'none'}")
-    problem = redis_problem(settings)
-    if problem is not None:
+    problems = redis_problems(settings)
+    for problem in problems:
         _error(f"redis failed: {problem}")
-        failed = True
-    elif settings.uses_redis:
+    failed = failed or bool(problems)
+    if settings.uses_redis and not problems:
         print("redis: answers PING")
     if failed:
         return 1

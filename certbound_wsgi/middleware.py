@@ -17,7 +17,7 @@ from typing import Any
 from . import metrics
 from .audit import Auditor, install_stderr_fallback
 from .authenticator import Authenticator, Identity, build
-from .cache.redis import make_client
+from .cache.redis import make_client, make_replay_client
 from .discovery import Discovery
 from .endpoints import Endpoints
 from .errors import AuthError, Challenges, MissingToken
@@ -181,13 +181,15 @@ def _readiness(settings: Settings, auth: Authenticator) -> Readiness:
     """The checks of ``readiness_path``: keys (JWT validation only), the issuer, and Redis, which
     makes the worker unready only when requests need it (sessions, or DPoP replay protection
     that does not fail open); as the second-level introspection cache it can be done without."""
-    redis = make_client(settings) if settings.uses_redis else None
-    needs_redis = "session" in settings.auth_methods or (
-        settings.proof_of_possession_dpop != "off" and not settings.dpop_replay_fail_open)
+    dpop = settings.proof_of_possession_dpop != "off"
+    clients = [make_client(settings)] if settings.uses_redis else []
+    if dpop and settings.dpop_replay_redis_url:
+        clients.append(make_replay_client(settings))  # the replay store's own Redis
+    needs_redis = "session" in settings.auth_methods or (dpop and not settings.dpop_replay_fail_open)
     return Readiness(
         keys_loaded=auth.discovery.keys_loaded if auth.jwt is not None else None,
         issuer_reachable=auth.discovery.reachable if settings.issuer else None,
-        redis=(lambda: bool(redis.ping())) if redis is not None else None,
+        redis=(lambda: all(client.ping() for client in clients)) if clients else None,
         redis_required=needs_redis,
     )
 

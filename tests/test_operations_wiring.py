@@ -316,3 +316,17 @@ def test_flask_public_and_health_paths_come_from_app_config(issuer: TestIssuer) 
     assert (client.get("/status").status_code, client.get("/status").json) == (200, {"claims": {}})
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.get("/private").status_code == 401
+
+
+def test_readiness_pings_the_replay_stores_own_redis(issuer: TestIssuer, redis_server: Any) -> None:
+    from tests.support.procs import free_port
+
+    common = {"readiness_path": "/readyz", "cache_secret": "s" * 16, "proof_of_possession_dpop": "optional",
+              "public_base_url": "https://api.example.com"}
+    down = f"redis://127.0.0.1:{free_port()}/0"
+    for replay_url, status, state in ((redis_server.url, 200, "ok"), (down, 503, "down")):
+        settings = make_settings(dpop_replay_redis_url=replay_url, **common)
+        middleware = CertBoundMiddleware(CountingApp(), settings, discovery=StaticDiscovery(settings, issuer))
+        response = Client(middleware).get("/readyz")  # type: ignore[arg-type]
+        assert response.status_code == status
+        assert response.json is not None and response.json["checks"]["redis"] == state

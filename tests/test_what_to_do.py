@@ -297,3 +297,17 @@ def test_nginx_config_refuses_bad_inputs_in_one_line(pki: DevCA, alice: Issued, 
     assert err == "certbound-wsgi nginx-config: error: " + message.format(
         cert=cert, key=key, other=other, missing=missing) + "\n"
     assert not output.exists()
+
+
+def test_the_replay_stores_own_redis_is_pinged_too(clean_env: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    port = free_port()
+    for name, value in {**BASE, "CERTBOUND_CACHE_SECRET": "s" * 16, "CERTBOUND_PROOF_OF_POSSESSION_DPOP": "optional",
+                        "CERTBOUND_PUBLIC_BASE_URL": "https://api.example.com",
+                        "CERTBOUND_DPOP_REPLAY_REDIS_URL": f"redis://127.0.0.1:{port}/0"}.items():
+        clean_env.setenv(name, value)
+    status, _, err = run(capsys, "check-config", "--no-discovery")
+    assert status == 1
+    (line,) = [line for line in err.splitlines() if not line.startswith("warning:")]
+    assert line.startswith(f"redis failed: Redis at redis://127.0.0.1:{port}/0 does not answer")
+    assert line.endswith("start it, or fix CERTBOUND_DPOP_REPLAY_REDIS_URL")
