@@ -28,7 +28,15 @@ def request_path(environ: WSGIEnvironment) -> str:
 
 
 class Unreachable(Exception):
-    """No answer at all: connection refused, timeout, TLS failure, an unparseable URL. The message names which."""
+    """No answer at all: connection refused, timeout, TLS failure, an unparseable URL.
+
+    The message says which and why, for logs and ``check-config``; :attr:`kind` is only the
+    exception's class (``SSLError``), for what a client may be told.
+    """
+
+    def __init__(self, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
 
 
 class TooLarge(Exception):
@@ -116,7 +124,7 @@ class JSONClient:
                 body = response.raw.read(self._max_body + 1, decode_content=True)
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
             # urllib3's errors: a read that fails mid-stream; ValueError: a URL it cannot parse.
-            raise Unreachable(describe_failure(exc)) from None
+            raise Unreachable(describe_failure(exc), type(exc).__name__) from None
         if len(body) > self._max_body:
             raise TooLarge(url)
         # Only a GET's answer may be kept (RFC 9111 section 4): a POST's Cache-Control means nothing to us.
