@@ -170,9 +170,12 @@ class Auditor:
 
     :param fmt: ``"text"`` (one ``key=value`` line, the default) or ``"json"`` (one object a line).
     :param is_trusted_peer: whether the TCP peer (``REMOTE_ADDR``) is a proxy whose
-        ``X-Forwarded-For`` and ``X-Request-Id`` are believed. The same test that decides
-        whether its certificate header is believed; by default no peer is trusted, so
+        ``X-Forwarded-For`` and ``X-Request-Id`` are believed; by default no peer is trusted, so
         the client address is the peer's and a request id is always generated here.
+    :param trusted_channel: instead of ``is_trusted_peer``: whether the request came through the
+        authenticated channel from the proxy (the middleware passes its
+        :class:`~certbound_wsgi.channel.ProxyChannel`'s verdict, the same that decides whether
+        the forwarded certificate is believed: the proxy secret, or ``trusted_proxies``).
     :param forwarded_hops: how many trusted proxies append to ``X-Forwarded-For`` (1: nginx alone).
     :param trust_request_id: believe a trusted proxy's ``X-Request-Id``. Off by default: nginx passes
         a client's ``X-Request-Id`` through unless told ``proxy_set_header X-Request-Id $request_id``,
@@ -185,6 +188,7 @@ class Auditor:
         *,
         fmt: Format = "text",
         is_trusted_peer: Callable[[str], bool] = _never_trusted,
+        trusted_channel: Callable[[WSGIEnvironment], bool] | None = None,
         forwarded_hops: int = 1,
         trust_request_id: bool = False,
         logger: logging.Logger | None = None,
@@ -196,22 +200,28 @@ class Auditor:
         if fmt not in ("text", "json"):
             raise ValueError(f"audit format must be 'text' or 'json', not {fmt!r}")
         self.fmt: Format = fmt
-        self._trusted = is_trusted_peer
+        self._trusted_peer = is_trusted_peer
+        self._trusted_channel = trusted_channel
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
 
+    def _from_proxy(self, environ: WSGIEnvironment) -> bool:
+        """Whether what the proxy adds to this request (``X-Forwarded-For``, the request id) is believed."""
+        if self._trusted_channel is not None:
+            return self._trusted_channel(environ)
+        peer = environ.get("REMOTE_ADDR")
+        return isinstance(peer, str) and self._trusted_peer(peer)
+
     def request_id(self, environ: WSGIEnvironment) -> str:
-        """The request's id, when ``trust_request_id`` is on and it is well-formed: the uWSGI
-        variable ``REQUEST_ID`` (``uwsgi_param REQUEST_ID $request_id``; no client can set a
-        variable that is not ``HTTP_*``), or a trusted proxy's ``X-Request-Id`` (nginx's
-        ``$request_id``); else a new random one. Kept in ``environ["certbound.request_id"]`` so
-        that the application can log it too."""
+        """The request's id, when ``trust_request_id`` is on, the request came from the proxy and the
+        id is well-formed: uWSGI's ``REQUEST_ID`` variable (``uwsgi_param REQUEST_ID $request_id``)
+        or the proxy's ``X-Request-Id`` (nginx's ``$request_id``); else a new random one. Kept in
+        ``environ["certbound.request_id"]`` so that the application can log it too."""
         known = environ.get("certbound.request_id")
         if isinstance(known, str):
             return known
-        from_proxy = environ.get("REQUEST_ID")
-        offered = environ.get("HTTP_X_REQUEST_ID") if from_proxy is None else from_proxy
+        offered = environ.get("REQUEST_ID", environ.get("HTTP_X_REQUEST_ID"))
         if (self._trust_request_id and isinstance(offered, str) and _REQUEST_ID.match(offered)
-                and (from_proxy is not None or self._trusted(environ.get("REMOTE_ADDR", "")))):
+                and self._from_proxy(environ)):
             request_id = offered
         else:
             request_id = secrets.token_hex(8)
@@ -219,7 +229,7 @@ class Auditor:
         return request_id
 
     def client_address(self, environ: WSGIEnvironment) -> str | None:
-        """The client's address: ``REMOTE_ADDR``, or, when that peer is a trusted proxy, the
+        """The client's address: ``REMOTE_ADDR``, or, when the request came from the proxy, the
         ``X-Forwarded-For`` entry ``forwarded_hops`` from the right. As in werkzeug's ProxyFix,
         a fixed count, not "the first untrusted entry": each proxy appends its peer (nginx's
         ``$proxy_add_x_forwarded_for``), so everything further left was written by the client."""
@@ -227,7 +237,7 @@ class Auditor:
         if not isinstance(peer, str) or not peer:
             return None
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-        if not isinstance(forwarded, str) or not self._trusted(peer):
+        if not isinstance(forwarded, str) or not self._from_proxy(environ):
             return peer
         hops = forwarded.split(",")
         if len(hops) < self._hops:

@@ -78,9 +78,10 @@ class CertBoundMiddleware:
                       logout_methods=settings.logout_methods, logout_redirect_uri=settings.logout_redirect_uri)
             if auth.sessions is not None else None
         )
-        # The client address and request id are believed from the same peers as the certificate header.
+        # The client address and request id are believed through the same channel as the certificate.
+        channel = auth.certificates.channel
         self.auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
-                               is_trusted_peer=auth.certificates.is_trusted_peer,
+                               trusted_channel=lambda environ: channel.verdict(environ).trusted,
                                forwarded_hops=settings.forwarded_for_hops,
                                trust_request_id=settings.audit_trust_request_id)
         if settings.audit_log_stderr:

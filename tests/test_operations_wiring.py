@@ -20,7 +20,7 @@ from werkzeug.test import Client
 
 from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.middleware import CertBoundMiddleware
-from tests.conftest import CountingApp, MakeClient, bearer, cert_env, make_settings, middleware_of
+from tests.conftest import TEST_PROXY_SECRET, CountingApp, MakeClient, bearer, cert_env, make_settings, middleware_of
 from tests.support.session_options import SESSION
 from tests.support.tokens import ISSUER, StaticDiscovery, TestIssuer, other_keys
 
@@ -245,13 +245,12 @@ def test_login_callback_refusals_are_login_failed(issuer: TestIssuer,
 
 def test_logout_refusals_are_audited(issuer: TestIssuer, alice: Issued, mallory: Issued, alice_token: str,
                                      events: Callable[[], list[tuple[int, dict[str, str]]]]) -> None:
-    settings = make_settings(**SESSION, logout_path="/logout")
-    client = Client(CertBoundMiddleware(CountingApp(), settings, discovery=StaticDiscovery(settings, issuer)),
-                    use_cookies=False)  # type: ignore[arg-type]
-    opened = client.get("/", headers=bearer(alice_token), environ_overrides=cert_env(alice.cert_pem))
-    cookie = opened.headers["Set-Cookie"].split(";", 1)[0]
+    from tests.test_sessions import build, get, login
+
+    client = build(issuer, logout_path="/logout")
+    cookie = login(client, alice_token, cert=alice)
     # Mallory has the cookie but not alice's certificate: she may not end alice's session.
-    response = client.post("/logout", headers={"Cookie": cookie}, environ_overrides=cert_env(mallory.cert_pem))
+    response = get(client, cookie=cookie, cert=mallory, path="/logout", method="POST")
     assert response.status_code == 401
     assert [(event["outcome"], event["reason"], event["path"]) for _, event in events()][-1] == (
         "refused", "cert_mismatch", "/logout")
@@ -265,7 +264,8 @@ def test_refusals_reach_stderr_without_any_logging_configuration(option: str, li
         from certbound_wsgi.dev.echo import echo_app
         from certbound_wsgi.middleware import CertBoundMiddleware
         from certbound_wsgi.settings import Settings
-        settings = Settings(issuer={ISSUER!r}, audience=("api",), audit_log_stderr={option == "true"})
+        settings = Settings(issuer={ISSUER!r}, audience=("api",), audit_log_stderr={option == "true"},
+                            proxy_secret={TEST_PROXY_SECRET!r})
         assert Client(CertBoundMiddleware(echo_app, settings)).get("/x").status_code == 401
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
@@ -305,7 +305,8 @@ def test_flask_public_and_health_paths_come_from_app_config(issuer: TestIssuer) 
 
     app = Flask(__name__)
     app.config.update(CERTBOUND_ISSUER=ISSUER, CERTBOUND_AUDIENCE=["https://api.test"],
-                      CERTBOUND_PUBLIC_PATHS=["/status"], CERTBOUND_LIVENESS_PATH="/healthz")
+                      CERTBOUND_PUBLIC_PATHS=["/status"], CERTBOUND_LIVENESS_PATH="/healthz",
+                      CERTBOUND_PROXY_SECRET=TEST_PROXY_SECRET)
 
     @app.get("/status")
     def status() -> Any:

@@ -27,7 +27,8 @@ from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.tokens import AUDIENCE, ISSUER
 
-BASE = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE}
+SECRET = "what-to-do-proxy-secret-0123456789abcdef"
+BASE = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE, "CERTBOUND_PROXY_SECRET": SECRET}
 
 
 @pytest.fixture()
@@ -36,6 +37,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
     for name in [name for name in os.environ if name.startswith("CERTBOUND_")] + ["GUNICORN_CMD_ARGS"]:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CERTBOUND_PROXY_SECRET", SECRET)  # the channel from nginx (issue 11)
     return monkeypatch
 
 
@@ -197,7 +199,7 @@ def test_certbound_falls_back_to_the_environment(clean_env: pytest.MonkeyPatch) 
     clean_env.setenv("CERTBOUND_AUDIENCE", "https://from-env.test")
     clean_env.setenv("CERTBOUND_REALM", "from-env")
     app = Flask(__name__)
-    app.config["CERTBOUND_REALM"] = "from-config"
+    app.config["CERTBOUND_REALM"] = "from-config"  # CERTBOUND_PROXY_SECRET comes from the environment too
     extension = CertBound(app)
     assert extension.middleware is not None
     settings = extension.middleware.settings
@@ -265,10 +267,12 @@ def test_thumbprint_of_a_key_says_it_is_a_key(alice: Issued, capsys: pytest.Capt
 
 
 def nginx(capsys: pytest.CaptureFixture[str], cert: str, key: str, *extra: str) -> tuple[int, str, str]:
-    return run(capsys, "nginx-config", "--server-cert", cert, "--server-key", key, *extra)
+    return run(capsys, "nginx-config", "--server-cert", cert, "--server-key", key, "--server-name", "api.example.com",
+               *extra)
 
 
-def test_nginx_config_accepts_a_matching_pair(pki: DevCA, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nginx_config_accepts_a_matching_pair(pki: DevCA, clean_env: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     server = pki.server()
     status, out, err = nginx(capsys, str(server.cert_path), str(server.key_path), "--client-ca", str(pki.cert_path))
     assert (status, err) == (0, "")
@@ -286,6 +290,7 @@ def test_nginx_config_accepts_a_matching_pair(pki: DevCA, capsys: pytest.Capture
     pytest.param("client-ca-key", "--client-ca: {key}: holds a private key, not a certificate", id="client-ca"),
 ])
 def test_nginx_config_refuses_bad_inputs_in_one_line(pki: DevCA, alice: Issued, tmp_path: Path, case: str,
+                                                     clean_env: pytest.MonkeyPatch,
                                                      message: str, capsys: pytest.CaptureFixture[str]) -> None:
     server = pki.server()
     cert, key, other, missing = str(server.cert_path), str(server.key_path), str(alice.key_path), str(tmp_path / "x")
