@@ -229,7 +229,6 @@ class Discovery:
         except DiscoveryError as exc:
             log.warning("certbound: cannot refresh keys of %s: %s", self._issuer, exc)
         finally:
-            metrics.key_fetch(ok)
             with self._lock:
                 self._last_ok = ok
                 if not ok:
@@ -429,7 +428,7 @@ class Discovery:
         except DiscoveryError:
             metrics.key_fetch(False)
             raise
-        metrics.key_fetch(True, now)
+        metrics.key_fetch(True)  # stamped with the wall clock: ``now`` is monotonic
         return snapshot
 
     def _fetch(self, now: float) -> Snapshot:

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -226,6 +227,8 @@ def test_key_fetches_are_counted(make_client: MakeClient, issuer: TestIssuer, al
     client = make_client()
     assert client.get("/", headers=bearer(alice_token), environ_overrides=cert_env(alice.cert_pem)).status_code == 200
     assert REGISTRY.get_sample_value("certbound_key_fetches_total", {"result": "ok"}) == ok + 1
+    fetched_at = REGISTRY.get_sample_value("certbound_keys_fetched_timestamp_seconds")
+    assert fetched_at is not None and abs(fetched_at - time.time()) < 60  # the wall clock, for time() - it
     issuer.down = True
     middleware_of(client).discovery.refresh(force=True)
     assert REGISTRY.get_sample_value("certbound_key_fetches_total", {"result": "error"}) == error + 1
