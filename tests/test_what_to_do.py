@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.server
 import ssl
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from certbound_wsgi.flask import CertBound
 from certbound_wsgi.settings import Settings
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.threaded_server import serving
 from tests.support.tokens import AUDIENCE, ISSUER
 
 SECRET = "what-to-do-proxy-secret-0123456789abcdef"
@@ -104,13 +104,8 @@ def tls_issuer(pki: DevCA) -> Iterator[str]:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(*pki.server().pair)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(server, "https") as url:
+        yield url
 
 
 def test_an_untrusted_issuer_certificate_says_set_ca_file(clean_env: pytest.MonkeyPatch, tls_issuer: str,
