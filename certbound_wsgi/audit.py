@@ -233,9 +233,10 @@ class Auditor:
         ``X-Forwarded-For`` entry ``forwarded_hops`` from the right. As in werkzeug's ProxyFix,
         a fixed count, not "the first untrusted entry": each proxy appends its peer (nginx's
         ``$proxy_add_x_forwarded_for``), so everything further left was written by the client."""
-        peer = environ.get("REMOTE_ADDR")
-        if not isinstance(peer, str) or not peer:
-            return None
+        # Behind a Unix socket the peer has no address ("" under gunicorn): the proxy's word is all there is.
+        peer = environ.get("REMOTE_ADDR") or None
+        if not isinstance(peer, str):
+            peer = None
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
         if not isinstance(forwarded, str) or not self._from_proxy(environ):
             return peer

@@ -334,3 +334,18 @@ def test_readiness_pings_the_replay_stores_own_redis(issuer: TestIssuer, redis_s
         response = Client(middleware).get("/readyz")  # type: ignore[arg-type]
         assert response.status_code == status
         assert response.json is not None and response.json["checks"]["redis"] == state
+
+
+@pytest.mark.parametrize(("remote_addr", "forwarded", "client"), [
+    pytest.param("", "198.51.100.7", "198.51.100.7", id="unix-socket"),
+    pytest.param("", None, None, id="unix-socket-nothing-forwarded"),
+    pytest.param("", "not-an-address", None, id="unix-socket-garbage"),
+])
+def test_behind_a_unix_socket_the_client_address_is_the_proxys_word(
+    make_client: MakeClient, remote_addr: str, forwarded: str | None, client: str | None,
+    events: Callable[[], list[tuple[int, dict[str, str]]]],
+) -> None:
+    environ = {"REMOTE_ADDR": remote_addr, **({"HTTP_X_FORWARDED_FOR": forwarded} if forwarded else {})}
+    assert make_client().get("/x", environ_overrides=environ).status_code == 401
+    ((_, event),) = events()
+    assert event.get("client") == client
