@@ -88,29 +88,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}\Z")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
-# Descriptions raised before errors carried a ``reason`` attribute, most
-# specific first; see :func:`reason_for`.
-_BY_DESCRIPTION: Final = (
-    ("does not match the x5t#s256", "cert_mismatch"),
-    ("client certificate was not specified", "cert_missing"),
-    ("x5t#s256 claim required", "claim_missing"),
-    ("already been used", "dpop_replay"),
-    ("replay protection is unavailable", "store_unavailable"),
-    ("nonce", "dpop_nonce"),
-    ("dpop", "dpop_invalid"),
-    ("session store", "store_unavailable"),
-    ("session", "session_invalid"),
-    ("login", "login_failed"),
-    ("has expired", "token_expired"),
-    ("not valid yet", "token_not_yet_valid"),
-    ("issued in the future", "token_not_yet_valid"),
-    ("not active", "token_inactive"),
-    ("another issuer", "issuer_mismatch"),
-    ("audience", "audience_mismatch"),
-    ("unknown key", "key_unknown"),
-)
-
-
 class AuditIdentity(Protocol):
     """What :meth:`Auditor.accepted` reads from the middleware's ``Identity``."""
 
@@ -160,37 +137,16 @@ def event_line(event: Mapping[str, str | int | None], fmt: Format = "text") -> s
 
 
 def reason_for(error: BaseException) -> str:
-    """The :data:`REASONS` code for a refusal.
+    """The :data:`REASONS` code for a refusal: the error's own ``reason``.
 
-    An error that carries a ``reason`` attribute naming a known code wins; otherwise
-    the code is derived from its status, class and description.
+    Every :class:`~certbound_wsgi.errors.AuthError` carries one (its class's, or the one
+    given where it was raised), so no description text is ever matched. A 500, anything
+    that is not an ``AuthError`` and an unknown code are ``internal_error``.
     """
     reason = getattr(error, "reason", None)
-    if isinstance(reason, str) and reason in REASONS:
-        return reason
-    status = getattr(error, "status", 500)
-    kind = type(error).__name__
-    description = str(getattr(error, "description", "") or "").lower()
-    if status == 500 or not isinstance(status, int):
+    if getattr(error, "status", 500) == 500 or not isinstance(reason, str) or reason not in REASONS:
         return "internal_error"
-    if kind == "MissingToken" or (status == 401 and getattr(error, "error", "") is None):
-        return "token_missing"
-    if status == 403 or kind == "InsufficientScope":
-        return "scope_insufficient"
-    if kind == "NonceRequired":
-        return "dpop_nonce"
-    for fragment, code in _BY_DESCRIPTION:
-        if fragment in description:
-            if status == 503 and code not in ("store_unavailable",):
-                break
-            return code
-    if status == 503:
-        return "store_unavailable" if "store" in description or "redis" in description else "issuer_unavailable"
-    if kind.startswith("DPoP"):
-        return "dpop_invalid"
-    if status == 400:
-        return "request_invalid"
-    return "token_invalid"
+    return reason
 
 
 def _bound_thumbprint(claims: Mapping[str, Any]) -> str | None:
@@ -214,9 +170,12 @@ class Auditor:
 
     :param fmt: ``"text"`` (one ``key=value`` line, the default) or ``"json"`` (one object a line).
     :param is_trusted_peer: whether the TCP peer (``REMOTE_ADDR``) is a proxy whose
-        ``X-Forwarded-For`` and ``X-Request-Id`` are believed. The same test that decides
-        whether its certificate header is believed; by default no peer is trusted, so
+        ``X-Forwarded-For`` and ``X-Request-Id`` are believed; by default no peer is trusted, so
         the client address is the peer's and a request id is always generated here.
+    :param trusted_channel: instead of ``is_trusted_peer``: whether the request came through the
+        authenticated channel from the proxy (the middleware passes its
+        :class:`~certbound_wsgi.channel.ProxyChannel`'s verdict, the same that decides whether
+        the forwarded certificate is believed: the proxy secret, or ``trusted_proxies``).
     :param forwarded_hops: how many trusted proxies append to ``X-Forwarded-For`` (1: nginx alone).
     :param trust_request_id: believe a trusted proxy's ``X-Request-Id``. Off by default: nginx passes
         a client's ``X-Request-Id`` through unless told ``proxy_set_header X-Request-Id $request_id``,
@@ -229,6 +188,7 @@ class Auditor:
         *,
         fmt: Format = "text",
         is_trusted_peer: Callable[[str], bool] = _never_trusted,
+        trusted_channel: Callable[[WSGIEnvironment], bool] | None = None,
         forwarded_hops: int = 1,
         trust_request_id: bool = False,
         logger: logging.Logger | None = None,
@@ -240,19 +200,28 @@ class Auditor:
         if fmt not in ("text", "json"):
             raise ValueError(f"audit format must be 'text' or 'json', not {fmt!r}")
         self.fmt: Format = fmt
-        self._trusted = is_trusted_peer
+        self._trusted_peer = is_trusted_peer
+        self._trusted_channel = trusted_channel
         self.logger = logger if logger is not None else logging.getLogger(LOGGER_NAME)
 
+    def _from_proxy(self, environ: WSGIEnvironment) -> bool:
+        """Whether what the proxy adds to this request (``X-Forwarded-For``, the request id) is believed."""
+        if self._trusted_channel is not None:
+            return self._trusted_channel(environ)
+        peer = environ.get("REMOTE_ADDR")
+        return isinstance(peer, str) and self._trusted_peer(peer)
+
     def request_id(self, environ: WSGIEnvironment) -> str:
-        """The request's id: a trusted proxy's ``X-Request-Id`` (nginx's ``$request_id``) when
-        ``trust_request_id`` is on and it is well-formed, else a new random one. Kept in
+        """The request's id, when ``trust_request_id`` is on, the request came from the proxy and the
+        id is well-formed: uWSGI's ``REQUEST_ID`` variable (``uwsgi_param REQUEST_ID $request_id``)
+        or the proxy's ``X-Request-Id`` (nginx's ``$request_id``); else a new random one. Kept in
         ``environ["certbound.request_id"]`` so that the application can log it too."""
         known = environ.get("certbound.request_id")
         if isinstance(known, str):
             return known
-        offered = environ.get("HTTP_X_REQUEST_ID")
+        offered = environ.get("REQUEST_ID", environ.get("HTTP_X_REQUEST_ID"))
         if (self._trust_request_id and isinstance(offered, str) and _REQUEST_ID.match(offered)
-                and self._trusted(environ.get("REMOTE_ADDR", ""))):
+                and self._from_proxy(environ)):
             request_id = offered
         else:
             request_id = secrets.token_hex(8)
@@ -260,15 +229,16 @@ class Auditor:
         return request_id
 
     def client_address(self, environ: WSGIEnvironment) -> str | None:
-        """The client's address: ``REMOTE_ADDR``, or, when that peer is a trusted proxy, the
+        """The client's address: ``REMOTE_ADDR``, or, when the request came from the proxy, the
         ``X-Forwarded-For`` entry ``forwarded_hops`` from the right. As in werkzeug's ProxyFix,
         a fixed count, not "the first untrusted entry": each proxy appends its peer (nginx's
         ``$proxy_add_x_forwarded_for``), so everything further left was written by the client."""
-        peer = environ.get("REMOTE_ADDR")
-        if not isinstance(peer, str) or not peer:
-            return None
+        # Behind a Unix socket the peer has no address ("" under gunicorn): the proxy's word is all there is.
+        peer = environ.get("REMOTE_ADDR") or None
+        if not isinstance(peer, str):
+            peer = None
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-        if not isinstance(forwarded, str) or not self._trusted(peer):
+        if not isinstance(forwarded, str) or not self._from_proxy(environ):
             return peer
         hops = forwarded.split(",")
         if len(hops) < self._hops:

@@ -27,7 +27,7 @@ from .client_keys import ClientKeys
 from .credentials import Credential, CredentialReader
 from .discovery import Discovery
 from .dpop import DPoPVerifier, ReplayCache
-from .errors import InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable
+from .errors import AuthError, InsufficientScope, InvalidToken, MissingToken, TemporarilyUnavailable
 from .introspection import IntrospectionClient, IntrospectionValidator
 from .issuers import IssuerRouter, build_router, shared_keys
 from .jose import expiry
@@ -117,33 +117,41 @@ class Authenticator:
         :raises AuthError: the request may not pass; the error says how to answer.
         """
         thumbprint = self.certificates.thumbprint(environ)
-        if credential is None:
-            session = self.sessions.load(environ) if self.sessions is not None else None
-            if session is None or self.sessions is None:
-                raise MissingToken("an access token is required")
-            nonce_age = self.check_session_proofs(environ, session, thumbprint)
-            record = session.record
-            # A login's scope is what the token response granted, kept beside the ID token's claims.
-            self._check_scopes(record.claims, "session",
-                               granted=frozenset(record.scope.split()) if record.scope is not None else None)
-            # Revocation: a kept token is asked about again (the validator's cache: cache_ttl_max).
-            self.sessions.recheck(session)
-            # Only now, with every proof checked, may the use renew or touch the session.
-            session = self.sessions.touch(session)
-            claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
-        else:
-            claims, method = self._validate(credential.token)
-            # Both bindings, on every request, whether the claims came from a cache or not.
-            jkt = cnf_jkt(claims)
-            nonce_age = None
-            if check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=credential.scheme == "dpop"):
-                if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
-                    raise InvalidToken("DPoP is not accepted here")
-                nonce_age = self.dpop.verify(environ, credential.token, jkt)
-            check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
-            self._check_scopes(claims, "token")
-            token = credential.token
-            set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
+        claims: Claims | None = None
+        try:
+            if credential is None:
+                session = self.sessions.load(environ) if self.sessions is not None else None
+                if session is None or self.sessions is None:
+                    raise MissingToken("an access token is required")
+                claims = session.record.claims
+                nonce_age = self.check_session_proofs(environ, session, thumbprint)
+                record = session.record
+                # A login's scope is what the token response granted, kept beside the ID token's claims.
+                self._check_scopes(record.claims, "session",
+                                   granted=frozenset(record.scope.split()) if record.scope is not None else None)
+                # Revocation: a kept token is asked about again (the validator's cache: cache_ttl_max).
+                self.sessions.recheck(session)
+                # Only now, with every proof checked, may the use renew or touch the session.
+                session = self.sessions.touch(session)
+                claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
+            else:
+                claims, method = self._validate(credential.token)
+                # Both bindings, on every request, whether the claims came from a cache or not.
+                jkt = cnf_jkt(claims)
+                nonce_age = None
+                if check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=credential.scheme == "dpop"):
+                    if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+                        raise InvalidToken("DPoP is not accepted here")
+                    nonce_age = self.dpop.verify(environ, credential.token, jkt)
+                check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
+                self._check_scopes(claims, "token")
+                token = credential.token
+                set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
+        except AuthError as error:
+            # For the audit event: what came with the refused request, and whom it names once validated.
+            error.presented = thumbprint
+            error.claims = claims
+            raise
         fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
         return Identity(claims, token, thumbprint, method, set_cookie, fresh)
 

@@ -46,13 +46,13 @@ def check_mtls(mode: str, cnf_x5t: object | None, thumbprint: str | None) -> Non
         return
     if cnf_x5t is None:
         if mode == "strict":
-            raise InvalidToken(CLAIM_MISSING)
+            raise InvalidToken(CLAIM_MISSING, reason="claim_missing")
         # optional: an unbound token passes; a bound one is always checked below.
         return
     if thumbprint is None:
-        raise InvalidToken(CERT_MISSING)
+        raise InvalidToken(CERT_MISSING, reason="cert_missing")
     if not equal_ascii(cnf_x5t, thumbprint):
-        raise InvalidToken(THUMBPRINT_MISMATCH)
+        raise InvalidToken(THUMBPRINT_MISMATCH, reason="cert_mismatch")
 
 
 def check_dpop_mode(mode: str, cnf_jkt: object | None, *, dpop_scheme: bool, what: str = "token") -> bool:

@@ -108,8 +108,6 @@ class CertificateReader:
         self._header_var = environ_key(client_cert_header)
         self._verify_header_var = environ_key(client_cert_verify_header) if client_cert_verify_header else None
         self.channel = channel
-        #: Whether a peer address (``REMOTE_ADDR``) is in ``trusted_proxies`` (the audit log asks it).
-        self.is_trusted_peer = channel.trusted_proxies.trusts_peer
         # Every request from a client carries the same certificate: parse it once.
         self._thumbprint = functools.lru_cache(maxsize=cache_size)(_parse)
 

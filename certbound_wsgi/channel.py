@@ -204,7 +204,7 @@ class ProxyChannel:
         self._header_var = environ_key(secret_header)
         if not isinstance(trusted_proxies, TrustedProxies):
             trusted_proxies = TrustedProxies(trusted_proxies)
-        #: The ``trusted_proxies`` (addresses and ``unix``), also asked by the audit log.
+        #: The ``trusted_proxies`` (addresses and ``unix``).
         self.trusted_proxies = trusted_proxies
         self._unix, self._networks = trusted_proxies.unix, trusted_proxies.networks
         self._uwsgi = uwsgi

@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 from .cache.redis import replay_store_warning
 from .channel import ProxyChannel, UwsgiListeners
 from .errors import ConfigurationError
+from .http import describe_failure
 from .proxies import UNIX, TrustedProxies
 from .settings import Settings
 
-__all__ = ["bind_host", "channel_errors", "check_config", "gunicorn_binds", "issuer_keys", "unsafe_settings"]
+__all__ = ["bind_host", "channel_errors", "check_config", "discovery_fix", "gunicorn_binds", "issuer_keys",
+           "redis_problems", "settings_of_app", "unsafe_settings"]
 
 
 def gunicorn_binds(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -50,17 +52,20 @@ def bind_host(bind: str) -> str | None:
 
 
 def check_config(
-    environ: Mapping[str, str] | None = None, bind: str | None = None, server: str = "gunicorn"
+    environ: Mapping[str, str] | None = None, bind: str | None = None, server: str = "gunicorn",
+    app: str | None = None,
 ) -> tuple[Settings, list[str], list[str]]:
-    """The settings of ``environ``, the errors that stop a deployment, and the warnings about them.
+    """The settings of ``environ`` (or of the app ``app`` names), the errors that stop a deployment,
+    and the warnings about them.
 
     :param environ: the ``CERTBOUND_*`` variables (and ``GUNICORN_CMD_ARGS``); defaults to :data:`os.environ`.
     :param bind: the address the application server listens on; by default the ``--bind`` options of
         ``GUNICORN_CMD_ARGS``.
     :param server: ``gunicorn`` or ``uwsgi``.
+    :param app: ``package.module:attribute`` of a Flask app or a middleware, whose effective settings to check.
     :raises ConfigurationError: a setting is invalid.
     """
-    settings = Settings.from_env(environ)
+    settings = settings_of_app(app, environ) if app else Settings.from_env(environ)
     binds = [bind] if bind else gunicorn_binds(environ)
     errors = channel_errors(settings, binds, server)
     warnings = [] if errors else unsafe_settings(settings, binds, server)
@@ -112,6 +117,90 @@ def channel_errors(settings: Settings, binds: list[str], server: str = "gunicorn
                 "set CERTBOUND_PROXY_SECRET (and nginx-config --proxy-secret-file)"
             )
     return errors
+
+
+def settings_of_app(target: str, environ: Mapping[str, str] | None = None) -> Settings:
+    """The settings an application runs with: a :class:`~certbound_wsgi.CertBoundMiddleware`'s, a Flask app's
+    ``CertBound`` extension's, or those ``CertBound(app)`` would read (``app.config``, then the environment).
+
+    :raises ConfigurationError: the app cannot be loaded, is neither, or its settings are invalid.
+    """
+    from .loader import load_app
+    from .middleware import CertBoundMiddleware
+
+    app: object = load_app(target)
+    for candidate in (app, getattr(app, "wsgi_app", None)):
+        if isinstance(candidate, CertBoundMiddleware):
+            return candidate.settings
+    extension = getattr(app, "extensions", {}).get("certbound") if isinstance(getattr(app, "extensions", None),
+                                                                              dict) else None
+    middleware = getattr(extension, "middleware", None)
+    if isinstance(middleware, CertBoundMiddleware):
+        return middleware.settings
+    config = getattr(app, "config", None)
+    if isinstance(config, Mapping):
+        from .flask import effective_config
+
+        return Settings.from_mapping(effective_config(config, environ))
+    raise ConfigurationError("app", f"{target!r} is neither a Flask app nor a CertBoundMiddleware")
+
+
+def discovery_fix(message: str, settings: Settings, issuer: str | None = None) -> str:
+    """What to do about a failed discovery, from its message; empty when there is nothing to suggest.
+
+    :param issuer: the issuer whose discovery failed (default: ``issuer``).
+    """
+    issuer = issuer or settings.issuer
+    variable = "CERTBOUND_ISSUER" if issuer == settings.issuer else "CERTBOUND_ISSUERS_ALLOWED"
+    if "certificate verify failed" in message or "SSLError" in message:
+        if settings.ca_file:
+            return (f"CERTBOUND_CA_FILE ({settings.ca_file}) does not hold the CA that signed the issuer's TLS "
+                    "certificate: point it at that CA")
+        return "set CERTBOUND_CA_FILE to the CA certificate that signed the issuer's TLS certificate"
+    if "names issuer" in message:
+        return f"set {variable} to exactly the issuer its metadata names (a trailing slash counts)"
+    if "Error:" in message or "timed out" in message:
+        return f"check that the issuer is running and that {variable} ({issuer}) is its URL"
+    if "answered 404" in message:
+        return f"{variable} has no discovery document there: check the URL (a realm or tenant path counts)"
+    return ""
+
+
+def redis_problems(settings: Settings) -> list[str]:
+    """Ask each configured Redis (the cache's, and the DPoP replay store's own) for a ``PING``;
+    what is wrong with each, with the fix. Empty when every one answers."""
+    from .cache.redis import make_client, make_replay_client
+
+    problems = []
+    if settings.uses_redis:
+        url = settings.redis_url
+        where = _without_password(url) if url else f"sentinel {settings.redis_sentinel_master}"
+        variable = "CERTBOUND_REDIS_URL" if url else "CERTBOUND_REDIS_SENTINEL_NODES"
+        problems.append(_ping(make_client(settings), where, variable))
+    if settings.proof_of_possession_dpop != "off" and settings.dpop_replay_redis_url:
+        problems.append(_ping(make_replay_client(settings), _without_password(settings.dpop_replay_redis_url),
+                              "CERTBOUND_DPOP_REPLAY_REDIS_URL"))
+    return [problem for problem in problems if problem is not None]
+
+
+def _ping(client: Any, where: str, variable: str) -> str | None:
+    try:
+        if client.ping():
+            return None
+        failure = "no PONG"
+    except Exception as exc:  # any failure of the probe is what we report
+        failure = describe_failure(exc)
+    finally:
+        client.close()
+    return f"Redis at {where} does not answer ({failure}): start it, or fix {variable}"
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":****@", 1)
+    return parts._replace(netloc=netloc).geturl()
 
 
 def unsafe_settings(settings: Settings, binds: list[str], server: str = "gunicorn") -> list[str]:

@@ -8,34 +8,78 @@ values or raise; this module turns them into output and exit statuses.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cryptography.hazmat.primitives import serialization
+
 from .channel import DEFAULT_SECRET_HEADER
 from .errors import ConfigurationError
 
-__all__ = ["check_config_command", "main", "nginx_config_command", "thumbprint_command"]
+__all__ = ["check_config_command", "describe", "main", "nginx_config_command", "thumbprint_command"]
+
+_DESCRIPTION = """\
+Operator commands for certbound-wsgi, the WSGI middleware that accepts an OAuth access
+token only together with the client certificate (RFC 8705) or DPoP key (RFC 9449) it
+is bound to.
+"""
+
+_EPILOG = """\
+typical use:
+  certbound-wsgi check-config              check the CERTBOUND_* environment and the issuer
+  certbound-wsgi nginx-config --server-cert server.pem --server-key server.key -o certbound.conf
+  certbound-wsgi thumbprint client.pem     the x5t#S256 a token must be bound to
+  certbound-wsgi demo                      see a stolen token refused, with no network
+
+Run 'certbound-wsgi COMMAND --help' for a command's options; the documentation is in docs/
+of the source distribution.
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("certbound-wsgi")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown (not installed)"
+
+
+def _command(commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, summary: str,
+             description: str, epilog: str = "") -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=description, epilog=epilog or None,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="certbound-wsgi", description="Certificate-bound OAuth access tokens for WSGI apps: operator commands."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="certbound-wsgi", description=_DESCRIPTION, epilog=_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="run the self-contained demonstration (no network needed)")
+    demo = _command(commands, "demo", "run the self-contained demonstration (no network needed)",
+                    "Start a throwaway issuer, CA and protected echo app on loopback, and show a bound token\n"
+                    "accepted and the same token refused with another certificate.")
     demo.add_argument("--once", action="store_true", help="exit after showing the requests instead of serving")
     demo.add_argument("--port", type=int, default=0, help="port for the protected echo app (default: a free one)")
 
-    thumb = commands.add_parser("thumbprint", help="print the RFC 8705 x5t#S256 thumbprint of a PEM certificate")
-    thumb.add_argument("cert", help="path to a PEM certificate ('-' for standard input)")
+    thumb = _command(commands, "thumbprint", "print a certificate's RFC 8705 x5t#S256 thumbprint",
+                     "Print base64url(SHA-256(DER)) of a certificate: the value of cnf.x5t#S256 that a token\n"
+                     "must carry to be accepted with it (RFC 8705 section 3.1). The file may be PEM, DER or\n"
+                     "nginx's URL-escaped PEM; of a bundle, the first certificate (the client's own) is used\n"
+                     "and standard error says which one that is.",
+                     "example:\n  certbound-wsgi thumbprint client.pem")
+    thumb.add_argument("cert", help="the certificate file ('-' for standard input)")
 
-    check = commands.add_parser(
-        "check-config",
-        help="load the CERTBOUND_* environment, run discovery, print the effective settings (secrets masked) "
-        "and warn about unsafe ones",
+    check = _command(
+        commands, "check-config", "check the CERTBOUND_* settings, the issuer and Redis",
+        "Load the CERTBOUND_* environment (or an application's effective settings), print them with\n"
+        "secrets masked, warn about settings that weaken the protection, fetch the issuer's metadata\n"
+        "and keys, and ping Redis when one is configured. Every problem is one line that names the fix.",
+        "exit status: 0 fine, 1 the issuer or Redis cannot be reached, 2 invalid settings,\n"
+        "3 valid but with warnings",
     )
     check.add_argument(
         "--bind",
@@ -49,9 +93,20 @@ def _parser() -> argparse.ArgumentParser:
         default="gunicorn",
         help="the application server (under uWSGI an address proves nothing: see docs/security.md)",
     )
-    check.add_argument("--no-discovery", action="store_true", help="do not contact the issuer")
+    check.add_argument("--no-discovery", action="store_true", help="do not contact the issuer (Redis, when "
+                       "configured, is still pinged)")
+    check.add_argument("--app", default=None, metavar="MODULE:ATTR",
+                       help="check the settings this Flask app or middleware runs with (app.config, then the "
+                       "environment), instead of the environment alone")
 
-    nginx = commands.add_parser("nginx-config", help="render the shipped nginx configuration")
+    nginx = _command(
+        commands, "nginx-config", "render the shipped nginx configuration",
+        "Render the nginx server block (or, with --standalone, a whole nginx.conf) that terminates\n"
+        "mutual TLS and forwards the client certificate to gunicorn or uWSGI. The certificate and\n"
+        "key files are checked first: present, a certificate and a key, and a matching pair.",
+        "example:\n  certbound-wsgi nginx-config --server-cert /etc/certbound/server.pem \\\n"
+        "      --server-key /etc/certbound/server.key -o /etc/nginx/conf.d/certbound.conf",
+    )
     nginx.add_argument("--upstream", choices=("gunicorn", "uwsgi"), default="gunicorn")
     nginx.add_argument("--listen", default="443", help="nginx listen address, e.g. 443 or 127.0.0.1:8443")
     nginx.add_argument(
@@ -91,8 +146,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     nginx.add_argument("--standalone", action="store_true", help="wrap the server block in a full nginx.conf")
     nginx.add_argument("--prefix", default=None, help="with --standalone: directory for pid, logs and temp files")
+    nginx.add_argument("--no-check-files", action="store_true",
+                       help="do not read the certificate and key files (rendering for another host)")
     nginx.add_argument("-o", "--output", default="-", help="file to write ('-' for standard output)")
     return parser
+
+
+def describe(error: ConfigurationError, kind: str = "configuration error") -> str:
+    """The one line for a configuration error, naming the environment variable to fix.
+
+    :param kind: what the line calls it: ``configuration error`` for ``check-config``;
+        at start-up under gunicorn or uWSGI, ``ConfigurationError``, as a traceback's last line would.
+    """
+    from .settings import Settings, env_name
+
+    known = error.option in Settings.__dataclass_fields__ or error.option == "app"
+    variable = f" ({env_name(error.option)})" if known else ""
+    return f"certbound-wsgi: {kind}: {error}{variable}"
 
 
 def _error(message: str) -> None:
@@ -100,34 +170,47 @@ def _error(message: str) -> None:
 
 
 def thumbprint_command(path: str) -> int:
-    """``certbound-wsgi thumbprint CERT.pem``: 0, or 1 when the file cannot be read or holds no certificate."""
-    from .certificates import thumbprint_from_pem
+    """``certbound-wsgi thumbprint CERT``: 0, or 1 when the file cannot be read or holds no certificate.
+
+    PEM, DER or URL-escaped PEM; of several certificates the first (a client's own comes first in
+    its chain) is used, and standard error names it and how many others there were.
+    """
+    from .certificates import thumbprint_from_der
+    from .pem_files import certificates_in, describe, read_certificates
 
     try:
-        if path == "-":
-            pem = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8", errors="strict") as fh:
-                pem = fh.read()
-        print(thumbprint_from_pem(pem))
-    except (OSError, ValueError, UnicodeError) as exc:
-        _error(f"certbound-wsgi thumbprint: {path}: {exc}")
+        certificates = certificates_in(_stdin_bytes()) if path == "-" else read_certificates(path)
+    except ValueError as exc:
+        message = str(exc)
+        _error(f"certbound-wsgi thumbprint: {message if path != '-' else f'{path}: {message}'}")
         return 1
+    first = certificates[0]
+    print(thumbprint_from_der(first.public_bytes(serialization.Encoding.DER)))
+    if len(certificates) > 1:
+        _error(f"certbound-wsgi thumbprint: {path} holds {len(certificates)} certificates; this is the first: "
+               f"{describe(first)}")
     return 0
 
 
-def check_config_command(bind: str | None = None, discover: bool = True, server: str = "gunicorn") -> int:
-    """``certbound-wsgi check-config``: validate, warn, discover.
+def _stdin_bytes() -> bytes:
+    stream = getattr(sys.stdin, "buffer", None)
+    return stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
 
-    :returns: 0 (fine), 1 (discovery failed), 2 (invalid, or no certificate could ever be believed:
-        one ``error:`` line each, naming the fix), 3 (valid with warnings).
+
+def check_config_command(bind: str | None = None, discover: bool = True, server: str = "gunicorn",
+                         app: str | None = None) -> int:
+    """``certbound-wsgi check-config``: validate, warn, discover, ping Redis.
+
+    :param app: ``module:attr`` of an application whose effective settings to check.
+    :returns: 0 (fine), 1 (the issuer or Redis cannot be reached), 2 (invalid, or no certificate could ever
+        be believed: one ``error:`` line each, naming the fix), 3 (valid with warnings).
     """
-    from .check import check_config, issuer_keys
+    from .check import check_config, discovery_fix, issuer_keys, redis_problems
 
     try:
-        settings, errors, warnings = check_config(bind=bind, server=server)
+        settings, errors, warnings = check_config(bind=bind, server=server, app=app)
     except ConfigurationError as exc:
-        _error(f"configuration error: {exc}")
+        _error(describe(exc))
         return 2
     print(json.dumps(settings.masked(), indent=2))
     for error in errors:
@@ -136,18 +219,25 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
         return 2
     for warning in warnings:
         _error(f"warning: {warning}")
+    failed = False
     if discover and settings.issuer:
-        failed = False
         for report in issuer_keys(settings):
             if "error" in report:
-                _error(f"discovery failed: {report['issuer']}: {report['error']}")
+                fix = discovery_fix(str(report["error"]), settings, report["issuer"])
+                _error(f"discovery failed: {report['issuer']}: {report['error']}" + (f"; {fix}" if fix else ""))
                 failed = True
                 continue
             print(f"issuer metadata: {report['issuer']} (jwks_uri {report['jwks_uri']})")
             ages = report["key_ages"]
             print(f"signing keys: {', '.join(f'{kid} (age {_age(ages[kid])})' for kid in report['kids']) or 'none'}")
-        if failed:
-            return 1
+    problems = redis_problems(settings)
+    for problem in problems:
+        _error(f"redis failed: {problem}")
+    failed = failed or bool(problems)
+    if settings.uses_redis and not problems:
+        print("redis: answers PING")
+    if failed:
+        return 1
     return 3 if warnings else 0
 
 
@@ -168,6 +258,10 @@ def nginx_config_command(args: argparse.Namespace) -> int:
     """
     from .nginx_config import render
 
+    problem = None if args.no_check_files else _nginx_input_problem(args)
+    if problem is not None:
+        _error(f"certbound-wsgi nginx-config: error: {problem}")
+        return 2
     try:
         secret = _read_secret(args.proxy_secret_file)
         text = render(
@@ -216,6 +310,28 @@ def _read_secret(path: str | None) -> str | None:
     return os.environ.get("CERTBOUND_PROXY_SECRET") or None
 
 
+def _nginx_input_problem(args: argparse.Namespace) -> str | None:
+    """The first thing wrong with the certificate and key files nginx will load, as one line."""
+    from .pem_files import check_key_pair, read_certificates, read_private_key
+
+    swap = " (are --server-cert and --server-key swapped?)"
+    try:
+        certificates = read_certificates(args.server_cert)
+    except ValueError as exc:
+        return f"--server-cert: {exc}{swap if 'private key' in str(exc) else ''}"
+    try:
+        key = read_private_key(args.server_key)
+        check_key_pair(certificates[0], key, args.server_cert, args.server_key)
+    except ValueError as exc:
+        return f"--server-key: {exc}{swap if 'holds a certificate' in str(exc) else ''}"
+    try:
+        if args.client_ca:
+            read_certificates(args.client_ca)
+    except ValueError as exc:
+        return f"--client-ca: {exc}"
+    return None
+
+
 def _write(text: str, output: str) -> None:
     """Write ``text`` to ``output`` (``-``: standard output), replacing a file in one step,
     so that an nginx reloading meanwhile never reads half a configuration. The file is
@@ -245,7 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "thumbprint":
         return thumbprint_command(args.cert)
     if args.command == "check-config":
-        return check_config_command(bind=args.bind, discover=not args.no_discovery, server=args.server)
+        return check_config_command(bind=args.bind, discover=not args.no_discovery, server=args.server,
+                                    app=args.app)
     return nginx_config_command(args)
 
 

@@ -269,6 +269,15 @@ class Discovery:
                 self._inflight = None
             done.set()
 
+    def keys_loaded(self) -> bool:
+        """Whether signing keys are in memory (for readiness); no I/O."""
+        return bool(self._keys)
+
+    def reachable(self) -> bool:
+        """Whether the issuer answered the latest fetch; fetches when one is due, as rate-limited as :meth:`refresh`."""
+        self.refresh()
+        return self._last_ok
+
     def check(self) -> tuple[dict[str, Any], list[str]]:
         """Fetch everything now (for ``check-config``); return the metadata and the key ids.
 
@@ -450,7 +459,7 @@ class Discovery:
         except DiscoveryError:
             metrics.key_fetch(False)
             raise
-        metrics.key_fetch(True, now)
+        metrics.key_fetch(True)  # stamped with the wall clock: ``now`` is monotonic
         return snapshot
 
     def _fetch(self, now: float) -> Snapshot:

@@ -148,7 +148,7 @@ class ReplayCache:
                 return bool(added)
             if not self._fail_open:
                 raise TemporarilyUnavailable("DPoP replay protection is unavailable; try again shortly",
-                                             retry_after=REPLAY_RETRY_AFTER)
+                                             retry_after=REPLAY_RETRY_AFTER, reason="store_unavailable")
         return self._seen.add(key, True, self._clock() + ttl)
 
 
@@ -316,7 +316,7 @@ class DPoPVerifier:
         nonce_age = self._check_claims(environ, claims, token)
         # 11.1: a proof is used once, by any worker on any host.
         if not self._replay.first_use(self._key_name("dpop", claims["htu"], claims["jti"]), self._lifetime):
-            raise DPoPError("the DPoP proof has already been used")
+            raise DPoPError("the DPoP proof has already been used", reason="dpop_replay")
         return nonce_age
 
     def _check_header(self, header_segment: str, jkt: object) -> tuple[str, ProofKey]:

@@ -6,7 +6,6 @@ middleware's, so that its challenges and ``on_error`` apply here too).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterable
 
 from .authenticator import Authenticator
@@ -17,8 +16,6 @@ from .sessions import Sessions
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["Endpoints", "Login"]
-
-log = logging.getLogger("certbound_wsgi")
 
 Refuse = Callable[[WSGIEnvironment, AuthError], WSGIApplication]
 
@@ -105,7 +102,8 @@ class Login:
         try:
             session, location = login.callback(environ)
         except AuthError as error:
-            log.info("certbound: login refused: %s", error.description or error.error)
+            if error.status < 500:
+                error.reason = "login_failed"  # whatever the issuer or the state got wrong, for the audit event
             error.headers.append(("Set-Cookie", login.clear_state_cookie))
             return self._refuse(environ, error)(environ, start_response)
         headers = [("Location", location), ("Set-Cookie", login.clear_state_cookie), ("Cache-Control", "no-store")]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .types import StartResponse, WSGIEnvironment
 
@@ -72,6 +73,7 @@ class ConfigurationError(ValueError):
     def __init__(self, option: str, message: str) -> None:
         super().__init__(f"{option}: {message}")
         self.option = option
+        self.message = message
 
 
 class AuthError(Exception):
@@ -83,10 +85,18 @@ class AuthError(Exception):
     :param status: the HTTP status.
     :param headers: extra response headers, such as ``Retry-After``.
     :param scope: the ``scope`` auth-param, for ``insufficient_scope``.
+    :param reason: the audit reason code (:data:`certbound_wsgi.audit.REASONS`) when it is more
+        specific than the class's, e.g. ``cert_mismatch`` for an :class:`InvalidToken`.
     """
 
     status = 401
     error: str | None = "invalid_token"
+    #: The stable audit reason code; the logs and metrics carry it, never the description's text.
+    reason = "token_invalid"
+    #: The token's claims, when validation got that far (a binding or scope refusal), for the audit event.
+    claims: Mapping[str, Any] | None = None
+    #: The thumbprint of the certificate that came with the request, for the audit event.
+    presented: str | None = None
     #: The ``WWW-Authenticate`` values it answers with; :meth:`Challenges.bind` sets them.
     www_authenticate: Sequence[str] = ()
 
@@ -98,6 +108,7 @@ class AuthError(Exception):
         status: int | None = None,
         headers: Iterable[tuple[str, str]] = (),
         scope: str | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(description)
         self.description = description
@@ -107,6 +118,8 @@ class AuthError(Exception):
             self.status = status
         self.headers = list(headers)
         self.scope = scope
+        if reason is not None:
+            self.reason = reason
 
     def challenge_params(self) -> list[tuple[str, str]]:
         params: list[tuple[str, str]] = []
@@ -148,6 +161,7 @@ class MissingToken(AuthError):
     """No access token at all: a bare challenge with no error code (RFC 6750 section 3.1)."""
 
     error = None
+    reason = "token_missing"
 
 
 class InvalidRequest(AuthError):
@@ -155,6 +169,7 @@ class InvalidRequest(AuthError):
 
     status = 400
     error = "invalid_request"
+    reason = "request_invalid"
 
 
 class InvalidToken(AuthError):
@@ -166,6 +181,7 @@ class InsufficientScope(AuthError):
 
     status = 403
     error = "insufficient_scope"
+    reason = "scope_insufficient"
 
 
 class TemporarilyUnavailable(AuthError):
@@ -173,9 +189,10 @@ class TemporarilyUnavailable(AuthError):
 
     status = 503
     error = "temporarily_unavailable"
+    reason = "issuer_unavailable"
 
-    def __init__(self, description: str, *, retry_after: int = 5) -> None:
-        super().__init__(description, headers=[("Retry-After", str(max(1, retry_after)))])
+    def __init__(self, description: str, *, retry_after: int = 5, reason: str | None = None) -> None:
+        super().__init__(description, headers=[("Retry-After", str(max(1, retry_after)))], reason=reason)
 
     def challenge_params(self) -> list[tuple[str, str]]:
         # RFC 6750 defines no error code for this; the challenge carries the realm only.
@@ -189,12 +206,14 @@ class DPoPError(AuthError):
     """
 
     error = "invalid_dpop_proof"
+    reason = "dpop_invalid"
 
 
 class NonceRequired(AuthError):
     """401 ``use_dpop_nonce`` with a fresh ``DPoP-Nonce`` header (RFC 9449 section 9); on the DPoP challenge."""
 
     error = "use_dpop_nonce"
+    reason = "dpop_nonce"
 
     def __init__(self, nonce: str) -> None:
         super().__init__("a fresh DPoP nonce is required", headers=[("DPoP-Nonce", nonce)])

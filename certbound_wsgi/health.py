@@ -50,7 +50,9 @@ class Readiness:
 
     :param keys_loaded: the issuer's signing keys (JWKS) are in memory, e.g.
         ``lambda: discovery.keys_loaded()``; ``None`` when only introspection is used.
-    :param issuer_reachable: the issuer answered recently (its metadata or a cheap request).
+    :param issuer_reachable: the issuer answered recently (its metadata or a cheap request); ``None`` when
+        there is no issuer to ask (introspection at a configured endpoint). Run before ``keys_loaded``,
+        so that a first probe which fetches the keys also reports them loaded.
     :param redis: Redis answers a ``PING``; ``None`` when Redis is not configured (reported ``"off"``).
     :param redis_required: whether Redis being down makes the worker unready. True when sessions
         or DPoP replay protection live in Redis (requests would get 503 anyway); False when it
@@ -64,14 +66,14 @@ class Readiness:
         self,
         *,
         keys_loaded: Check | None,
-        issuer_reachable: Check,
+        issuer_reachable: Check | None,
         redis: Check | None = None,
         redis_required: bool = True,
         cache_seconds: float = 2.0,
         retry_after: int = 5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._checks: dict[str, Check | None] = {"keys": keys_loaded, "issuer": issuer_reachable, "redis": redis}
+        self._checks: dict[str, Check | None] = {"issuer": issuer_reachable, "keys": keys_loaded, "redis": redis}
         self._required = {"keys", "issuer"} | ({"redis"} if redis_required else set())
         self._cache_seconds = cache_seconds
         self._retry_after = max(1, retry_after)

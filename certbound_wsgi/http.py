@@ -8,6 +8,8 @@ worker buffer an endless body; TLS verification is passed on every call.
 
 from __future__ import annotations
 
+import re
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +28,15 @@ def request_path(environ: WSGIEnvironment) -> str:
 
 
 class Unreachable(Exception):
-    """No answer at all: connection refused, timeout, TLS failure, an unparseable URL. The message names which."""
+    """No answer at all: connection refused, timeout, TLS failure, an unparseable URL.
+
+    The message says which and why, for logs and ``check-config``; :attr:`kind` is only the
+    exception's class (``SSLError``), for what a client may be told.
+    """
+
+    def __init__(self, detail: str, kind: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
 
 
 class TooLarge(Exception):
@@ -47,6 +57,31 @@ class JSONResponse:
     document: dict[str, Any] | None
     problem: str = ""
     cache_control: str = ""
+
+
+_ERRNO = re.compile(r"\[Errno -?\d+\] ([^'\")]+)")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """``SSLError: certificate verify failed: self-signed certificate in certificate chain``: the
+    exception's kind and, in the words of its deepest cause, why; never a URL's query or a body."""
+    cause = exc
+    for _ in range(8):  # requests wraps urllib3, which wraps the socket's or ssl's error
+        inner = getattr(cause, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((arg for arg in cause.args if isinstance(arg, BaseException)), None)
+        if inner is None:
+            break
+        cause = inner
+    if isinstance(cause, ssl.SSLCertVerificationError) and cause.verify_message:
+        detail = f"certificate verify failed: {cause.verify_message}"
+    elif isinstance(cause, ssl.SSLError) and cause.reason:
+        detail = str(cause.reason).lower().replace("_", " ")
+    else:
+        text = str(cause)
+        found = _ERRNO.search(text)
+        detail = found.group(1) if found else ("timed out" if "timed out" in text else text or type(cause).__name__)
+    return f"{type(exc).__name__}: {detail.strip()}"[:200]
 
 
 class JSONClient:
@@ -89,7 +124,7 @@ class JSONClient:
                 body = response.raw.read(self._max_body + 1, decode_content=True)
         except (requests.RequestException, urllib3.exceptions.HTTPError, ValueError) as exc:
             # urllib3's errors: a read that fails mid-stream; ValueError: a URL it cannot parse.
-            raise Unreachable(type(exc).__name__) from None
+            raise Unreachable(describe_failure(exc), type(exc).__name__) from None
         if len(body) > self._max_body:
             raise TooLarge(url)
         # Only a GET's answer may be kept (RFC 9111 section 4): a POST's Cache-Control means nothing to us.

@@ -288,18 +288,18 @@ class IntrospectionValidator:
         settings = self._settings
         claims = entry.claims
         if settings.introspection_check_active and not entry.active:
-            raise InvalidToken("the token is not active")
+            raise InvalidToken("the token is not active", reason="token_inactive")
         if entry.active and not is_access_token(claims, required=settings.introspection_token_type_required):
             raise InvalidToken("the introspection answer does not say the token is an access token")
         try:
             # RFC 7662 section 2.2: exp and nbf are optional; iat says nothing about validity here.
             check_time_claims(claims, self._clock(), settings.leeway, required=(), checked=("exp", "nbf"))
         except TimeClaimError as exc:
-            raise InvalidToken(exc.describe("the token")) from None
+            raise InvalidToken(exc.describe("the token"), reason=exc.reason) from None
         if claims.get("iss") is not None and settings.issuer and not issued_by(claims, settings.issuer):
-            raise InvalidToken("the token was issued by another issuer")
+            raise InvalidToken("the token was issued by another issuer", reason="issuer_mismatch")
         if not meant_for(claims, self._audience):
-            raise InvalidToken("the token is not meant for this audience")
+            raise InvalidToken("the token is not meant for this audience", reason="audience_mismatch")
         return claims
 
 

@@ -227,6 +227,13 @@ class TimeClaimError(ValueError):
         self.claim = claim
         self.problem = problem
 
+    @property
+    def reason(self) -> str:
+        """The audit reason code: ``token_expired``, ``token_not_yet_valid``, or ``token_invalid`` for a bad claim."""
+        if self.problem != "time":
+            return "token_invalid"
+        return "token_expired" if self.claim == "exp" else "token_not_yet_valid"
+
     def describe(self, subject: str) -> str:
         """A sentence for an error description: ``subject`` is e.g. ``the token`` or ``the ID token``."""
         if self.problem == "missing":

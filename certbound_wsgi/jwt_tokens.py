@@ -107,7 +107,7 @@ class JWTValidator:
         try:
             keys = self._discovery.keys_for(kid)
         except UnknownKey:
-            raise InvalidToken("the token is signed with an unknown key") from None
+            raise InvalidToken("the token is signed with an unknown key", reason="key_unknown") from None
         except DiscoveryError:
             raise TemporarilyUnavailable(
                 "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
@@ -158,13 +158,13 @@ class JWTValidator:
 
     def _check_claims(self, claims: Claims, now: float) -> None:
         if not issued_by(claims, self._issuer):
-            raise InvalidToken("the token was issued by another issuer")
+            raise InvalidToken("the token was issued by another issuer", reason="issuer_mismatch")
         try:
             check_time_claims(claims, now, self._leeway)
         except TimeClaimError as exc:
-            raise InvalidToken(exc.describe("the token")) from None
+            raise InvalidToken(exc.describe("the token"), reason=exc.reason) from None
         if not meant_for(claims, self._audience):
-            raise InvalidToken("the token is not meant for this audience")
+            raise InvalidToken("the token is not meant for this audience", reason="audience_mismatch")
         sub = claims.get("sub")
         if sub is not None and not isinstance(sub, str):
             raise InvalidToken("the sub claim is not a string")

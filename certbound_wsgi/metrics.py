@@ -90,23 +90,34 @@ def enabled() -> bool:
     return _instruments() is not None
 
 
-def request(outcome: str, reason: str, seconds: float, status: int | None = None) -> None:
+def request(outcome: str, reason: str, seconds: float | None, status: int | None = None) -> None:
     """Count one access decision and how long the middleware took for it.
 
     :param outcome: ``accepted``, ``refused`` or ``fault`` (as in the audit event).
     :param reason: the audit reason code (:data:`certbound_wsgi.audit.REASONS`).
-    :param seconds: the middleware's own time, from ``time.perf_counter()``.
+    :param seconds: the middleware's own time, from ``time.perf_counter()``; ``None`` when it is not
+        known (a refusal by the application, such as ``require_scope``'s), which the histogram skips.
     :param status: the answer's status; a 503 is also counted in ``certbound_unavailable_total``.
     """
     m = _instruments()
     if m is None:
         return
-    m.requests.labels(outcome, reason).inc()
-    m.latency.labels(outcome).observe(seconds)
+    count, latency = _decision(m, outcome, reason)
+    count.inc()
+    if seconds is not None:
+        latency.observe(seconds)
     if status == 503:
         m.unavailable.labels(reason).inc()
     if reason == "dpop_replay":
         m.dpop_replays.inc()
+
+
+@functools.cache
+def _decision(m: _Instruments, outcome: str, reason: str) -> tuple[Any, Any]:
+    """The labelled children for one decision, found once: ``labels()`` takes a lock and a lookup
+    on every call, which is most of the cost of counting on the warm path. Bounded: three
+    outcomes times the reason codes."""
+    return m.requests.labels(outcome, reason), m.latency.labels(outcome)
 
 
 def key_fetch(ok: bool, fetched_at: float | None = None) -> None:

@@ -1,9 +1,10 @@
 """The middleware: authenticate the request, then call the wrapped app.
 
-``__call__`` -> an endpoint? -> :meth:`Authenticator.authenticate` -> ``environ["certbound.*"]`` -> app.
-A refusal is an :class:`~certbound_wsgi.errors.AuthError`, itself the WSGI app that
-answers it. Nothing here fails open: a request that cannot be validated is answered
-with 401 or 503, never passed on.
+``__call__`` -> a health or public path? -> an endpoint? -> :meth:`Authenticator.authenticate`
+-> ``environ["certbound.*"]`` -> app. A refusal is an :class:`~certbound_wsgi.errors.AuthError`,
+itself the WSGI app that answers it; every one goes through :meth:`CertBoundMiddleware.refuse`,
+which writes its audit event and counts it. Nothing here fails open: a request that cannot be
+validated is answered with 401 or 503, never passed on.
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .authenticator import Identity, build
+from . import metrics
+from .audit import Auditor, install_stderr_fallback
+from .authenticator import Authenticator, Identity, build
+from .cache.redis import make_client, make_replay_client
 from .discovery import Discovery
 from .endpoints import Endpoints
 from .errors import AuthError, Challenges, MissingToken
+from .health import Readiness, live
 from .http import request_path
 from .jose import copy_claims
+from .public_paths import PublicPaths
 from .settings import Settings
 from .types import StartResponse, WSGIApplication, WSGIEnvironment
 
@@ -72,12 +78,36 @@ class CertBoundMiddleware:
                       logout_methods=settings.logout_methods, logout_redirect_uri=settings.logout_redirect_uri)
             if auth.sessions is not None else None
         )
+        # The client address and request id are believed through the same channel as the certificate.
+        channel = auth.certificates.channel
+        self.auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
+                               trusted_channel=lambda environ: channel.verdict(environ).trusted,
+                               forwarded_hops=settings.forwarded_for_hops,
+                               trust_request_id=settings.audit_trust_request_id)
+        if settings.audit_log_stderr:
+            install_stderr_fallback()
+        self.public_paths = PublicPaths(settings.public_paths)
+        self.readiness = _readiness(settings, auth) if settings.readiness_path else None
+        #: The middleware's own unauthenticated answers, by exact path.
+        self.health: dict[str, WSGIApplication] = {}
+        if self.readiness is not None:
+            self.health[settings.readiness_path] = self.readiness
+        if settings.liveness_path:
+            self.health[settings.liveness_path] = live
+        self._open = bool(self.health or self.public_paths)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
         self.authenticator.certificates.channel.verdict(environ)
         if self.client_jwks is not None and request_path(environ) == self.settings.client_jwks_path:
             return self.client_jwks(environ, start_response)  # public: the issuer downloads it unauthenticated
+        if self._open:
+            own = self.health.get(request_path(environ))
+            if own is not None:
+                return own(environ, start_response)
+            if self.public_paths(environ):
+                return self.app(environ, start_response)
+        environ["certbound.started"] = started = time.perf_counter()
         endpoint = self.endpoints.match(environ) if self.endpoints is not None else None
         if endpoint is not None:
             return endpoint(environ, start_response)
@@ -91,14 +121,15 @@ class CertBoundMiddleware:
             login = self.endpoints.login_page(environ) if self.endpoints is not None else None
             return (login or self.refuse(environ, error))(environ, start_response)
         except AuthError as error:
-            log.info("certbound: %s %s refused: %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-                     error.status, error.description or error.error)
             return self.refuse(environ, error, scheme)(environ, start_response)
         except Exception:
-            # A bug, not bad input: fail closed, keep the traceback in the log only.
+            # A bug, not bad input: fail closed; the traceback goes to the log, the event says internal_error.
             log.exception("certbound: internal error while authenticating")
-            internal = AuthError("internal error", error="server_error", status=500)
+            internal = AuthError("internal error", error="server_error", status=500, reason="internal_error")
             return self.refuse(environ, internal)(environ, start_response)
+        del environ["certbound.started"]  # decided: a later refusal (require_scope) is the application's time
+        self.auditor.accepted(environ, identity)
+        metrics.request("accepted", "ok", time.perf_counter() - started, 200)
         # A deep copy: the claims are memoized, and the app must not be able to change them.
         environ["certbound.claims"] = copy_claims(identity.claims)
         environ["certbound.token"] = identity.token
@@ -112,10 +143,17 @@ class CertBoundMiddleware:
         return self.app(environ, _start_response_for(identity, start_response))
 
     def refuse(self, environ: WSGIEnvironment, error: AuthError, scheme: str | None = None) -> WSGIApplication:
-        """The response to ``error``: its challenges decided by :attr:`challenges`, then ``on_error``.
+        """The response to ``error``, once its audit event is written and it is counted: its
+        challenges decided by :attr:`challenges`, then ``on_error``.
 
+        :param error: what refuses the request; its ``claims`` and ``presented`` thumbprint, when
+            the authenticator got that far, go into the audit event.
         :param scheme: the scheme of the request's credential (``Bearer`` or ``DPoP``), if it had one.
         """
+        reason = self.auditor.refused(environ, error, claims=error.claims, presented=error.presented)
+        started = environ.pop("certbound.started", None)
+        seconds = time.perf_counter() - started if isinstance(started, float) else None
+        metrics.request("fault" if error.status >= 500 else "refused", reason, seconds, error.status)
         return self.on_error(environ, self.challenges.bind(error, scheme))
 
     def authenticate(self, environ: WSGIEnvironment) -> Identity:
@@ -138,6 +176,23 @@ class CertBoundMiddleware:
     dpop = property(lambda self: self.authenticator.dpop)
     sessions = property(lambda self: self.authenticator.sessions)
     login = property(lambda self: self.authenticator.login)
+
+
+def _readiness(settings: Settings, auth: Authenticator) -> Readiness:
+    """The checks of ``readiness_path``: keys (JWT validation only), the issuer, and Redis, which
+    makes the worker unready only when requests need it (sessions, or DPoP replay protection
+    that does not fail open); as the second-level introspection cache it can be done without."""
+    dpop = settings.proof_of_possession_dpop != "off"
+    clients = [make_client(settings)] if settings.uses_redis else []
+    if dpop and settings.dpop_replay_redis_url:
+        clients.append(make_replay_client(settings))  # the replay store's own Redis
+    needs_redis = "session" in settings.auth_methods or (dpop and not settings.dpop_replay_fail_open)
+    return Readiness(
+        keys_loaded=auth.discovery.keys_loaded if auth.jwt is not None else None,
+        issuer_reachable=auth.discovery.reachable if settings.issuer else None,
+        redis=(lambda: all(client.ping() for client in clients)) if clients else None,
+        redis_required=needs_redis,
+    )
 
 
 def _start_response_for(identity: Identity, start_response: StartResponse) -> StartResponse:

@@ -239,7 +239,7 @@ class BrowserLogin:
         try:
             answer = self._http.post(endpoint, data, auth=auth)
         except http.Unreachable as exc:
-            raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({exc})") from None
+            raise TemporarilyUnavailable(f"the token endpoint cannot be reached ({exc.kind})") from None
         except http.TooLarge:
             raise TemporarilyUnavailable("the token endpoint's answer is too large") from None
         if answer.status >= 500:

@@ -177,7 +177,7 @@ class _RedisStore:
 
 
 def _unavailable() -> TemporarilyUnavailable:
-    return TemporarilyUnavailable("the session store is unavailable", retry_after=2)
+    return TemporarilyUnavailable("the session store is unavailable", retry_after=2, reason="store_unavailable")
 
 
 class Sessions:
@@ -309,7 +309,8 @@ class Sessions:
         return self.cookie(self.signed(CookieId(sid, record.gen, _end(record)).value))
 
     def _expired(self) -> InvalidToken:
-        return InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())])
+        return InvalidToken("the session has expired", headers=[("Set-Cookie", self.clear_cookie())],
+                            reason="session_invalid")
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -435,7 +436,7 @@ class Sessions:
             except TemporarilyUnavailable:
                 pass  # the check above refuses it on every use until it expires
             raise InvalidToken("the session's token is no longer active",
-                               headers=[("Set-Cookie", self.clear_cookie())]) from None
+                               headers=[("Set-Cookie", self.clear_cookie())], reason="token_inactive") from None
 
     def touch(self, session: Session) -> Session:
         """After a successful use: renew the cookie when due, or record the use.

@@ -10,6 +10,7 @@ in ``docs/configuration`` is generated from this module.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import typing
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from . import pem_files
 from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .errors import ConfigurationError
 from .proxies import parse_networks
+from .public_paths import PublicPaths
 
 __all__ = ["ENV_PREFIX", "Rules", "Settings", "env_name", "rules_of"]
 
@@ -28,6 +31,10 @@ ENV_PREFIX = "CERTBOUND_"
 
 #: Environment variables with the prefix that are not options.
 _NOT_OPTIONS = frozenset({"APP"})
+
+#: Names a Kong user types, and the option they mean here. Kong's own ``audience`` is the
+#: audience *requested* from the issuer; the one it validates is ``audience_required``.
+ALIASES = {"audience_required": "audience"}
 
 PopMode = Literal["strict", "optional", "off"]
 
@@ -181,6 +188,14 @@ def _header_name(header: str) -> None:
 def _readable_file(path: str) -> None:
     if not os.path.isfile(path):
         raise ValueError(f"{path!r} is not a readable file")
+
+
+def _ca_bundle(path: str) -> None:
+    _readable_file(path)
+    try:
+        pem_files.read_certificates(path)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; give the CA certificate(s) that signed the issuer's TLS certificate") from None
 
 
 def _quotable(realm: str) -> None:
@@ -346,6 +361,13 @@ class Settings:
         "Empty: only the secret is believed.",
         check=parse_networks,
     )
+    forwarded_for_hops: int = _option(
+        1,
+        "How many trusted proxies append to ``X-Forwarded-For`` (1: nginx alone). The audit trail's client "
+        "address is the entry this many places from the right, read only from a peer in ``trusted_proxies``.",
+        min=1,
+        max=10,
+    )
     client_cert_header: str = _option(
         "X-SSL-Client-Cert",
         "The request header in which a trusted proxy forwards the client certificate (nginx's "
@@ -364,8 +386,8 @@ class Settings:
     ca_file: str = _option(
         "",
         "CA bundle for verifying the issuer's TLS certificate. Always wins over ``REQUESTS_CA_BUNDLE`` and the "
-        "like; empty means the system trust store.",
-        check=_readable_file,
+        "like; empty means the system trust store. Must hold certificates (PEM, or DER), not a key.",
+        check=_ca_bundle,
     )
     ssl_verify: bool = _option(
         True,
@@ -381,6 +403,40 @@ class Settings:
         10000, "Verified JWTs remembered (until their ``exp``) so their signatures are not checked again.", min=1
     )
     cert_cache_size: int = _option(1024, "Parsed client certificates remembered, keyed by the raw value.", min=1)
+
+    # -- operations: the audit trail, public paths, health -------------------------
+    audit_log_format: str = _option(
+        "text",
+        "The audit events' format on the ``certbound_wsgi.audit`` logger: ``text`` (one ``key=value`` line) "
+        "or ``json`` (one object a line).",
+        choices=("text", "json"),
+    )
+    audit_log_stderr: bool = _option(
+        True,
+        "Write the audit events to stderr while nothing else configures logging (as under a bare gunicorn or "
+        "uWSGI); once the application configures logging, its handlers get them instead.",
+    )
+    audit_trust_request_id: bool = _option(
+        False,
+        "Take the request id from a trusted proxy's ``X-Request-Id``. Turn it on only when the proxy overwrites "
+        "the header (nginx: ``proxy_set_header X-Request-Id $request_id``); otherwise one is generated.",
+    )
+    public_paths: tuple[str, ...] = _option(
+        (),
+        "Paths that pass without a token: ``/healthz`` matches exactly that path, ``/static/`` every path under "
+        "it. Literal paths, never patterns; a path with another spelling (``//``, ``..``, ``%``) is not public.",
+        check=PublicPaths,
+    )
+    readiness_path: str = _option(
+        "",
+        "A path answering 200 when tokens can be validated (keys loaded, issuer reachable, Redis up when it "
+        "is needed) and 503 with ``Retry-After`` when not, with a JSON body naming each check. Empty: none.",
+        check=_absolute_path,
+    )
+    liveness_path: str = _option(
+        "", "A path answering 200 ``{\"status\":\"ok\"}`` while the process serves requests. Empty: none.",
+        check=_absolute_path,
+    )
 
     proof_of_possession_auth_methods_validation: bool = _option(
         True,
@@ -670,6 +726,11 @@ class Settings:
             self._validate_dpop()
         self._validate_cache()
         self._validate_keys()
+        paths = [path for path in (self.readiness_path, self.liveness_path, self.logout_path,
+                                   self.client_jwks_path) if path]
+        if len(set(paths)) < len(paths):
+            raise ConfigurationError("readiness_path", "readiness_path, liveness_path, logout_path and "
+                                     "client_jwks_path must differ")
 
     def _validate_keys(self) -> None:
         for item in self.issuer_audiences:
@@ -780,10 +841,13 @@ class Settings:
             if not key.startswith(prefix):
                 continue
             name = key[len(prefix):].lower()
+            name = ALIASES.get(name, name)
             if name in names:
+                if name in kwargs and kwargs[name] != value:
+                    raise ConfigurationError(name, f"{key} and {env_name(name, prefix)} disagree; set one")
                 kwargs[name] = value
             elif key[len(prefix):] not in _NOT_OPTIONS:
-                raise ConfigurationError(name, f"{key} is not a known option")
+                raise ConfigurationError(name, unknown_option(key, prefix))
         return cls(**kwargs)
 
     @classmethod
@@ -813,6 +877,14 @@ def _finite(value: float) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an int too large for a float
         return False
+
+
+def unknown_option(key: str, prefix: str = ENV_PREFIX) -> str:
+    """The message for a ``PREFIX*`` key that names no option, with the nearest option's name if one is close."""
+    known = [f.name for f in dataclasses.fields(Settings)] + list(ALIASES)
+    close = difflib.get_close_matches(key[len(prefix):].lower(), known, n=1, cutoff=0.75)
+    hint = f"; did you mean {env_name(close[0], prefix)}?" if close else ""
+    return f"{key} is not a known option{hint}"
 
 
 def env_name(option: str, prefix: str = ENV_PREFIX) -> str:

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from certbound_wsgi.audit import REASONS, Auditor, event_line, reason_for, sanitize
-from certbound_wsgi.binding import CERT_MISSING, CLAIM_MISSING, THUMBPRINT_MISMATCH
+from certbound_wsgi.binding import THUMBPRINT_MISMATCH, check_mtls
 from certbound_wsgi.dpop import DPoPError, NonceRequired
 from certbound_wsgi.errors import (
     AuthError,
@@ -26,6 +27,7 @@ from certbound_wsgi.errors import (
     MissingToken,
     TemporarilyUnavailable,
 )
+from certbound_wsgi.jose import TimeClaimError, check_time_claims
 
 TOKEN = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 
@@ -34,25 +36,52 @@ class WithReason(InvalidToken):
     reason = "dpop_replay"
 
 
+NOW = 1_000_000
+
+
+def raised(check: Callable[..., object], *args: object) -> AuthError:
+    """The error ``check(*args)`` raises."""
+    with pytest.raises(AuthError) as caught:
+        check(*args)
+    return caught.value
+
+
+def time_error(claims: dict[str, Any]) -> AuthError:
+    """The error the JWT validator raises for these time claims (jwt_tokens.py)."""
+    with pytest.raises(TimeClaimError) as caught:
+        check_time_claims(claims, NOW, 0)
+    return InvalidToken(caught.value.describe("the token"), reason=caught.value.reason)
+
+
 @pytest.mark.parametrize(("error", "reason"), [
     pytest.param(MissingToken("an access token is required"), "token_missing", id="missing"),
     pytest.param(InsufficientScope("the token lacks a required scope"), "scope_insufficient", id="scope"),
-    pytest.param(InvalidToken(THUMBPRINT_MISMATCH), "cert_mismatch", id="mismatch"),
-    pytest.param(InvalidToken(CERT_MISSING), "cert_missing", id="cert-missing"),
-    pytest.param(InvalidToken(CLAIM_MISSING), "claim_missing", id="claim-missing"),
-    pytest.param(InvalidToken("the token has expired"), "token_expired", id="expired"),
-    pytest.param(InvalidToken("the token is not valid yet"), "token_not_yet_valid", id="nbf"),
-    pytest.param(InvalidToken("the token is not active"), "token_inactive", id="inactive"),
-    pytest.param(InvalidToken("the token was issued by another issuer"), "issuer_mismatch", id="iss"),
-    pytest.param(InvalidToken("the token is not meant for this audience"), "audience_mismatch", id="aud"),
-    pytest.param(InvalidToken("the token is signed with an unknown key"), "key_unknown", id="kid"),
+    # Raised by the real checks: the reason is given where the error is raised, never read from its text.
+    pytest.param(raised(check_mtls, "strict", "BOUND", "OTHER"), "cert_mismatch", id="mismatch"),
+    pytest.param(raised(check_mtls, "strict", "BOUND", None), "cert_missing", id="cert-missing"),
+    pytest.param(raised(check_mtls, "strict", None, "OTHER"), "claim_missing", id="claim-missing"),
+    pytest.param(time_error({"exp": 1}), "token_expired", id="expired"),
+    pytest.param(time_error({"exp": 2 * NOW, "nbf": 2 * NOW}), "token_not_yet_valid", id="nbf"),
+    pytest.param(time_error({"exp": 2 * NOW, "iat": 2 * NOW}), "token_not_yet_valid", id="iat"),
+    pytest.param(time_error({"exp": "soon"}), "token_invalid", id="exp-not-a-number"),
+    pytest.param(InvalidToken("the token is not active", reason="token_inactive"), "token_inactive", id="inactive"),
+    pytest.param(InvalidToken("the token was issued by another issuer", reason="issuer_mismatch"), "issuer_mismatch",
+                 id="iss"),
+    pytest.param(InvalidToken("the token is not meant for this audience", reason="audience_mismatch"),
+                 "audience_mismatch", id="aud"),
+    pytest.param(InvalidToken("the token is signed with an unknown key", reason="key_unknown"), "key_unknown",
+                 id="kid"),
     pytest.param(InvalidToken("the token's signature is invalid"), "token_invalid", id="signature"),
-    pytest.param(InvalidToken("the session has expired"), "session_invalid", id="session"),
-    pytest.param(DPoPError("the DPoP proof has already been used"), "dpop_replay", id="replay"),
+    pytest.param(InvalidToken("the token has expired"), "token_invalid", id="text-is-never-read"),
+    pytest.param(InvalidToken("the session has expired", reason="session_invalid"), "session_invalid", id="session"),
+    pytest.param(DPoPError("the DPoP proof has already been used", reason="dpop_replay"), "dpop_replay",
+                 id="replay"),
+    pytest.param(InvalidToken("x", reason="no_such_code"), "internal_error", id="unknown-code"),
     pytest.param(DPoPError("the DPoP proof's htu does not match the request URI"), "dpop_invalid", id="htu"),
     pytest.param(NonceRequired("n0nce"), "dpop_nonce", id="nonce"),
     pytest.param(InvalidRequest("more than one access token in the request"), "request_invalid", id="two-tokens"),
-    pytest.param(TemporarilyUnavailable("the session store is unavailable"), "store_unavailable", id="redis"),
+    pytest.param(TemporarilyUnavailable("the session store is unavailable", reason="store_unavailable"),
+                 "store_unavailable", id="redis"),
     pytest.param(TemporarilyUnavailable("the issuer's signing keys cannot be fetched"), "issuer_unavailable",
                  id="jwks"),
     pytest.param(TemporarilyUnavailable("the token cannot be introspected now"), "issuer_unavailable",
@@ -100,7 +129,7 @@ def records(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 def test_refusal_is_info_with_every_field_and_no_token(records: pytest.LogCaptureFixture) -> None:
     reason = Auditor(is_trusted_peer=trusted).refused(
-        environ(HTTP_X_FORWARDED_FOR="198.51.100.7"), InvalidToken(THUMBPRINT_MISMATCH),
+        environ(HTTP_X_FORWARDED_FOR="198.51.100.7"), raised(check_mtls, "strict", "BOUND", "PRESENTED"),
         claims=CLAIMS, presented="PRESENTED")
     assert reason == "cert_mismatch"
     (record,) = records.records
@@ -118,7 +147,7 @@ def test_refusal_is_info_with_every_field_and_no_token(records: pytest.LogCaptur
 def test_accepted_is_debug_and_fault_is_warning(records: pytest.LogCaptureFixture) -> None:
     auditor = Auditor()
     auditor.accepted(environ(), Identity({**CLAIMS, "cnf": {"jkt": "DPOPKEY"}}, None))
-    auditor.refused(environ(), TemporarilyUnavailable("the session store is unavailable"))
+    auditor.refused(environ(), TemporarilyUnavailable("the session store is unavailable", reason="store_unavailable"))
     auditor.refused(environ(), RuntimeError("secret internals"))
     assert [(r.levelno, fields(r.getMessage())["outcome"], fields(r.getMessage())["reason"])
             for r in records.records] == [

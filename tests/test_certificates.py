@@ -294,8 +294,8 @@ def test_malformed_certificate_through_the_middleware(make_client: MakeClient, a
     [
         pytest.param("ALICE", 0, "ALICE_X5T\n", "", id="pem"),
         pytest.param("ESCAPED", 0, "ALICE_X5T\n", "", id="url-escaped"),
-        pytest.param("garbage\n", 1, "", "no PEM certificate block", id="garbage"),
-        pytest.param(b"\xff\xfe\x00binary", 1, "", "codec", id="not-utf8"),
+        pytest.param("garbage\n", 1, "", "neither a PEM nor a DER certificate", id="garbage"),
+        pytest.param(b"\xff\xfe\x00binary", 1, "", "neither a PEM nor a DER certificate", id="not-utf8"),
         pytest.param(None, 1, "", "No such file", id="missing-file"),
     ],
 )

@@ -33,6 +33,7 @@ from certbound_wsgi.shared_keys import Snapshot
 from certbound_wsgi.stats import Stats
 from tests.conftest import make_settings
 from tests.support.redis_server import RedisServer
+from tests.support.threaded_server import serving
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
 ISSUER_B = "https://other-issuer.test"
@@ -562,14 +563,8 @@ class JWKSHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def http_issuer() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), JWKSHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), JWKSHandler)) as url:
+        yield url
 
 
 def test_a_real_jwks_response_sets_the_period_and_a_fork_gets_its_own_connections(http_issuer: str) -> None:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import tempfile
 import typing
 from typing import Any
 
 import pytest
 
 from certbound_wsgi.cli import check_config_command
+from certbound_wsgi.dev.pki import DevCA
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.settings import ASYMMETRIC_ALGS, Rules, Settings, env_name, rules_of
 from tests.support.tokens import AUDIENCE, ISSUER
 
 BASE_ENV = {"CERTBOUND_ISSUER": ISSUER, "CERTBOUND_AUDIENCE": AUDIENCE}
 A_FILE = os.path.abspath(__file__)
+A_CA_FILE = str(DevCA(tempfile.mkdtemp(prefix="certbound-settings-")).cert_path)
 
 DEFAULTS = Settings(issuer=ISSUER, audience=(AUDIENCE,))
 HINTS = typing.get_type_hints(Settings)
@@ -30,7 +33,7 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
                      {"CERTBOUND_CLIENT_ID": "rs", "CERTBOUND_CLIENT_SECRET": "s"}),
     "trusted_proxies": ("unix, 10.0.0.0/8, fd00::/8", ("unix", "10.0.0.0/8", "fd00::/8"), {}),
     "proxy_secret": ("0123456789abcdefghijklmnopqrstuvwxyz", "0123456789abcdefghijklmnopqrstuvwxyz", {}),
-    "ca_file": (A_FILE, A_FILE, {}),
+    "ca_file": (A_CA_FILE, A_CA_FILE, {}),
     "client_jwk": (A_FILE, A_FILE, {}),
     "client_jwk_next": (A_FILE, A_FILE, {"CERTBOUND_CLIENT_JWK": A_FILE}),
     "client_jwks_path": ("/.well-known/jwks.json", "/.well-known/jwks.json", {"CERTBOUND_CLIENT_JWK": A_FILE}),
@@ -53,6 +56,9 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "login_redirect_uri": ("https://app.example.com/home", "https://app.example.com/home", {}),
     "redirect_uri": ("https://app.example.com/cb", "https://app.example.com/cb", {}),
     "session_cookie_same_site": ("Strict", "Strict", {}),
+    "public_paths": ("/healthz, /static/", ("/healthz", "/static/"), {}),
+    "readiness_path": ("/readyz", "/readyz", {}),
+    "liveness_path": ("/livez", "/livez", {}),
 }
 
 

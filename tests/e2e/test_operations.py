@@ -1,7 +1,9 @@
-"""Issue 15 end to end: audit lines in a bare server's stderr, metrics summed over gunicorn workers.
+"""Issue 15 end to end: audit lines in a bare server's stderr, metrics summed over gunicorn workers,
+health paths, and one readable line for a configuration error.
 
-gunicorn and uWSGI run ``tests.support.audited_app`` (the shipped entry point with the audit and
-metrics hooks) behind the shipped nginx configuration, with no logging configuration at all.
+gunicorn and uWSGI run the shipped entry point (``certbound_wsgi.wsgi:application``), or the
+documented ``/metrics`` recipe around it, behind the shipped nginx configuration, with no logging
+configuration at all.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -19,19 +22,28 @@ import requests
 from tests.support.idp import OidcProvider, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import wait_until
-from tests.support.servers import PROXY_SECRET, UWSGI, Gunicorn, start_gunicorn, start_nginx, start_uwsgi
+from tests.support.servers import (
+    DEFAULT_MODULE,
+    PROXY_SECRET,
+    UWSGI,
+    Gunicorn,
+    start_gunicorn,
+    start_nginx,
+    start_uwsgi,
+)
 
 from .conftest import Stack, app_env
 
-MODULE = "tests.support.audited_app:application"
+MODULE = DEFAULT_MODULE
+METRICS_MODULE = "tests.support.serve_metrics:application"
 
 
-def _stack(tmp: Path, pki: Pki, upstream: str, env: dict[str, str], workers: int) -> Stack:
+def _stack(tmp: Path, pki: Pki, upstream: str, env: dict[str, str], workers: int, module: str = MODULE) -> Stack:
     server: Gunicorn | UWSGI
     if upstream == "gunicorn":
-        server = start_gunicorn(env, workers=workers, module=MODULE, log_dir=tmp / "logs")
+        server = start_gunicorn(env, workers=workers, module=module, log_dir=tmp / "logs")
     else:
-        server = start_uwsgi(env, processes=workers, module=MODULE, log_dir=tmp / "logs")
+        server = start_uwsgi(env, processes=workers, module=module, log_dir=tmp / "logs")
     try:
         nginx = start_nginx(tmp / "nginx", upstream, server.backend, pki.server,  # type: ignore[arg-type]
                             proxy_secret=PROXY_SECRET)
@@ -99,7 +111,7 @@ def test_metrics_from_four_workers_are_summed(tmp_path: Path, pki: Pki, idp: Oid
     metrics_dir = tmp_path / "prometheus"
     metrics_dir.mkdir()
     env = {**app_env(idp), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    stack = _stack(tmp_path, pki, upstream, env, workers=4)
+    stack = _stack(tmp_path, pki, upstream, env, workers=4, module=METRICS_MODULE)
     # gunicorn directly, a new connection each, so that the kernel hands them to different
     # workers; uWSGI through nginx, which opens a new uwsgi connection per request.
     base = f"http://127.0.0.1:{stack.app_server.port}" if upstream == "gunicorn" else stack.nginx.url
@@ -136,7 +148,7 @@ def test_metrics_from_four_workers_are_summed(tmp_path: Path, pki: Pki, idp: Oid
 
 
 def test_json_audit_format_is_one_option_away(tmp_path: Path, pki: Pki, idp: OidcProvider) -> None:
-    stack = _stack(tmp_path, pki, "gunicorn", {**app_env(idp), "TEST_AUDIT_LOG_FORMAT": "json"}, workers=1)
+    stack = _stack(tmp_path, pki, "gunicorn", app_env(idp, audit_log_format="json"), workers=1)
     try:
         assert stack.call(None, pki.alice, path="/json").status_code == 401
         assert wait_until(lambda: '"reason":"token_missing"' in stack.app_server.output(), timeout=10)
@@ -234,3 +246,119 @@ def _get_status(port: int) -> int | None:
         return requests.get(f"http://127.0.0.1:{port}/private", timeout=5).status_code
     except requests.ConnectionError:
         return None
+
+
+# -- the real wiring: options, not wrappers ----------------------------------------------------------------------
+
+
+class _From(requests.adapters.HTTPAdapter):
+    """Connect from another loopback address, so that nginx's view of the client differs from gunicorn's
+    view of nginx (127.0.0.1)."""
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = (self._source, 0)
+        super().init_poolmanager(*args, **kwargs)
+
+
+@pytest.mark.parametrize("upstream", ["gunicorn", "uwsgi"])
+def test_the_client_address_and_request_id_come_from_nginx(tmp_path: Path, pki: Pki, idp: OidcProvider,
+                                                           upstream: str) -> None:
+    """The client's address is nginx's view (X-Forwarded-For's last entry from a trusted peer, or uWSGI's
+    REMOTE_ADDR), never what the client wrote; the request id is nginx's $request_id once trusted."""
+    env = app_env(idp, audit_trust_request_id="true")
+    stack = _stack(tmp_path, pki, upstream, env, workers=1)
+    try:
+        with requests.Session() as session:
+            session.mount("https://", _From("127.0.0.2"))
+            response = session.get(stack.nginx.url + "/from-elsewhere", cert=pki.alice.pair, verify=stack.ca_file,
+                                   timeout=15, headers={"X-Forwarded-For": "203.0.113.9",
+                                                        "X-Request-Id": "forged-by-client"})
+        assert response.status_code == 401
+        line = _audit_line(stack, "token_missing")
+        assert line["client"] == "127.0.0.2"
+        assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"]), line  # nginx's $request_id
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
+
+
+@pytest.mark.parametrize("upstream", ["gunicorn", "uwsgi"])
+def test_health_paths_and_public_paths_pass_without_a_token(tmp_path: Path, pki: Pki, idp: OidcProvider,
+                                                            upstream: str) -> None:
+    env = app_env(idp, readiness_path="/readyz", liveness_path="/healthz", public_paths="/static/")
+    stack = _stack(tmp_path, pki, upstream, env, workers=1)
+    try:
+        live = stack.call(None, None, path="/healthz")
+        assert (live.status_code, live.json()) == (200, {"status": "ok"})
+        ready = stack.call(None, None, path="/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == {"status": "ready", "checks": {"issuer": "ok", "keys": "ok", "redis": "off"}}
+        assert stack.call(None, None, path="/static/app.css").status_code == 200  # the echo app answered
+        assert stack.call(None, None, path="/static/../private").status_code == 401
+        assert stack.call(None, None, path="/private").status_code == 401
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
+
+
+def test_readiness_is_503_with_the_documented_body_when_the_issuer_is_down(tmp_path: Path, pki: Pki,
+                                                                           idp: OidcProvider) -> None:
+    from tests.support.procs import free_port
+
+    env = app_env(idp, readiness_path="/readyz", liveness_path="/healthz")
+    env["CERTBOUND_ISSUER"] = f"https://127.0.0.1:{free_port()}"  # nothing listens there
+    stack = _stack(tmp_path, pki, "gunicorn", env, workers=1)
+    try:
+        ready = stack.call(None, None, path="/readyz")
+        assert ready.status_code == 503
+        assert ready.headers["Retry-After"].isdigit()
+        assert ready.json() == {"status": "unavailable", "checks": {"issuer": "down", "keys": "down", "redis": "off"}}
+        assert stack.call(None, None, path="/healthz").status_code == 200  # alive, only not ready
+    finally:
+        stack.nginx.stop()
+        stack.app_server.stop()
+
+
+def _start_with(tmp_path: Path, server: str, env: dict[str, str], workers: int) -> tuple[int, str]:
+    """Start ``server`` with ``env`` and no logging configuration; its exit status and its stderr."""
+    import subprocess
+    import sys
+
+    from tests.support.procs import free_port
+    from tests.support.servers import REPO_ROOT
+
+    binary = str(Path(sys.executable).parent / server)
+    if server == "gunicorn":
+        argv = [binary, MODULE, "--bind", f"127.0.0.1:{free_port()}", "--workers", str(workers)]
+    else:
+        argv = [binary, "--strict", "--master", "--processes", str(workers), "--need-app", "--die-on-term",
+                "--http-socket", f"127.0.0.1:{free_port()}", "--module", MODULE, "--virtualenv", sys.prefix]
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("CERTBOUND_")}
+    result = subprocess.run(argv, env={**clean, **env, "PYTHONPATH": str(REPO_ROOT)}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120, check=False)
+    return result.returncode, result.stderr
+
+
+@pytest.mark.parametrize("server", ["gunicorn", "uwsgi"])
+def test_a_typo_in_one_variable_is_one_line_not_a_traceback_per_worker(tmp_path: Path, idp: OidcProvider,
+                                                                       server: str) -> None:
+    env = app_env(idp)
+    env["CERTBOUND_AUDIENSE"] = env.pop("CERTBOUND_AUDIENCE")
+    status, stderr = _start_with(tmp_path, server, env, workers=4)
+    ours = [line for line in stderr.splitlines() if "certbound" in line.lower()]
+    assert ours == ["certbound-wsgi: ConfigurationError: audiense: CERTBOUND_AUDIENSE is not a known option; "
+                    "did you mean CERTBOUND_AUDIENCE?"], stderr
+    assert "Traceback" not in stderr and 'File "' not in stderr
+    assert status == 4  # gunicorn's "App failed to load": it stops instead of booting workers forever
+    if server == "gunicorn":
+        assert "Reason: App failed to load." in stderr
+
+
+def test_the_metrics_module_is_the_documented_recipe() -> None:
+    module = (Path(__file__).resolve().parents[1] / "support" / "serve_metrics.py").read_text()
+    recipe = _doc_recipe('{"/metrics": metrics_app}')
+    assert recipe in module
