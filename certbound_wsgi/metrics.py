@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any, Final, NamedTuple
@@ -58,8 +59,22 @@ def _client() -> Any | None:
         return None
 
 
-@functools.cache
+_made: list[_Instruments | None] = []  # empty until the first call; then the one result
+_making = threading.Lock()
+
+
 def _instruments() -> _Instruments | None:
+    """The process's instruments, made once: registering a metric twice raises, so the first
+    call from two threads at once (gthread workers, the key-refresh thread) must not make two."""
+    if _made:
+        return _made[0]
+    with _making:
+        if not _made:
+            _made.append(_make_instruments())
+    return _made[0]
+
+
+def _make_instruments() -> _Instruments | None:
     prometheus = _client()
     if prometheus is None:
         return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from prometheus_client import REGISTRY
 from werkzeug.test import Client
@@ -83,3 +86,30 @@ def test_without_prometheus_everything_is_a_no_op() -> None:
     response = Client(metrics.metrics_app).get("/metrics")
     assert response.status_code == 404
     assert b"pip install" in response.get_data()
+
+
+_RACE = """
+import sys, threading
+from certbound_wsgi import metrics
+barrier = threading.Barrier(16)
+made, errors = [], []
+def first_use():
+    barrier.wait()
+    try:
+        made.append(metrics._instruments())
+    except Exception as exc:
+        errors.append(repr(exc))
+threads = [threading.Thread(target=first_use) for _ in range(16)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(errors), len({id(m) for m in made}), errors[:1])
+"""
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_the_first_use_from_many_threads_registers_once(run: int) -> None:
+    """Registering a metric twice raises DuplicateTimeseries; a request that met it was a 500."""
+    done = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split(" ", 2)[:2] == ["0", "1"], done.stdout + done.stderr
