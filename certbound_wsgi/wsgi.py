@@ -82,8 +82,10 @@ def _stop(error: ConfigurationError) -> NoReturn:
     gunicorn = "gunicorn" in sys.modules
     if claim:
         print(describe(error, "ConfigurationError"), file=sys.stderr, flush=True)
-        if gunicorn and isinstance(claim, socket.socket):
-            time.sleep(HOLD_SECONDS)  # the siblings, forked milliseconds apart, fail meanwhile
+        if isinstance(claim, socket.socket):
+            if gunicorn:
+                time.sleep(HOLD_SECONDS)  # the siblings, forked milliseconds apart, fail meanwhile
+            claim.close()  # held long enough; closed, not left to the interpreter's exit
     elif gunicorn:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # gunicorn's own handler would let it linger
         time.sleep(HOLD_SECONDS + 10)
