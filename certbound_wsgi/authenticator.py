@@ -35,6 +35,7 @@ from .jwt_tokens import looks_like_jwt
 from .oidc_login import BrowserLogin
 from .sessions import Session, Sessions
 from .settings import Settings
+from .shared_keys import SharedKeys
 from .stats import Stats
 from .types import Claims, WSGIEnvironment
 
@@ -221,24 +222,13 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
     :param discovery: the issuer's keys; made from ``settings`` when omitted.
     :param clock: wall-clock seconds for expiry decisions; injectable for tests.
     """
-    channel = ProxyChannel(
-        secret=settings.proxy_secret, secret_header=settings.proxy_secret_header,
-        trusted_proxies=settings.trusted_proxies, uwsgi=uwsgi_listeners(),
-    )
-    certificates = CertificateReader(
-        client_cert_header=settings.client_cert_header,
-        client_cert_verify_header=settings.client_cert_verify_header,
-        channel=channel,
-        cache_size=settings.cert_cache_size,
-    )
+    certificates = _certificates(settings)
+    channel = certificates.channel
     stats = Stats()
     secret = settings.shared_secret or None
     # One sealer for introspection entries, in Redis and in the key names alike.
     intro_sealer = Sealer(secret, "intro")
-    client = make_client(settings) if settings.uses_redis else None
-    redis = RedisCache(client, intro_sealer, stats) if client is not None else None
-    # The issuers' keys: shared by every worker through Redis, when there is one (issue 14).
-    shared = shared_keys(settings, client, stats) if client is not None else None
+    redis, shared = _redis(settings, intro_sealer, stats)
     discovery = discovery or Discovery(settings, shared=shared(settings.issuer) if shared is not None else None)
     methods = settings.auth_methods
     client_keys = ClientKeys.from_settings(settings) if settings.client_jwk else None
@@ -246,24 +236,8 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         _introspection(settings, discovery, redis, intro_sealer, stats, clock, client_keys)
         if "introspection" in methods else None
     )
-    dpop = None
-    if settings.proof_of_possession_dpop != "off":
-        dpop = DPoPVerifier(
-            _replay_cache(settings, secret, stats, clock), lambda environ: channel.verdict(environ).trusted,
-            Sealer(secret, "dpop").key_name,
-            algs=settings.dpop_signing_alg_values_supported, proof_lifetime=settings.dpop_proof_lifetime,
-            leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
-            allowed_hosts=settings.dpop_allowed_hosts, secret=secret, clock=clock,
-        )
-    sessions = (
-        Sessions(settings, redis, clock, recheck=introspection.validate if introspection is not None else None)
-        if "session" in methods else None
-    )
-    login = (
-        BrowserLogin(settings, discovery, sessions, clock, client_keys=client_keys)
-        if sessions is not None and "authorization_code" in methods
-        else None
-    )
+    dpop = _dpop(settings, channel, secret, stats, clock) if settings.proof_of_possession_dpop != "off" else None
+    sessions, login = _sessions(settings, redis, discovery, introspection, client_keys, clock)
     jwt = build_router(settings, discovery, shared, clock) if "bearer" in methods else None
     # Before any I/O, so that an error about another option is reported first and fast.
     check_at_start_up(channel, settings.proof_of_possession_mtls)
@@ -288,6 +262,55 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         scopes_required=frozenset(settings.scopes_required),
         scopes_claim=settings.scopes_claim,
         introspect_jwt=settings.introspect_jwt_tokens and jwt is not None and introspection is not None,
+    )
+
+
+def _redis(settings: Settings, sealer: Sealer,
+           stats: Stats) -> tuple[RedisCache | None, Callable[[str], SharedKeys] | None]:
+    """The shared Redis cache, and the makers of each issuer's shared key copy (issue 14); none without Redis."""
+    if not settings.uses_redis:
+        return None, None
+    client = make_client(settings)
+    return RedisCache(client, sealer, stats), shared_keys(settings, client, stats)
+
+
+def _sessions(settings: Settings, redis: RedisCache | None, discovery: Discovery,
+              introspection: IntrospectionValidator | None, client_keys: ClientKeys | None,
+              clock: Callable[[], float]) -> tuple[Sessions | None, BrowserLogin | None]:
+    """Sessions, re-checking introspectable tokens (issue 12), and the browser login that opens them."""
+    if "session" not in settings.auth_methods:
+        return None, None
+    sessions = Sessions(settings, redis, clock, recheck=introspection.validate if introspection is not None else None)
+    login = (
+        BrowserLogin(settings, discovery, sessions, clock, client_keys=client_keys)
+        if "authorization_code" in settings.auth_methods else None
+    )
+    return sessions, login
+
+
+def _certificates(settings: Settings) -> CertificateReader:
+    """The client certificate's reader, believing only what comes through the proxy channel (issue 11)."""
+    channel = ProxyChannel(
+        secret=settings.proxy_secret, secret_header=settings.proxy_secret_header,
+        trusted_proxies=settings.trusted_proxies, uwsgi=uwsgi_listeners(),
+    )
+    return CertificateReader(
+        client_cert_header=settings.client_cert_header,
+        client_cert_verify_header=settings.client_cert_verify_header,
+        channel=channel,
+        cache_size=settings.cert_cache_size,
+    )
+
+
+def _dpop(settings: Settings, channel: ProxyChannel, secret: str | None, stats: Stats,
+          clock: Callable[[], float]) -> DPoPVerifier:
+    """The DPoP proof verifier (RFC 9449), with its replay store and nonce key."""
+    return DPoPVerifier(
+        _replay_cache(settings, secret, stats, clock), lambda environ: channel.verdict(environ).trusted,
+        Sealer(secret, "dpop").key_name,
+        algs=settings.dpop_signing_alg_values_supported, proof_lifetime=settings.dpop_proof_lifetime,
+        leeway=settings.leeway, use_nonce=settings.dpop_use_nonce, public_base_url=settings.public_base_url,
+        allowed_hosts=settings.dpop_allowed_hosts, secret=secret, clock=clock,
     )
 
 

@@ -14,11 +14,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 
 from .channel import DEFAULT_SECRET_HEADER
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:  # the settings module is imported by the commands that need it
+    from .settings import Settings
 
 __all__ = ["check_config_command", "describe", "main", "nginx_config_command", "thumbprint_command"]
 
@@ -205,7 +209,7 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
     :returns: 0 (fine), 1 (the issuer or Redis cannot be reached), 2 (invalid, or no certificate could ever
         be believed: one ``error:`` line each, naming the fix), 3 (valid with warnings).
     """
-    from .check import check_config, discovery_fix, issuer_keys, redis_problems
+    from .check import check_config, redis_problems
 
     try:
         settings, errors, warnings = check_config(bind=bind, server=server, app=app)
@@ -219,26 +223,32 @@ def check_config_command(bind: str | None = None, discover: bool = True, server:
         return 2
     for warning in warnings:
         _error(f"warning: {warning}")
-    failed = False
-    if discover and settings.issuer:
-        for report in issuer_keys(settings):
-            if "error" in report:
-                fix = discovery_fix(str(report["error"]), settings, report["issuer"])
-                _error(f"discovery failed: {report['issuer']}: {report['error']}" + (f"; {fix}" if fix else ""))
-                failed = True
-                continue
-            print(f"issuer metadata: {report['issuer']} (jwks_uri {report['jwks_uri']})")
-            ages = report["key_ages"]
-            print(f"signing keys: {', '.join(f'{kid} (age {_age(ages[kid])})' for kid in report['kids']) or 'none'}")
+    failed = _report_issuers(settings) if discover and settings.issuer else False
     problems = redis_problems(settings)
     for problem in problems:
         _error(f"redis failed: {problem}")
-    failed = failed or bool(problems)
     if settings.uses_redis and not problems:
         print("redis: answers PING")
-    if failed:
+    if failed or problems:
         return 1
     return 3 if warnings else 0
+
+
+def _report_issuers(settings: Settings) -> bool:
+    """Print each issuer's metadata and keys with their ages; whether any could not be discovered."""
+    from .check import discovery_fix, issuer_keys
+
+    failed = False
+    for report in issuer_keys(settings):
+        if "error" in report:
+            fix = discovery_fix(str(report["error"]), settings, report["issuer"])
+            _error(f"discovery failed: {report['issuer']}: {report['error']}" + (f"; {fix}" if fix else ""))
+            failed = True
+            continue
+        print(f"issuer metadata: {report['issuer']} (jwks_uri {report['jwks_uri']})")
+        ages = report["key_ages"]
+        print(f"signing keys: {', '.join(f'{kid} (age {_age(ages[kid])})' for kid in report['kids']) or 'none'}")
+    return failed
 
 
 def _age(seconds: float) -> str:

@@ -334,14 +334,10 @@ class Discovery:
         if shared is None:
             self._adopt(self._fetch_counted(now))
             return
-        # Another worker may have fetched already: its copy is as good as ours would be if it is
-        # newer than what we hold and fresh or, for an unknown kid, has it or was fetched since.
         copy = shared.load()
         if copy is not None:  # the keys' ages are the deployment's, not this worker's
             self._seen = {kid: min(seen, self._seen.get(kid, seen)) for kid, seen in copy.first_seen.items()}
-        if copy is not None and self._newer(copy) and (
-            (copy.fetched_at >= now or _has_kid(copy, kid)) if force else self._fresh(copy, now)
-        ):
+        if copy is not None and self._will_do(copy, now, force, kid):
             self._adopt(copy)
             return
         token = shared.lock()
@@ -363,6 +359,13 @@ class Discovery:
             if isinstance(token, str):
                 shared.unlock(token)
         self._adopt(snapshot)
+
+    def _will_do(self, copy: Snapshot, now: float, force: bool, kid: str | None) -> bool:
+        """Whether another worker's copy is as good as a fetch of ours: newer than what we hold,
+        and fresh or, for an unknown kid, having it or fetched since it was asked for."""
+        if not self._newer(copy):
+            return False
+        return (copy.fetched_at >= now or _has_kid(copy, kid)) if force else self._fresh(copy, now)
 
     def _newer(self, copy: Snapshot) -> bool:
         return self._fetched_at is None or copy.fetched_at > self._fetched_at

@@ -99,37 +99,54 @@ class CertBoundMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
         self.authenticator.certificates.channel.verdict(environ)
-        if self.client_jwks is not None and request_path(environ) == self.settings.client_jwks_path:
-            return self.client_jwks(environ, start_response)  # public: the issuer downloads it unauthenticated
-        if self._open:
-            own = self.health.get(request_path(environ))
-            if own is not None:
-                return own(environ, start_response)
-            if self.public_paths(environ):
-                return self.app(environ, start_response)
+        unprotected = self._unprotected(environ)
+        if unprotected is not None:
+            return unprotected(environ, start_response)
         environ["certbound.started"] = started = time.perf_counter()
         endpoint = self.endpoints.match(environ) if self.endpoints is not None else None
         if endpoint is not None:
             return endpoint(environ, start_response)
+        decided = self._decide(environ)
+        if not isinstance(decided, Identity):
+            return decided(environ, start_response)
+        del environ["certbound.started"]  # decided: a later refusal (require_scope) is the application's time
+        self.auditor.accepted(environ, decided)
+        metrics.request("accepted", "ok", time.perf_counter() - started, 200)
+        return self._call_app(environ, decided, start_response)
+
+    def _unprotected(self, environ: WSGIEnvironment) -> WSGIApplication | None:
+        """What answers with no credential at all: our JWKS, the health paths, the public paths."""
+        if self.client_jwks is not None and request_path(environ) == self.settings.client_jwks_path:
+            return self.client_jwks  # public: the issuer downloads it unauthenticated
+        if self._open:
+            own = self.health.get(request_path(environ))
+            if own is not None:
+                return own
+            if self.public_paths(environ):
+                return self.app
+        return None
+
+    def _decide(self, environ: WSGIEnvironment) -> Identity | WSGIApplication:
+        """The request's identity, or the answer that refuses it."""
         scheme = None
         try:
             credential = self.authenticator.credentials.read(environ)
             if credential is not None:
                 scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
-            identity = self.authenticator.authenticate(environ, credential)
+            return self.authenticator.authenticate(environ, credential)
         except MissingToken as error:
             login = self.endpoints.login_page(environ) if self.endpoints is not None else None
-            return (login or self.refuse(environ, error))(environ, start_response)
+            return login or self.refuse(environ, error)
         except AuthError as error:
-            return self.refuse(environ, error, scheme)(environ, start_response)
+            return self.refuse(environ, error, scheme)
         except Exception:
             # A bug, not bad input: fail closed; the traceback goes to the log, the event says internal_error.
             log.exception("certbound: internal error while authenticating")
             internal = AuthError("internal error", error="server_error", status=500, reason="internal_error")
-            return self.refuse(environ, internal)(environ, start_response)
-        del environ["certbound.started"]  # decided: a later refusal (require_scope) is the application's time
-        self.auditor.accepted(environ, identity)
-        metrics.request("accepted", "ok", time.perf_counter() - started, 200)
+            return self.refuse(environ, internal)
+
+    def _call_app(self, environ: WSGIEnvironment, identity: Identity,
+                  start_response: StartResponse) -> Iterable[bytes]:
         # A deep copy: the claims are memoized, and the app must not be able to change them.
         environ["certbound.claims"] = copy_claims(identity.claims)
         environ["certbound.token"] = identity.token
