@@ -14,6 +14,7 @@ the loop well under a microsecond).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.middleware import CertBoundMiddleware
@@ -40,6 +42,8 @@ APPS: dict[str, WSGIApplication] = {"hello": hello_app, "echo": echo_app}
 
 #: Paths in the order of the report, with a short description.
 PATHS = {
+    "floor-es256": "Floor: one ES256 verification by cryptography, key imported",
+    "floor-redis-get": "Floor: one Redis GET round trip (the L2 client, the L2 entry)",
     "jwt-warm": "JWT, memoized verification (cert-bound ES256)",
     "jwt-cold": "JWT, verified from scratch (a new token per request)",
     "introspection-l1": "Introspection, L1 (in-process) hit",
@@ -59,6 +63,8 @@ class Sizes:
     l2: int = 2000
     authlib: int = 400
     dpop: int = 400
+    floor_es256: int = 400
+    floor_redis: int = 2000
 
 
 def _fixed(make: Callable[[int], WSGIEnvironment]) -> Callable[[int], Callable[[int], WSGIEnvironment]]:
@@ -100,6 +106,38 @@ def _dpop_proofs(ws: Workspace, client: DPoPKey, token: str, count: int) -> Roun
         return make
 
     return for_round
+
+
+def es256_floor_app(ws: Workspace, app: WSGIApplication) -> WSGIApplication:
+    """``app`` behind the one thing a first-seen ES256 token cannot skip: its signature, verified directly by
+    ``cryptography`` with the issuer's public key imported beforehand (the signature converted to DER beforehand
+    too), over the signing input of a token like the benchmark's."""
+    token = ws.tokens(1)[0]
+    head, _, raw = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    der = encode_dss_signature(int.from_bytes(signature[:32]), int.from_bytes(signature[32:]))
+    public = ws.issuer.key.as_dict(private=False)
+    point = b"\x04" + base64.urlsafe_b64decode(public["x"] + "==") + base64.urlsafe_b64decode(public["y"] + "==")
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    data = head.encode("ascii")
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    def floor(environ: WSGIEnvironment, start_response: Any) -> Any:
+        key.verify(der, data, algorithm)
+        return app(environ, start_response)
+
+    return floor
+
+
+def redis_floor_app(client: Any, key: str, app: WSGIApplication) -> WSGIApplication:
+    """``app`` behind the one thing an L2 hit cannot skip: one GET of the entry, by the L2 cache's own client."""
+
+    def floor(environ: WSGIEnvironment, start_response: Any) -> Any:
+        if client.get(key) is None:
+            raise RuntimeError("the L2 entry is gone")
+        return app(environ, start_response)
+
+    return floor
 
 
 def _es256_verify_us(rounds: int, iterations: int = 400) -> float:
@@ -182,6 +220,17 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
                   ("introspection-l1", app_name, l1, base), ("introspection-l2", app_name, l2, base),
                   ("dpop", app_name, dpop, base)]
         if app_name == "hello":
+            # The floors, in the same rounds as the paths they bound: each is the bare app plus the one
+            # operation the path cannot avoid, so that (path - bare) / (floor - bare) is a ratio of our cost
+            # to the hardware's, round by round.
+            l2_intro = l2_mw.introspection
+            assert l2_intro is not None and l2_intro._l2 is not None
+            l2_key = l2_intro._key_name(opaque[0])
+            floor_es256 = Case("floor-es256 hello", es256_floor_app(ws, app), _fixed(warm_env), sizes.floor_es256)
+            floor_redis = Case("floor-redis-get hello", redis_floor_app(l2_intro._l2._client, l2_key, app),
+                               _fixed(opaque_env), sizes.floor_redis)
+            cases += [floor_es256, floor_redis]
+            pairs += [("floor-es256", app_name, floor_es256, base), ("floor-redis-get", app_name, floor_redis, base)]
             checks: dict[str, Any] = {"jwt-warm": jwt_mw, "jwt-cold": cold_mw, "l1": (l1_mw, l1_fake),
                                       "l2": (l2_mw, l2_fake)}
             dpop_check = dpop_mw
@@ -238,6 +287,26 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
                "proof_of_possession_mtls 'optional', replay cache in process (no Redis), no nonces",
     }
 
+    # Each path as a multiple of its floor, round by round: (path - bare) / (floor - bare), the median of those.
+    def over_floor(path: str, floor: Case) -> dict[str, Any]:
+        ours = by_name[f"{path} hello"]
+        each = [(o - b) / (f - b) for o, b, f in zip(ours.samples, hello_base.samples, floor.samples, strict=True)]
+        return {"path": path, "description": PATHS[path], "overhead_us": paired(ours, hello_base)[0],
+                "floor": floor.name.split()[0], "floor_us": paired(floor, hello_base)[0], "ratio": median(each),
+                "ratios": each}
+
+    floors = {
+        "jwt-cold": over_floor("jwt-cold", floor_es256),
+        "introspection-l2": over_floor("introspection-l2", floor_redis),
+        "dpop": over_floor("dpop", floor_es256),
+        "how": "Each floor is the bare hello app behind the one operation its path cannot avoid, timed in the "
+               "same rounds as the paths: an ES256 verification of a benchmark token's signing input by "
+               "cryptography's EllipticCurvePublicKey.verify (the key imported and the signature converted to DER "
+               "beforehand), and a GET of the L2 entry through the L2 cache's own redis-py client (same "
+               "connection pool and socket options). A ratio is (path - bare) / (floor - bare) in one round; "
+               "the median over rounds is shown.",
+    }
+
     sanity = {
         "jwt_memo_entries_warm": checks["jwt-warm"].jwt.memo_size(),
         "jwt_memo_entries_cold": checks["jwt-cold"].jwt.memo_size(),
@@ -246,6 +315,6 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
         "introspection_l2_calls": checks["l2"][1].calls,
         "introspection_l2_stats": checks["l2"][0].stats(),
     }
-    return {"rows": rows, "authlib": authlib, "dpop": dpop_info, "sanity": sanity,
+    return {"rows": rows, "authlib": authlib, "dpop": dpop_info, "floors": floors, "sanity": sanity,
             "cases": {case.name: {"median_us": case.median, "samples_us": case.samples,
                                   "iterations": case.iterations} for case in cases}}
