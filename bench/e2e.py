@@ -33,7 +33,7 @@ PROTECTED = "certbound_wsgi.wsgi:application"
 #: The app of each comparison, served bare (unprotected) or through ``certbound_wsgi.wsgi`` (``CERTBOUND_APP``).
 APPS = {"echo": "certbound_wsgi.dev.echo:echo_app", "hello": "bench.apps:hello_app"}
 #: (gunicorn worker class, app) of each protected/unprotected comparison.
-CONFIGS = (("sync", "echo"), ("gthread", "echo"), ("gthread", "hello"))
+CONFIGS = (("sync", "echo"), ("gthread", "echo"), ("sync", "hello"), ("gthread", "hello"))
 _TICK = os.sysconf("SC_CLK_TCK")
 
 

@@ -193,8 +193,10 @@ def _spy_stacks(path: str) -> Iterator[tuple[list[str], int]]:
             yield stack.split(";"), int(count)
 
 
-def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> None:
-    """py-spy on the one sync worker of a protected stack (hello app) under load, with alice's bound JWT."""
+def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker_class: str = "sync",
+                 app: str = "hello") -> None:
+    """py-spy on one worker of a protected stack under load, with alice's bound JWT: one sync worker, or
+    one of the two gthread workers of the end-to-end benchmark (4 threads each, 8 connections)."""
     import shutil
     import subprocess
 
@@ -208,8 +210,9 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> Non
     with started_idp(ws) as provider:
         request = request_bytes("/anything", "127.0.0.1", provider.token("bound"))
         context = _context(ws)
-        stack = _stack(ws, provider, ws.ca.server(), "spy", worker_class="sync", protected=True, app="hello",
-                       workers=1)
+        gthread = worker_class == "gthread"
+        stack = _stack(ws, provider, ws.ca.server(), "spy", worker_class=worker_class, protected=True, app=app,
+                       workers=2 if gthread else 1, threads=4 if gthread else 1)
         try:
             for _ in range(20):
                 send_once(stack.nginx.port, context, request)
@@ -219,30 +222,43 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0) -> Non
                                          "-f", "raw", "-o", str(raw)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            load = run_load(stack.nginx.port, context, request, connections=4, duration=seconds, warmup=0)
+            load = run_load(stack.nginx.port, context, request, connections=8 if gthread else 4, duration=seconds,
+                            warmup=0)
             recorder.wait(60)
         finally:
             stack.stop()
-    requests = load.requests
+    # The worker spied on answered about its share of the requests.
+    requests = load.requests / (2 if gthread else 1)
     inside: collections.Counter[str] = collections.Counter()
-    app = 0
+    outside: collections.Counter[str] = collections.Counter()
+    in_app = 0
+    app_function = f"{app}_app"
     for frames, count in _spy_stacks(str(raw)):
         calls = [i for i, frame in enumerate(frames) if "CertBoundMiddleware.__call__" in frame]
         if not calls:
+            outside[_short(frames)] += count
             continue
-        if any("hello_app" in frame for frame in frames[calls[-1]:]):
-            app += count
+        if any(app_function in frame for frame in frames[calls[-1]:]):
+            in_app += count
             continue
         inside[frames[-1]] += count
     total = sum(inside.values())
-    print(f"\n=== gunicorn sync worker behind nginx, py-spy at 1 kHz for {seconds:g} s, {requests} requests ===",
-          file=out)
+    print(f"\n=== gunicorn {worker_class} worker ({app} app) behind nginx, py-spy at 1 kHz for {seconds:g} s, "
+          f"{requests:.0f} requests ===", file=out)
     # py-spy stops the worker for each sample: absolute times are inflated, shares are what to read.
-    print(f"  {total * 1000 / requests:6.1f} µs/request sampled in the middleware, app excluded (the hello app: "
-          f"{app * 1000 / requests:.1f} µs/request; sampling stops inflate both). Share by innermost frame:",
-          file=out)
+    print(f"  {total * 1000 / requests:6.1f} µs/request sampled in the middleware, app excluded (the {app} app: "
+          f"{in_app * 1000 / requests:.1f} µs/request; outside the middleware: "
+          f"{sum(outside.values()) * 1000 / requests:.1f} µs/request, idle threads included; sampling stops "
+          "inflate all three). Share of the middleware's by innermost frame:", file=out)
     for frame, count in inside.most_common(15):
         print(f"  {count / total:6.1%}  {frame}", file=out)
+    print("  Outside the middleware, by innermost two frames:", file=out)
+    for frame, count in outside.most_common(12):
+        print(f"  {count * 1000 / requests:6.1f} µs/request  {frame}", file=out)
+
+
+def _short(frames: list[str]) -> str:
+    return " <- ".join(reversed(frames[-2:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,9 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=20)
     parser.add_argument("--fill", type=int, default=10_000, help="tokens to fill the memo with (default 10000)")
     parser.add_argument("--gunicorn", action="store_true", help="also py-spy a real gunicorn worker under load")
+    parser.add_argument("--worker-class", choices=("sync", "gthread"), default="sync",
+                        help="the gunicorn worker class for --gunicorn (gthread: 2 workers x 4 threads)")
+    parser.add_argument("--app", choices=("hello", "echo"), default="hello", help="the app for --gunicorn")
+    parser.add_argument("--only-gunicorn", action="store_true", help="skip the in-process profiles")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out: io.TextIOBase = sys.stdout  # type: ignore[assignment]
     ws = Workspace()
+    if args.only_gunicorn:
+        gunicorn_spy(ws, out, worker_class=args.worker_class, app=args.app)
+        return 0
 
     settings = ws.settings()
     warm = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
@@ -285,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         _profile("introspection, L2 (Redis) hit", lambda: loop_us(l2, opaque, 10_000), args.top, out)
     dpop_path(ws, out, args.top)
     if args.gunicorn:
-        gunicorn_spy(ws, out)
+        gunicorn_spy(ws, out, worker_class=args.worker_class, app=args.app)
     return 0
 
 

@@ -49,8 +49,6 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     e2e = results.get("e2e")
     if e2e:
         for config, comparison in e2e["comparisons"].items():
-            if not config.endswith("echo"):
-                continue  # the target is about the echo app; the hello app is for insight
             ratio = comparison["throughput_ratio"]
             cpu = comparison["cpu_capacity_ratio"]
             each = comparison["throughput_ratios"]
