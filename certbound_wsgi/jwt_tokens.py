@@ -95,16 +95,13 @@ class JWTValidator:
             if now < expires:
                 return claims
             self._forget(token)
-        claims = self._verify(token, now)
+        # The cold path: the signature, then the claims.
+        claims = self.signed_claims(token, _ACCEPTED_TYP)
+        self._check_claims(claims, now)
         self._remember(token, claims)
         return claims
 
     # -- the cold path --------------------------------------------------------
-
-    def _verify(self, token: str, now: float) -> Claims:
-        claims = self.signed_claims(token, _ACCEPTED_TYP)
-        self._check_claims(claims, now)
-        return claims
 
     def signed_claims(self, token: str, accepted_typ: frozenset[str]) -> Claims:
         """The claims of a JWT signed by the issuer, before any claim is checked.
@@ -138,7 +135,13 @@ class JWTValidator:
             signature = b64url_decode(token[second + 1:])
         except ValueError:
             raise InvalidToken("the token's signature is invalid") from None
-        if not any(self._verifier(key).verify(alg, signing_input, signature) for key in keys):
+        prepared = self._verifiers
+        for key in keys:
+            known = prepared.get(id(key))
+            each = known[1] if known is not None and known[0] is key else self._prepare(key)
+            if each.verify(alg, signing_input, signature):
+                break
+        else:
             raise InvalidToken("the token's signature is invalid")
         if segment not in self._headers:
             self._remember_header(segment, header)
@@ -194,11 +197,8 @@ class JWTValidator:
             algs = self._discovery.algorithms or self._signing_algs
         return algs
 
-    def _verifier(self, key: PublicKey) -> Verifier:
+    def _prepare(self, key: PublicKey) -> Verifier:
         """``key`` prepared once: the discovery's key objects live as long as the JWKS they came from."""
-        known = self._verifiers.get(id(key))
-        if known is not None and known[0] is key:
-            return known[1]
         prepared = verifier(key)
         with self._memo_lock:
             if len(self._verifiers) >= MAX_KEYS:
