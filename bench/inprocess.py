@@ -34,11 +34,13 @@ from tests.support.dpop import DPoPKey
 
 from .fixtures import AUDIENCE, ISSUER, FakeIntrospection, Workspace, environ_factory, hello_app, opaque_tokens
 from .peers import AuthlibMiddleware, authlib_protector
-from .timing import Case, RoundEnviron, median, paired, run_rounds
+from .timing import Case, RoundEnviron, median, paired, run_interleaved, run_rounds
 
 __all__ = ["run_inprocess"]
 
 APPS: dict[str, WSGIApplication] = {"hello": hello_app, "echo": echo_app}
+#: Requests per turn of the signature paths and their floor (see :func:`~bench.timing.run_interleaved`).
+SIGNATURE_BLOCK = 10
 
 #: Paths in the order of the report, with a short description.
 PATHS = {
@@ -65,6 +67,8 @@ class Sizes:
     dpop: int = 400
     floor_es256: int = 400
     floor_redis: int = 2000
+    #: Requests of each case per round when the paths and their floors take turns request by request.
+    interleaved: int = 400
 
 
 def _fixed(make: Callable[[int], WSGIEnvironment]) -> Callable[[int], Callable[[int], WSGIEnvironment]]:
@@ -287,24 +291,57 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
                "proof_of_possession_mtls 'optional', replay cache in process (no Redis), no nonces",
     }
 
-    # Each path as a multiple of its floor, round by round: (path - bare) / (floor - bare), the median of those.
-    def over_floor(path: str, floor: Case) -> dict[str, Any]:
-        ours = by_name[f"{path} hello"]
-        each = [(o - b) / (f - b) for o, b, f in zip(ours.samples, hello_base.samples, floor.samples, strict=True)]
-        return {"path": path, "description": PATHS[path], "overhead_us": paired(ours, hello_base)[0],
-                "floor": floor.name.split()[0], "floor_us": paired(floor, hello_base)[0], "ratio": median(each),
-                "ratios": each}
+    # Each path as a multiple of its floor: the paths and the floors take turns request by request (see
+    # run_interleaved), and each round gives (path - bare) / (floor - bare) from its per-request medians.
+    n = sizes.interleaved
+    # Each path takes turns with its own floor and the bare app only: a heavy case (DPoP) in the same
+    # rotation would leave the CPU's caches cold for the next one's first request.
+    groups = {
+        "jwt-cold": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("jwt-cold hello", checks["jwt-cold"], _fresh(ws, n), n),
+            Case("floor-es256 hello", floor_es256.app, _fixed(warm_env), n),
+        ], rounds, n, block=SIGNATURE_BLOCK),
+        "dpop": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("dpop hello", dpop_check, _dpop_proofs(ws, dpop_client, dpop_token, n), n),
+            Case("floor-es256 hello", floor_es256.app, _fixed(warm_env), n),
+        ], rounds, n, block=SIGNATURE_BLOCK),
+        "introspection-l2": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("introspection-l2 hello", checks["l2"][0], _fixed(opaque_env), n),
+            Case("floor-redis-get hello", floor_redis.app, _fixed(opaque_env), n),
+        ], rounds, n),
+    }
+
+    def over_floor(path: str, floor: str) -> dict[str, Any]:
+        group = groups[path]
+        bare_each, ours_each, floor_each = group["bare hello"], group[f"{path} hello"], group[f"{floor} hello"]
+        each = [(o - b) / (f - b) for o, b, f in zip(ours_each, bare_each, floor_each, strict=True)]
+        return {"path": path, "description": PATHS[path], "floor": floor,
+                "overhead_us": median([o - b for o, b in zip(ours_each, bare_each, strict=True)]),
+                "floor_us": median([f - b for f, b in zip(floor_each, bare_each, strict=True)]),
+                "ratio": median(each), "ratios": each}
 
     floors = {
-        "jwt-cold": over_floor("jwt-cold", floor_es256),
-        "introspection-l2": over_floor("introspection-l2", floor_redis),
-        "dpop": over_floor("dpop", floor_es256),
-        "how": "Each floor is the bare hello app behind the one operation its path cannot avoid, timed in the "
-               "same rounds as the paths: an ES256 verification of a benchmark token's signing input by "
-               "cryptography's EllipticCurvePublicKey.verify (the key imported and the signature converted to DER "
-               "beforehand), and a GET of the L2 entry through the L2 cache's own redis-py client (same "
-               "connection pool and socket options). A ratio is (path - bare) / (floor - bare) in one round; "
-               "the median over rounds is shown.",
+        "jwt-cold": over_floor("jwt-cold", "floor-es256"),
+        "introspection-l2": over_floor("introspection-l2", "floor-redis-get"),
+        "dpop": over_floor("dpop", "floor-es256"),
+        "requests_per_round": n,
+        "medians_us": groups,
+        "signature_block": SIGNATURE_BLOCK,
+        "tight_loop_redis_get_us": paired(floor_redis, hello_base)[0],
+        "how": "Each floor is the bare hello app behind the one operation its path cannot avoid: an ES256 "
+               "verification of a benchmark token's signing input by cryptography's EllipticCurvePublicKey.verify "
+               "(the key imported and the signature converted to DER beforehand), and a GET of the L2 entry "
+               "through the L2 cache's own redis-py client (same connection pool and socket options). Each path "
+               "takes turns with its own floor and the bare app (and no other case), "
+               f"{n} requests of each per round: the signature paths {SIGNATURE_BLOCK} requests a turn (a loop "
+               "in miniature), the round-trip paths one request a turn, timed alone (a Redis round trip right "
+               "after another is faster than one after other work, as the idle core must wake up; an L2 hit "
+               "never follows another round trip at once, so neither does its floor). A round gives each case's "
+               "median turn; a ratio is (path - bare) / (floor - bare) within one round, and the median over "
+               "rounds is shown.",
     }
 
     sanity = {

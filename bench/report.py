@@ -135,13 +135,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
                 "",
                 floors["how"],
                 "",
-                "| path | overhead µs | floor | floor µs | ratio (median of rounds) | each round |",
+                "| path | overhead µs (median request) | floor | floor µs (median request) "
+                "| ratio (median of rounds) | each round |",
                 "| --- | ---: | --- | ---: | ---: | --- |",
             ]
             for name in ("jwt-cold", "dpop", "introspection-l2"):
                 f = floors[name]
                 lines.append(f"| {f['description']} | {_us(f['overhead_us'])} | {f['floor']} | {_us(f['floor_us'])} "
                              f"| {_x(f['ratio'])} | {', '.join(f'{r:.2f}' for r in f['ratios'])} |")
+            lines += ["", f"One Redis GET in a tight loop (the floor row above, loop medians): "
+                      f"{_us(floors['tight_loop_redis_get_us'])} µs."]
         dpop = inproc.get("dpop")
         if dpop:
             share = dpop["es256_verify_us"] / dpop["overhead_us"] if dpop["overhead_us"] > 0 else float("nan")

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.monotonic()
         rounds = args.rounds or (3 if args.quick else 9)
         sizes = (Sizes(bare=5000, warm=3000, cold=100, l1=3000, l2=500, authlib=100, dpop=100,
-                                 floor_es256=100, floor_redis=500) if args.quick
+                                 floor_es256=100, floor_redis=500, interleaved=100) if args.quick
                  else Sizes())
         results["inprocess"] = {"rounds": rounds, **run_inprocess(ws, rounds, sizes)}
         results["timings_s"]["inprocess"] = time.monotonic() - t

@@ -17,7 +17,7 @@ from certbound_wsgi.types import WSGIApplication, WSGIEnvironment
 
 from .fixtures import StatusRecorder, start_response
 
-__all__ = ["Case", "loop_us", "median", "run_rounds"]
+__all__ = ["Case", "loop_us", "median", "run_interleaved", "run_rounds"]
 
 #: Builds the environ factory of one round: ``make(round)(i)`` is request ``i``'s environ.
 RoundEnviron = Callable[[int], Callable[[int], WSGIEnvironment]]
@@ -82,3 +82,44 @@ def paired(ours: Case, base: Case) -> tuple[float, float]:
     diffs = [a - b for a, b in zip(ours.samples, base.samples, strict=True)]
     ratios = [a / b for a, b in zip(ours.samples, base.samples, strict=True)]
     return median(diffs), median(ratios)
+
+
+def run_interleaved(cases: Sequence[Case], rounds: int, requests: int, block: int = 1) -> dict[str, list[float]]:
+    """Per round, each case's median time per request, the cases taking turns ``block`` requests at a time.
+
+    For comparisons with a floor: each case's turn follows another's, a few milliseconds at most, so the
+    machine's noise (other processes coming and going) falls on all of them alike, and a median over
+    turns leaves out those that were preempted. The environs are built before each turn's timing starts.
+
+    :param requests: requests of each case per round (a multiple of ``block``).
+    :param block: requests per turn, timed together: 1 times every request alone, after another case's;
+        more let a case run warm in the CPU's caches, as a loop of it would.
+    :returns: each case's name and its per-round medians, in microseconds per request.
+    """
+    for case in cases:
+        check(case)
+    out: dict[str, list[float]] = {case.name: [] for case in cases}
+    clock = time.perf_counter_ns
+    sr = start_response
+    for r in range(-1, rounds):  # round -1 warms up and is not kept
+        makes = [case.environ(r) for case in cases]
+        times: list[list[float]] = [[] for _ in cases]
+        gc.collect()
+        for turn in range(requests // block):
+            shift = turn % len(cases)
+            for j in [*range(shift, len(cases)), *range(shift)]:
+                app, make = cases[j].app, makes[j]
+                environs = [make(turn * block + k) for k in range(block)]
+                begin = clock()
+                for environ in environs:
+                    result = app(environ, sr)
+                    for _chunk in result:
+                        pass
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+                times[j].append((clock() - begin) / block)
+        if r >= 0:
+            for case, each in zip(cases, times, strict=True):
+                out[case.name].append(statistics.median(each) / 1000)
+    return out
