@@ -143,8 +143,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
                 f = floors[name]
                 lines.append(f"| {f['description']} | {_us(f['overhead_us'])} | {f['floor']} | {_us(f['floor_us'])} "
                              f"| {_x(f['ratio'])} | {', '.join(f'{r:.2f}' for r in f['ratios'])} |")
-            lines += ["", f"One Redis GET in a tight loop (the floor row above, loop medians): "
-                      f"{_us(floors['tight_loop_redis_get_us'])} µs."]
+            loops = floors.get("loops", {})
+            lines += ["", f"One Redis GET in a tight loop (the floor row of the table above): "
+                      f"{_us(floors['tight_loop_redis_get_us'])} µs. The same ratios from the loops of that table "
+                      "(a loop's mean, garbage collections included, each case in a loop of its own; noisier): "
+                      + ", ".join(f"{name} {_x(ratio)}" for name, ratio in loops.items()) + "."]
         dpop = inproc.get("dpop")
         if dpop:
             share = dpop["es256_verify_us"] / dpop["overhead_us"] if dpop["overhead_us"] > 0 else float("nan")

@@ -84,17 +84,15 @@ def paired(ours: Case, base: Case) -> tuple[float, float]:
     return median(diffs), median(ratios)
 
 
-def run_interleaved(cases: Sequence[Case], rounds: int, requests: int, block: int = 1) -> dict[str, list[float]]:
-    """Per round, each case's median time per request, the cases taking turns ``block`` requests at a time.
+def run_interleaved(cases: Sequence[Case], rounds: int, requests: int) -> dict[str, list[float]]:
+    """Per round, each case's median request, the cases taking turns request by request.
 
-    For comparisons with a floor: each case's turn follows another's, a few milliseconds at most, so the
-    machine's noise (other processes coming and going) falls on all of them alike, and a median over
-    turns leaves out those that were preempted. The environs are built before each turn's timing starts.
+    For comparisons with a floor: each request follows another case's, so the machine's noise (other
+    processes coming and going, a core waking up for a round trip) falls on all of them alike, and a
+    median over single requests leaves out those that were preempted or ran a garbage collection.
+    The environs are built before each request's timing starts.
 
-    :param requests: requests of each case per round (a multiple of ``block``).
-    :param block: requests per turn, timed together: 1 times every request alone, after another case's;
-        more let a case run warm in the CPU's caches, as a loop of it would.
-    :returns: each case's name and its per-round medians, in microseconds per request.
+    :returns: each case's name and its per-round medians, in microseconds.
     """
     for case in cases:
         check(case)
@@ -103,22 +101,20 @@ def run_interleaved(cases: Sequence[Case], rounds: int, requests: int, block: in
     sr = start_response
     for r in range(-1, rounds):  # round -1 warms up and is not kept
         makes = [case.environ(r) for case in cases]
-        times: list[list[float]] = [[] for _ in cases]
+        times: list[list[int]] = [[] for _ in cases]
         gc.collect()
-        for turn in range(requests // block):
-            shift = turn % len(cases)
+        for i in range(requests):
+            shift = i % len(cases)
             for j in [*range(shift, len(cases)), *range(shift)]:
-                app, make = cases[j].app, makes[j]
-                environs = [make(turn * block + k) for k in range(block)]
+                environ = makes[j](i)
                 begin = clock()
-                for environ in environs:
-                    result = app(environ, sr)
-                    for _chunk in result:
-                        pass
-                    close = getattr(result, "close", None)
-                    if close is not None:
-                        close()
-                times[j].append((clock() - begin) / block)
+                result = cases[j].app(environ, sr)
+                for _chunk in result:
+                    pass
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                times[j].append(clock() - begin)
         if r >= 0:
             for case, each in zip(cases, times, strict=True):
                 out[case.name].append(statistics.median(each) / 1000)

@@ -63,13 +63,13 @@ def b64url_encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def b64url_decode(text: str) -> bytes:
+def b64url_decode(text: str | bytes) -> bytes:
     """Strict unpadded base64url (RFC 7515 section 2).
 
     :raises ValueError: ``text`` has characters outside the alphabet, padding, or an impossible length.
     """
     try:
-        raw = text.encode("ascii").translate(_FROM_B64URL)
+        raw = (text.encode("ascii") if isinstance(text, str) else text).translate(_FROM_B64URL)
         if len(raw) % 4 == 1:
             raise ValueError("impossible length")
         return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)

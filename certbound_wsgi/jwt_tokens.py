@@ -131,8 +131,9 @@ class JWTValidator:
             ) from None
         try:
             # RFC 7515 section 5.2 steps 7 and 8: the signature, over the first two segments as sent.
-            signing_input = token[:second].encode("ascii")
-            signature = b64url_decode(token[second + 1:])
+            raw = token.encode("ascii")
+            signing_input = raw[:second]
+            signature = b64url_decode(raw[second + 1:])
         except ValueError:
             raise InvalidToken("the token's signature is invalid") from None
         prepared = self._verifiers
@@ -146,7 +147,7 @@ class JWTValidator:
         if segment not in self._headers:
             self._remember_header(segment, header)
         try:
-            return json_object(b64url_decode(token[first + 1:second]))
+            return json_object(b64url_decode(raw[first + 1:second]))
         except JSONError as exc:
             raise InvalidToken(exc.describe("the token's claims", "are")) from None
         except ValueError:  # signed, yet not base64url
