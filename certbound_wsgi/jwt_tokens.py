@@ -230,14 +230,16 @@ class JWTValidator:
     # -- the memo -------------------------------------------------------------
 
     def _remember(self, token: str, claims: Claims) -> None:
-        expires = float(claims["exp"]) + self._leeway
-        with self._memo_lock:
-            if len(self._memo) >= self._memo_size:
+        memo = self._memo
+        if len(memo) >= self._memo_size:
+            with self._memo_lock:
                 # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
-                # dict's dead slots per many inserts, and no OrderedDict links per entry.
-                for old in list(itertools.islice(self._memo, max(1, self._memo_size // 10))):
-                    del self._memo[old]
-            self._memo[token] = (claims, expires)
+                # dict's dead slots per many inserts, and no OrderedDict links per entry. The keys are
+                # listed in one call, which no other thread's insert can interleave with.
+                for old in list(itertools.islice(memo, max(1, self._memo_size // 10))):
+                    memo.pop(old, None)
+        # One dict store: atomic, so no lock is needed for the insert itself.
+        memo[token] = (claims, float(claims["exp"]) + self._leeway)
 
     def _forget(self, token: str) -> None:
         with self._memo_lock:
