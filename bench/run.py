@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             if part("e2e"):
                 t = time.monotonic()
                 results["e2e"] = run_e2e(ws, provider, pairs=args.e2e_pairs or (2 if args.quick else 8),
-                                         duration=0.5 if args.quick else 1.0, warmup=0.2, connections=8)
+                                         duration=0.5 if args.quick else 1.5, warmup=0.2, connections=8)
                 results["timings_s"]["e2e"] = time.monotonic() - t
             if part("burst"):
                 t = time.monotonic()
