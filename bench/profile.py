@@ -18,6 +18,7 @@ import cProfile
 import hmac
 import io
 import pstats
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -243,6 +244,9 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker
             continue
         inside[frames[-1]] += count
     total = sum(inside.values())
+    # A thread waiting (for a connection, an event, a queue item) is sampled too: what is left is work.
+    waiting = sum(count for frame, count in outside.items() if _WAITING.search(frame.split(" <- ")[0]))
+    busy = total + in_app + sum(outside.values()) - waiting
     print(f"\n=== gunicorn {worker_class} worker ({app} app) behind nginx, py-spy at 1 kHz for {seconds:g} s, "
           f"{requests:.0f} requests ===", file=out)
     # py-spy stops the worker for each sample: absolute times are inflated, shares are what to read.
@@ -252,9 +256,16 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker
           "inflate all three). Share of the middleware's by innermost frame:", file=out)
     for frame, count in inside.most_common(15):
         print(f"  {count / total:6.1%}  {frame}", file=out)
+    print(f"  The middleware's share of the worker's busy samples (waits left out): {total / busy:.1%} "
+          f"({total} of {busy}).", file=out)
     print("  Outside the middleware, by innermost two frames:", file=out)
     for frame, count in outside.most_common(12):
         print(f"  {count * 1000 / requests:6.1f} µs/request  {frame}", file=out)
+
+
+#: Innermost frames of a thread that waits rather than works.
+_WAITING = re.compile(r"^(select|poll|wait|_worker|accept|sleep|EpollSelector\.select|_PollLikeSelector\.select|"
+                      r"Condition\.wait|Event\.wait|SyncWorker\.wait|SimpleQueue\.get|Queue\.get) ")
 
 
 def _short(frames: list[str]) -> str:
