@@ -49,6 +49,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     e2e = results.get("e2e")
     if e2e:
         for config, comparison in e2e["comparisons"].items():
+            if "twin" in config:
+                continue  # the noise floor, not a target
             ratio = comparison["throughput_ratio"]
             cpu = comparison["cpu_capacity_ratio"]
             each = comparison["throughput_ratios"]
@@ -218,7 +220,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             f"The load generator (Python, in the benchmark's process) used up to {share:.2f} of a core on this "
             f"{meta['nproc']}-core machine, competing with nginx and gunicorn for the same CPUs: the stacks are "
             "CPU-bound, so absolute req/s are the machine's, and only the ratios (same generator, same "
-            "concurrency, paired) compare. The CPU columns (per request, of the server processes only) do not "
+            "concurrency, paired) compare. The twin row measures a second unprotected stack against the first "
+            "as if it were protected: how far from 1.00 a ratio strays on this machine with no middleware at all. "
+            "The CPU columns (per request, of the server processes only) do not "
             "depend on the generator; the capacity ratio is unprotected ÷ protected (gunicorn + nginx) CPU per "
             "request: the throughput ratio to expect when the servers alone are CPU-bound.",
         ]
