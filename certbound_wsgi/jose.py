@@ -30,9 +30,8 @@ from .types import Claims
 __all__ = [
     "KEY_TYPES", "MAX_DEPTH", "PRIVATE_MEMBERS", "AsymmetricKey", "JSONError", "JWKError", "PublicKey",
     "TimeClaimError", "Verifier", "audiences", "b64url_decode", "b64url_encode", "check_time_claims", "copy_claims",
-    "copy_json",
-    "equal_ascii", "expiry", "issued_by", "json_object", "jws_registry", "meant_for", "number", "public_key",
-    "segment_object", "too_deep", "verifier",
+    "copy_json", "equal_ascii", "expiry", "issued_by", "json_object", "jws_registry", "meant_for", "number",
+    "public_key", "segment_object", "too_deep", "verifier",
 ]
 
 #: The deepest nesting accepted in claims. json.loads takes ~1,000 levels; anything walking the
@@ -340,6 +339,7 @@ class TimeClaimError(ValueError):
 
 
 _TIME_CLAIMS = ("exp", "nbf", "iat")
+#: Integers of smaller magnitude are exact as floats (IEEE 754 binary64 has a 53-bit significand).
 _EXACT = 2**53
 
 

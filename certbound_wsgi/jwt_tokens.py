@@ -8,7 +8,7 @@ not (see :mod:`certbound_wsgi.binding`).
 A token seen for the first time costs one header parse (none for a header seen
 before: an issuer sends one per key), one signature verification with the key
 prepared once (:class:`~certbound_wsgi.jose.Verifier`), and one parse of the
-claims, whose depth is checked in the same pass.
+claims (their depth is walked only when they hold brackets enough to be too deep).
 """
 
 from __future__ import annotations
