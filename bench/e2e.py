@@ -33,7 +33,7 @@ PROTECTED = "certbound_wsgi.wsgi:application"
 #: The app of each comparison, served bare (unprotected) or through ``certbound_wsgi.wsgi`` (``CERTBOUND_APP``).
 APPS = {"echo": "certbound_wsgi.dev.echo:echo_app", "hello": "bench.apps:hello_app"}
 #: (gunicorn worker class, app) of each protected/unprotected comparison.
-CONFIGS = (("sync", "echo"), ("gthread", "echo"), ("gthread", "hello"))
+CONFIGS = (("sync", "echo"), ("gthread", "echo"), ("sync", "hello"), ("gthread", "hello"))
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -163,24 +163,28 @@ def run_e2e(ws: Workspace, provider: OidcProvider, *, pairs: int, duration: floa
                 cleanup.callback(stack.stop)
                 stacks[worker_class, app, protected] = stack
                 samples[name] = []
+        # The noise floor: a second unprotected stack, measured against the first as if it were protected.
+        twin = _stack(ws, provider, server_cert, "sync-hello-twin", worker_class="sync", protected=False, app="hello")
+        cleanup.callback(twin.stop)
         request = request_bytes("/anything", SERVER_NAME, token)
-        for stack in stacks.values():
+        for stack in [*stacks.values(), twin]:
             # Every worker discovers the issuer's keys on its first request: not part of the measurement.
             for _ in range(8):
                 status, body = send_once(stack.nginx.port, context, request)
                 if status != 200:
                     raise RuntimeError(f"{stack.name}: answered {status}: {body[:300]!r}")
-        for worker_class, app in CONFIGS:
-            config = f"{worker_class} {app}"
+        for worker_class, app, twin_of in [*((w, a, False) for w, a in CONFIGS), ("sync", "hello", True)]:
+            config = f"{worker_class} {app}" + (" twin (unprotected twice: the noise)" if twin_of else "")
             ratios[config] = []
             for r in range(pairs):
                 order = (False, True) if r % 2 == 0 else (True, False)
                 pair = {}
                 for protected in order:
-                    stack = stacks[worker_class, app, protected]
+                    stack = twin if twin_of and protected else stacks[worker_class, app, protected and not twin_of]
                     pair[protected] = _measure(stack, context, request, connections=connections,
                                                duration=duration, warmup=warmup)
-                    samples[f"{config} {'protected' if protected else 'unprotected'}"].append(pair[protected])
+                    if not twin_of:
+                        samples[f"{config} {'protected' if protected else 'unprotected'}"].append(pair[protected])
                 prot, unprot = pair[True], pair[False]
                 ratios[config].append({
                     "throughput": prot["rps"] / unprot["rps"],

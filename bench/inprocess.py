@@ -14,6 +14,7 @@ the loop well under a microsecond).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import secrets
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from certbound_wsgi.dev.echo import echo_app
 from certbound_wsgi.middleware import CertBoundMiddleware
@@ -32,7 +34,7 @@ from tests.support.dpop import DPoPKey
 
 from .fixtures import AUDIENCE, ISSUER, FakeIntrospection, Workspace, environ_factory, hello_app, opaque_tokens
 from .peers import AuthlibMiddleware, authlib_protector
-from .timing import Case, RoundEnviron, median, paired, run_rounds
+from .timing import Case, RoundEnviron, median, paired, run_interleaved, run_rounds
 
 __all__ = ["run_inprocess"]
 
@@ -42,6 +44,8 @@ DPOP_BASE_URL = "https://127.0.0.1:8443"
 
 #: Paths in the order of the report, with a short description.
 PATHS = {
+    "floor-es256": "Floor: one ES256 verification by cryptography, key imported",
+    "floor-redis-get": "Floor: one Redis GET round trip (the L2 client, the L2 entry)",
     "jwt-warm": "JWT, memoized verification (cert-bound ES256)",
     "jwt-cold": "JWT, verified from scratch (a new token per request)",
     "introspection-l1": "Introspection, L1 (in-process) hit",
@@ -61,6 +65,10 @@ class Sizes:
     l2: int = 2000
     authlib: int = 400
     dpop: int = 400
+    floor_es256: int = 400
+    floor_redis: int = 2000
+    #: Requests of each case per round when the paths and their floors take turns request by request.
+    interleaved: int = 400
 
 
 def _fixed(make: Callable[[int], WSGIEnvironment]) -> Callable[[int], Callable[[int], WSGIEnvironment]]:
@@ -101,6 +109,38 @@ def _dpop_proofs(ws: Workspace, client: DPoPKey, token: str, count: int) -> Roun
         return make
 
     return for_round
+
+
+def es256_floor_app(ws: Workspace, app: WSGIApplication) -> WSGIApplication:
+    """``app`` behind the one thing a first-seen ES256 token cannot skip: its signature, verified directly by
+    ``cryptography`` with the issuer's public key imported beforehand (the signature converted to DER beforehand
+    too), over the signing input of a token like the benchmark's."""
+    token = ws.tokens(1)[0]
+    head, _, raw = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    der = encode_dss_signature(int.from_bytes(signature[:32]), int.from_bytes(signature[32:]))
+    public = ws.issuer.key.as_dict(private=False)
+    point = b"\x04" + base64.urlsafe_b64decode(public["x"] + "==") + base64.urlsafe_b64decode(public["y"] + "==")
+    key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    data = head.encode("ascii")
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    def floor(environ: WSGIEnvironment, start_response: Any) -> Any:
+        key.verify(der, data, algorithm)
+        return app(environ, start_response)
+
+    return floor
+
+
+def redis_floor_app(client: Any, key: str, app: WSGIApplication) -> WSGIApplication:
+    """``app`` behind the one thing an L2 hit cannot skip: one GET of the entry, by the L2 cache's own client."""
+
+    def floor(environ: WSGIEnvironment, start_response: Any) -> Any:
+        if client.get(key) is None:
+            raise RuntimeError("the L2 entry is gone")
+        return app(environ, start_response)
+
+    return floor
 
 
 def _es256_verify_us(rounds: int, iterations: int = 400) -> float:
@@ -184,6 +224,17 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
                   ("introspection-l1", app_name, l1, base), ("introspection-l2", app_name, l2, base),
                   ("dpop", app_name, dpop, base)]
         if app_name == "hello":
+            # The floors, in the same rounds as the paths they bound: each is the bare app plus the one
+            # operation the path cannot avoid, so that (path - bare) / (floor - bare) is a ratio of our cost
+            # to the hardware's, round by round.
+            l2_intro = l2_mw.introspection
+            assert l2_intro is not None and l2_intro._l2 is not None
+            l2_key = l2_intro._key_name(opaque[0])
+            floor_es256 = Case("floor-es256 hello", es256_floor_app(ws, app), _fixed(warm_env), sizes.floor_es256)
+            floor_redis = Case("floor-redis-get hello", redis_floor_app(l2_intro._l2._client, l2_key, app),
+                               _fixed(opaque_env), sizes.floor_redis)
+            cases += [floor_es256, floor_redis]
+            pairs += [("floor-es256", app_name, floor_es256, base), ("floor-redis-get", app_name, floor_redis, base)]
             checks: dict[str, Any] = {"jwt-warm": jwt_mw, "jwt-cold": cold_mw, "l1": (l1_mw, l1_fake),
                                       "l2": (l2_mw, l2_fake)}
             dpop_check = dpop_mw
@@ -243,6 +294,63 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
                "proof_of_possession_mtls 'optional', replay cache in process (no Redis), no nonces",
     }
 
+    # Each path as a multiple of its floor: the paths and the floors take turns request by request (see
+    # run_interleaved), and each round gives (path - bare) / (floor - bare) from its per-request medians.
+    n = sizes.interleaved
+    # Each path takes turns with its own floor and the bare app only: a heavy case (DPoP) in the same
+    # rotation would leave the CPU's caches cold for the next one's first request.
+    groups = {
+        "jwt-cold": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("jwt-cold hello", checks["jwt-cold"], _fresh(ws, n), n),
+            Case("floor-es256 hello", floor_es256.app, _fixed(warm_env), n),
+        ], rounds, n),
+        "dpop": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("dpop hello", dpop_check, _dpop_proofs(ws, dpop_client, dpop_token, n), n),
+            Case("floor-es256 hello", floor_es256.app, _fixed(warm_env), n),
+        ], rounds, n),
+        "introspection-l2": run_interleaved([
+            Case("bare hello", hello_app, _fixed(warm_env), n),
+            Case("introspection-l2 hello", checks["l2"][0], _fixed(opaque_env), n),
+            Case("floor-redis-get hello", floor_redis.app, _fixed(opaque_env), n),
+        ], rounds, n),
+    }
+
+    def over_floor(path: str, floor: str) -> dict[str, Any]:
+        group = groups[path]
+        bare_each, ours_each, floor_each = group["bare hello"], group[f"{path} hello"], group[f"{floor} hello"]
+        each = [(o - b) / (f - b) for o, b, f in zip(ours_each, bare_each, floor_each, strict=True)]
+        return {"path": path, "description": PATHS[path], "floor": floor,
+                "overhead_us": median([o - b for o, b in zip(ours_each, bare_each, strict=True)]),
+                "floor_us": median([f - b for f, b in zip(floor_each, bare_each, strict=True)]),
+                "ratio": median(each), "ratios": each}
+
+    floors = {
+        "jwt-cold": over_floor("jwt-cold", "floor-es256"),
+        "introspection-l2": over_floor("introspection-l2", "floor-redis-get"),
+        "dpop": over_floor("dpop", "floor-es256"),
+        "requests_per_round": n,
+        "medians_us": groups,
+        "tight_loop_redis_get_us": paired(floor_redis, hello_base)[0],
+        # The same comparisons from the loops of the table above (means of each loop, garbage collections
+        # included, each case in its own loop): noisier, shown for comparison.
+        "loops": {path: median([(o - b) / (f - b) for o, b, f in zip(by_name[f"{path} hello"].samples,
+                                                                    hello_base.samples, floor.samples, strict=True)])
+                  for path, floor in (("jwt-cold", floor_es256), ("dpop", floor_es256),
+                                      ("introspection-l2", floor_redis))},
+        "how": "Each floor is the bare hello app behind the one operation its path cannot avoid: an ES256 "
+               "verification of a benchmark token's signing input by cryptography's EllipticCurvePublicKey.verify "
+               "(the key imported and the signature converted to DER beforehand), and a GET of the L2 entry "
+               "through the L2 cache's own redis-py client (same connection pool and socket options). Each path "
+               f"takes turns with its own floor and the bare app (and no other case), request by request, {n} "
+               "requests of each per round, each request timed alone; a round gives each case's median request "
+               "(a request that was preempted, or ran a garbage collection, is left out). A ratio is "
+               "(path - bare) / (floor - bare) within one round; the median over rounds is shown. Taking turns "
+               "matters for the Redis floor: a round trip right after another is faster than one after other "
+               "work (the idle core must wake up), and an L2 hit never follows another round trip at once.",
+    }
+
     sanity = {
         "jwt_memo_entries_warm": checks["jwt-warm"].jwt.memo_size(),
         "jwt_memo_entries_cold": checks["jwt-cold"].jwt.memo_size(),
@@ -251,6 +359,6 @@ def _run(ws: Workspace, rounds: int, sizes: Sizes, redis_url: str) -> dict[str, 
         "introspection_l2_calls": checks["l2"][1].calls,
         "introspection_l2_stats": checks["l2"][0].stats(),
     }
-    return {"rows": rows, "authlib": authlib, "dpop": dpop_info, "sanity": sanity,
+    return {"rows": rows, "authlib": authlib, "dpop": dpop_info, "floors": floors, "sanity": sanity,
             "cases": {case.name: {"median_us": case.median, "samples_us": case.samples,
                                   "iterations": case.iterations} for case in cases}}

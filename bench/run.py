@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="leave a part out (repeatable)")
     parser.add_argument("--rounds", type=int, default=None, help="in-process rounds (default 9; quick 3)")
     parser.add_argument("--e2e-pairs", type=int, default=None,
-                        help="end-to-end protected/unprotected pairs per configuration (default 8; quick 2)")
+                        help="end-to-end protected/unprotected pairs per configuration (default 12; quick 2)")
     parser.add_argument("--memory-tokens", type=int, default=None, help="distinct tokens (default 100000)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.{md,json,png} go")
     return parser
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if part("inprocess"):
         t = time.monotonic()
         rounds = args.rounds or (3 if args.quick else 9)
-        sizes = (Sizes(bare=5000, warm=3000, cold=100, l1=3000, l2=500, authlib=100, dpop=100) if args.quick
+        sizes = (Sizes(bare=5000, warm=3000, cold=100, l1=3000, l2=500, authlib=100, dpop=100,
+                                 floor_es256=100, floor_redis=500, interleaved=100) if args.quick
                  else Sizes())
         results["inprocess"] = {"rounds": rounds, **run_inprocess(ws, rounds, sizes)}
         results["timings_s"]["inprocess"] = time.monotonic() - t
@@ -111,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         with started_idp(ws) as provider:
             if part("e2e"):
                 t = time.monotonic()
-                results["e2e"] = run_e2e(ws, provider, pairs=args.e2e_pairs or (2 if args.quick else 8),
-                                         duration=0.5 if args.quick else 1.0, warmup=0.2, connections=8)
+                results["e2e"] = run_e2e(ws, provider, pairs=args.e2e_pairs or (2 if args.quick else 12),
+                                         duration=0.5 if args.quick else 1.5, warmup=0.2, connections=8)
                 results["timings_s"]["e2e"] = time.monotonic() - t
             if part("burst"):
                 t = time.monotonic()

@@ -17,7 +17,7 @@ from certbound_wsgi.types import WSGIApplication, WSGIEnvironment
 
 from .fixtures import StatusRecorder, start_response
 
-__all__ = ["Case", "loop_us", "median", "run_rounds"]
+__all__ = ["Case", "loop_us", "median", "run_interleaved", "run_rounds"]
 
 #: Builds the environ factory of one round: ``make(round)(i)`` is request ``i``'s environ.
 RoundEnviron = Callable[[int], Callable[[int], WSGIEnvironment]]
@@ -82,3 +82,40 @@ def paired(ours: Case, base: Case) -> tuple[float, float]:
     diffs = [a - b for a, b in zip(ours.samples, base.samples, strict=True)]
     ratios = [a / b for a, b in zip(ours.samples, base.samples, strict=True)]
     return median(diffs), median(ratios)
+
+
+def run_interleaved(cases: Sequence[Case], rounds: int, requests: int) -> dict[str, list[float]]:
+    """Per round, each case's median request, the cases taking turns request by request.
+
+    For comparisons with a floor: each request follows another case's, so the machine's noise (other
+    processes coming and going, a core waking up for a round trip) falls on all of them alike, and a
+    median over single requests leaves out those that were preempted or ran a garbage collection.
+    The environs are built before each request's timing starts.
+
+    :returns: each case's name and its per-round medians, in microseconds.
+    """
+    for case in cases:
+        check(case)
+    out: dict[str, list[float]] = {case.name: [] for case in cases}
+    clock = time.perf_counter_ns
+    sr = start_response
+    for r in range(-1, rounds):  # round -1 warms up and is not kept
+        makes = [case.environ(r) for case in cases]
+        times: list[list[int]] = [[] for _ in cases]
+        gc.collect()
+        for i in range(requests):
+            shift = i % len(cases)
+            for j in [*range(shift, len(cases)), *range(shift)]:
+                environ = makes[j](i)
+                begin = clock()
+                result = cases[j].app(environ, sr)
+                for _chunk in result:
+                    pass
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                times[j].append(clock() - begin)
+        if r >= 0:
+            for case, each in zip(cases, times, strict=True):
+                out[case.name].append(statistics.median(each) / 1000)
+    return out

@@ -173,11 +173,26 @@ class IntrospectionValidator:
             self._stats.incr("l1_hits")
             return self._decide(entry, token)
         self._stats.incr("l1_misses")
-        return self._decide(self._single_flight(token, entry), token)
+        l2 = self._l2
+        if l2 is None:
+            return self._decide(self._single_flight(token, entry, None), token)
+        # An L2 hit, the common case of a worker's first sight of a token, is one GET and
+        # nothing else: no flight to join, and no lock (both are for asking the issuer).
+        key = self._key_name(token)
+        shared = l2.get(key)
+        if shared is not None and self._clock() < shared.fresh_until:
+            self._stats.incr("l2_hits")
+            self._l1.set(token, shared)
+            return self._decide(shared, token)
+        return self._decide(self._single_flight(token, _newer(entry, shared), key), token)
 
     # -- single flight ----------------------------------------------------------
 
-    def _single_flight(self, token: str, stale: Entry | None) -> Entry:
+    def _single_flight(self, token: str, stale: Entry | None, key: str | None) -> Entry:
+        """The answer for ``token`` from L2 or the issuer, asked by one thread of this process at a time.
+
+        :param key: the token's L2 key name, already looked up once (``None`` without L2).
+        """
         with self._inflight_lock:
             flight = self._inflight.get(token)
             leader = flight is None
@@ -190,27 +205,21 @@ class IntrospectionValidator:
                 if flight.entry is not None:
                     return flight.entry
                 raise TemporarilyUnavailable("the token cannot be introspected now", retry_after=5)
-            return self._shared(token, stale)  # the leader is stuck: don't wait forever
+            return self._shared(token, stale, key)  # the leader is stuck: don't wait forever
         try:
-            flight.entry = self._shared(token, stale)
+            flight.entry = self._shared(token, stale, key)
             return flight.entry
         finally:
             with self._inflight_lock:
                 del self._inflight[token]
             flight.done.set()
 
-    def _shared(self, token: str, stale: Entry | None) -> Entry:
+    def _shared(self, token: str, stale: Entry | None, key: str | None) -> Entry:
         l2 = self._l2
-        if l2 is None:
+        if l2 is None or key is None:
             return self._ask(token, stale, self._clock(), cache=True)
-        key = self._key_name(token)
-        entry = l2.get(key)
-        if entry is not None and self._clock() < entry.fresh_until:
-            self._stats.incr("l2_hits")
-            self._l1.set(token, entry)
-            return entry
+        # validate() found no fresh entry; whoever writes one meanwhile holds the lock while doing so.
         self._stats.incr("l2_misses")
-        stale = _newer(stale, entry)
         deadline = time.monotonic() + self._wait
         lock = l2.lock(key)
         while lock is False and time.monotonic() < deadline and l2.available:

@@ -4,6 +4,11 @@ A verified token's claims are memoized by the token text until its ``exp``, so
 the signature is checked once per token rather than once per request. The
 binding is not part of this module: it is checked on every request, memo hit or
 not (see :mod:`certbound_wsgi.binding`).
+
+A token seen for the first time costs one header parse (none for a header seen
+before: an issuer sends one per key), one signature verification with the key
+prepared once (:class:`~certbound_wsgi.jose.Verifier`), and one parse of the
+claims (their depth is walked only when they hold brackets enough to be too deep).
 """
 
 from __future__ import annotations
@@ -12,22 +17,21 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
-
-from joserfc import jws
-from joserfc.errors import JoseError
 
 from .discovery import Discovery, DiscoveryError, UnknownKey
 from .errors import InvalidToken, TemporarilyUnavailable
 from .jose import (
     JSONError,
+    PublicKey,
     TimeClaimError,
+    Verifier,
+    b64url_decode,
     check_time_claims,
     issued_by,
     json_object,
-    jws_registry,
     meant_for,
     segment_object,
+    verifier,
 )
 from .types import Claims
 
@@ -38,6 +42,13 @@ __all__ = ["JWTValidator", "looks_like_jwt"]
 # a logout token) is another kind of JWT and refused: no token confusion.
 _ACCEPTED_TYP = frozenset({"at+jwt", "application/at+jwt", "jwt"})
 MAX_JWT_LENGTH = 16 * 1024
+#: Distinct protected headers remembered, and keys kept prepared. Only headers of tokens that
+#: verified and keys of the issuer's JWKS get in; each is emptied when full (a JWKS changed).
+MAX_HEADERS = 64
+MAX_KEYS = 256
+
+#: A protected header's ``alg``, ``kid`` and lower-cased ``typ``.
+_Header = tuple[str, str | None, str | None]
 
 
 def looks_like_jwt(token: str) -> bool:
@@ -68,6 +79,8 @@ class JWTValidator:
         self._memo: dict[str, tuple[Claims, float]] = {}
         self._memo_size = memo_size
         self._memo_lock = threading.Lock()
+        self._headers: dict[str, _Header] = {}
+        self._verifiers: dict[int, tuple[PublicKey, Verifier]] = {}
 
     def validate(self, token: str) -> Claims:
         """The token's claims, once its signature and claims are valid.
@@ -82,27 +95,31 @@ class JWTValidator:
             if now < expires:
                 return claims
             self._forget(token)
-        claims = self._verify(token, now)
+        # The cold path: the signature, then the claims.
+        claims = self.signed_claims(token, _ACCEPTED_TYP)
+        self._check_claims(claims, now)
         self._remember(token, claims)
         return claims
 
     # -- the cold path --------------------------------------------------------
 
-    def _verify(self, token: str, now: float) -> Claims:
-        claims = self.signed_claims(token, _ACCEPTED_TYP)
-        self._check_claims(claims, now)
-        return claims
-
     def signed_claims(self, token: str, accepted_typ: frozenset[str]) -> Claims:
         """The claims of a JWT signed by the issuer, before any claim is checked.
+
+        Nothing the issuer did not sign is decoded but the header: the claims are parsed
+        only once the signature holds.
 
         :param accepted_typ: lower-cased ``typ`` values accepted besides none at all.
         :raises InvalidToken: malformed, or not signed by one of the issuer's keys.
         :raises TemporarilyUnavailable: the issuer's keys cannot be fetched.
         """
-        if len(token) > MAX_JWT_LENGTH or not looks_like_jwt(token):
+        first = token.find(".")
+        second = token.find(".", first + 1)
+        if len(token) > MAX_JWT_LENGTH or first < 0 or second < 0 or token.find(".", second + 1) >= 0:
             raise InvalidToken("the access token is not a JWT")
-        alg, kid = self._check_header(token, accepted_typ)
+        segment = token[:first]
+        header = self._check_header(segment, accepted_typ)
+        alg, kid, _typ = header
         # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
         try:
             keys = self._discovery.keys_for(kid)
@@ -113,14 +130,48 @@ class JWTValidator:
                 "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
             ) from None
         try:
-            return json_object(self._signed_payload(token, keys, alg))
+            # RFC 7515 section 5.2 steps 7 and 8: the signature, over the first two segments as sent.
+            raw = token.encode("ascii")
+            signing_input = raw[:second]
+            signature = b64url_decode(raw[second + 1:])
+        except ValueError:
+            raise InvalidToken("the token's signature is invalid") from None
+        prepared = self._verifiers
+        for key in keys:
+            known = prepared.get(id(key))
+            each = known[1] if known is not None and known[0] is key else self._prepare(key)
+            if each.verify(alg, signing_input, signature):
+                break
+        else:
+            raise InvalidToken("the token's signature is invalid")
+        if segment not in self._headers:
+            self._remember_header(segment, header)
+        try:
+            return json_object(b64url_decode(raw[first + 1:second]))
         except JSONError as exc:
             raise InvalidToken(exc.describe("the token's claims", "are")) from None
+        except ValueError:  # signed, yet not base64url
+            raise InvalidToken("the token's claims are not JSON") from None
 
-    def _check_header(self, token: str, accepted_typ: frozenset[str]) -> tuple[str, str | None]:
-        """The protected header's ``alg`` and ``kid``, once the header is one this validator accepts."""
+    def _check_header(self, segment: str, accepted_typ: frozenset[str]) -> _Header:
+        """The protected header's ``alg``, ``kid`` and ``typ``, once the header is one this validator accepts.
+
+        A header seen on a token that verified is not parsed again; what may have changed since
+        (the algorithms the issuer advertises, the ``typ`` this caller accepts) is checked again.
+        """
+        header = self._headers.get(segment)
+        if header is None:
+            header = self._read_header(segment, accepted_typ)
+        alg, _kid, typ = header
+        if alg not in self._allowed_algs():
+            raise InvalidToken("the token's signature algorithm is not accepted")
+        if typ is not None and typ not in accepted_typ:
+            raise InvalidToken("the token's typ is not an access token's")
+        return header
+
+    def _read_header(self, segment: str, accepted_typ: frozenset[str]) -> _Header:
         try:
-            header = segment_object(token.split(".", 1)[0])
+            header = segment_object(segment)
         except JSONError as exc:
             raise InvalidToken("the token's header is not valid base64url JSON" if exc.problem == "syntax"
                                else exc.describe("the token's header")) from None
@@ -137,7 +188,7 @@ class JWTValidator:
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or len(kid) > 256):
             raise InvalidToken("the token's kid is malformed")
-        return alg, kid
+        return alg, kid, typ.lower() if typ is not None else None
 
     def _allowed_algs(self) -> frozenset[str]:
         algs = self._discovery.algorithms
@@ -147,14 +198,21 @@ class JWTValidator:
             algs = self._discovery.algorithms or self._signing_algs
         return algs
 
-    @staticmethod
-    def _signed_payload(token: str, keys: list[Any], alg: str) -> bytes:
-        for key in keys:
-            try:
-                return bytes(jws.deserialize_compact(token, key, registry=jws_registry(alg)).payload)
-            except (JoseError, ValueError, TypeError):
-                continue
-        raise InvalidToken("the token's signature is invalid")
+    def _prepare(self, key: PublicKey) -> Verifier:
+        """``key`` prepared once: the discovery's key objects live as long as the JWKS they came from."""
+        prepared = verifier(key)
+        with self._memo_lock:
+            if len(self._verifiers) >= MAX_KEYS:
+                self._verifiers.clear()
+            # The key is kept beside its verifier, so that its id cannot be reused while the entry lives.
+            self._verifiers[id(key)] = (key, prepared)
+        return prepared
+
+    def _remember_header(self, segment: str, header: _Header) -> None:
+        with self._memo_lock:
+            if len(self._headers) >= MAX_HEADERS:
+                self._headers.clear()
+            self._headers[segment] = header
 
     def _check_claims(self, claims: Claims, now: float) -> None:
         if not issued_by(claims, self._issuer):
@@ -172,14 +230,16 @@ class JWTValidator:
     # -- the memo -------------------------------------------------------------
 
     def _remember(self, token: str, claims: Claims) -> None:
-        expires = float(claims["exp"]) + self._leeway
-        with self._memo_lock:
-            if len(self._memo) >= self._memo_size:
+        memo = self._memo
+        if len(memo) >= self._memo_size:
+            with self._memo_lock:
                 # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
-                # dict's dead slots per many inserts, and no OrderedDict links per entry.
-                for old in list(itertools.islice(self._memo, max(1, self._memo_size // 10))):
-                    del self._memo[old]
-            self._memo[token] = (claims, expires)
+                # dict's dead slots per many inserts, and no OrderedDict links per entry. The keys are
+                # listed in one call, which no other thread's insert can interleave with.
+                for old in list(itertools.islice(memo, max(1, self._memo_size // 10))):
+                    memo.pop(old, None)
+        # One dict store: atomic, so no lock is needed for the insert itself.
+        memo[token] = (claims, float(claims["exp"]) + self._leeway)
 
     def _forget(self, token: str) -> None:
         with self._memo_lock:

@@ -18,7 +18,7 @@ import pytest
 
 from certbound_wsgi.cache import Entry
 from certbound_wsgi.cache.memory import MemoryCache, MemoryStore, TTLCache
-from certbound_wsgi.cache.redis import BREAKER_SECONDS, RedisCache, make_client
+from certbound_wsgi.cache.redis import BREAKER_SECONDS, OPENED_SIZE, RedisCache, make_client
 from certbound_wsgi.cache.seal import Sealer
 from certbound_wsgi.settings import Settings
 from certbound_wsgi.stats import Stats
@@ -371,6 +371,36 @@ def test_redis_get_ignores_foreign_entries(redis_server: RedisServer, sealer: Se
     assert sum("failed authentication" in r.getMessage() for r in caplog.records) == 3
     assert stats.snapshot()["redis_errors"] == 0
     assert cache.available
+
+
+def test_redis_entries_opened_before_stay_bound_to_their_key(redis_server: RedisServer, sealer: Sealer) -> None:
+    """An entry read again unchanged is not opened again, yet its bytes open nowhere else, and a new
+    answer at its key (a revocation written by another worker) is read at once."""
+    cache, _ = make_cache(redis_server.url, sealer, Clock(1000.0))
+    key = sealer.key_name(ENDPOINT, "opened-token")
+    other_key = sealer.key_name(ENDPOINT, "opened-other-token")
+    cache.set(key, entry(cnf={"x5t#S256": "alice-thumb"}))
+    first = cache.get(key)
+    assert first is not None and first.claims["cnf"] == {"x5t#S256": "alice-thumb"}
+    assert cache.get(key) is first  # the same sealed bytes: the same entry, not opened again
+    raw = redis_server.client()
+    try:
+        raw.set(other_key, raw.get(key))  # moved, byte for byte
+        assert cache.get(other_key) is None
+        raw.set(key, sealer.seal(key, Entry(False, 1e12, 1e12).to_bytes()))
+        revoked = cache.get(key)
+        assert revoked is not None and revoked.active is False
+    finally:
+        raw.close()
+
+
+def test_redis_entries_opened_are_bounded(redis_server: RedisServer, sealer: Sealer) -> None:
+    cache, _ = make_cache(redis_server.url, sealer, Clock(1000.0))
+    for n in range(OPENED_SIZE + 10):
+        key = sealer.key_name(ENDPOINT, f"bounded-{n}")
+        cache.set(key, entry())
+        assert cache.get(key) == entry()
+    assert 0 < len(cache._opened) <= OPENED_SIZE
 
 
 def test_redis_lock(redis_server: RedisServer, sealer: Sealer) -> None:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from joserfc.jwk import ECKey, RSAKey
+from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from certbound_wsgi.errors import InvalidToken, TemporarilyUnavailable
 from certbound_wsgi.jwt_tokens import JWTValidator
@@ -225,6 +230,114 @@ def test_leeway(
     token = issuer.token(**times)
     response = make_client(proof_of_possession_mtls="off", leeway=leeway).get("/", headers=bearer(token))
     assert response.status_code == status
+
+
+# -- every algorithm, and the JWK's limits on its key ------------------------------------------------------------------
+
+
+def _ec(crv: str) -> Callable[[], Any]:
+    return lambda: ECKey.generate_key(crv, private=True)
+
+
+def _rsa() -> Any:
+    return RSAKey.generate_key(2048, private=True)
+
+
+def _okp(crv: str) -> Callable[[], Any]:
+    return lambda: OKPKey.generate_key(crv, private=True)
+
+
+def _raw_signed(token: str, key: Any) -> str:
+    """The token's header and claims signed by ``key`` as the header's algorithm never would: ECDSA with SHA-256
+    on whatever curve ``key`` is (R || S at that curve's size), or Ed448 where Ed25519 is named."""
+    head = token.rpartition(".")[0].encode()
+    private = key.private_key
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        size = (private.curve.key_size + 7) // 8
+        r, s = decode_dss_signature(private.sign(head, ec.ECDSA(hashes.SHA256())))
+        return f"{head.decode()}.{b64(r.to_bytes(size) + s.to_bytes(size))}"
+    return f"{head.decode()}.{b64(private.sign(head))}"
+
+
+def _der_signature(token: str) -> str:
+    """The token with its raw R || S signature re-encoded as DER, as cryptography writes it (RFC 7518 section 3.4
+    wants R || S: a DER signature is refused, whatever it says)."""
+    head, _, raw = token.rpartition(".")
+    signature = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    half = len(signature) // 2
+    der = encode_dss_signature(int.from_bytes(signature[:half]), int.from_bytes(signature[half:]))
+    return f"{head}.{b64(der)}"
+
+
+SIGNED: list[Any] = [
+    # RFC 7518 section 3.4: ECDSA on each curve; section 3.3: PKCS #1 v1.5; section 3.5: PSS; RFC 8037: EdDSA.
+    pytest.param(_ec("P-256"), "ES256", {}, None, None, id="ES256"),
+    pytest.param(_ec("P-384"), "ES384", {}, None, None, id="ES384"),
+    pytest.param(_ec("P-521"), "ES512", {}, None, None, id="ES512"),
+    pytest.param(_rsa, "RS256", {}, None, None, id="RS256"),
+    pytest.param(_rsa, "RS384", {}, None, None, id="RS384"),
+    pytest.param(_rsa, "RS512", {}, None, None, id="RS512"),
+    pytest.param(_rsa, "PS256", {}, None, None, id="PS256"),
+    pytest.param(_rsa, "PS384", {}, None, None, id="PS384"),
+    pytest.param(_rsa, "PS512", {}, None, None, id="PS512"),
+    pytest.param(_okp("Ed25519"), "EdDSA", {}, None, None, id="EdDSA-Ed25519"),
+    pytest.param(_okp("Ed448"), "EdDSA", {}, None, None, id="EdDSA-Ed448"),
+    pytest.param(_okp("Ed25519"), "Ed25519", {}, None, None, id="Ed25519"),
+    # The JWK's own limits (RFC 7517 sections 4.2 to 4.4) and the algorithm's key type and curve.
+    pytest.param(_rsa, "PS256", {"alg": "RS256"}, None, "the token's signature is invalid", id="jwk-alg-other"),
+    pytest.param(_ec("P-256"), "ES256", {"alg": "ES256"}, None, None, id="jwk-alg-same"),
+    pytest.param(_ec("P-256"), "ES256", {"key_ops": ["verify"]}, None, None, id="key-ops-verify"),
+    pytest.param(_ec("P-256"), "ES256", {"key_ops": ["sign"]}, None, "the token's signature is invalid",
+                 id="key-ops-without-verify"),
+    pytest.param(_ec("P-256"), "ES256", {"use": "sig"}, None, None, id="use-sig"),
+    pytest.param(_ec("P-384"), "ES256", {}, _raw_signed, "the token's signature is invalid", id="ES256-with-P-384-key"),
+    pytest.param(_okp("Ed448"), "Ed25519", {}, _raw_signed, "the token's signature is invalid",
+                 id="Ed25519-with-Ed448-key"),
+    pytest.param(_okp("X25519"), "EdDSA", {}, str, "the token's signature is invalid", id="EdDSA-with-X25519-key"),
+    pytest.param(_ec("P-256"), "ES256", {}, _der_signature, "the token's signature is invalid", id="ES256-DER"),
+]
+
+
+@pytest.mark.parametrize(("make_key", "alg", "jwk_members", "alter", "refusal"), SIGNED)
+def test_every_algorithm_verifies_with_its_key_only(
+    make_key: Callable[[], Any], alg: str, jwk_members: dict[str, Any], alter: Callable[..., str] | None,
+    refusal: str | None, issuer: TestIssuer,
+) -> None:
+    key = make_key()
+    issuer.metadata["id_token_signing_alg_values_supported"] = [alg]
+    public = {**key.as_dict(private=False), "kid": issuer.kid, **jwk_members}
+    issuer.jwks = lambda: {"keys": [public]}  # type: ignore[method-assign]
+    # joserfc signs only with a key that fits the algorithm: a misfit signs with a fitting key, then is re-signed.
+    signing = {"P-384": ECKey.generate_key("P-256", private=True), "X25519": OKPKey.generate_key("Ed25519"),
+               "Ed448": OKPKey.generate_key("Ed25519")}.get(getattr(key, "curve_name", ""), key) if alter else key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joserfc: "EdDSA is deprecated via RFC 9864"
+        token = issuer.token(header={"alg": alg}, key=signing)
+    if alter is _raw_signed:
+        token = _raw_signed(token, key)
+    elif alter is not None:
+        token = alter(token)
+    v, _ = validator(issuer)
+    if refusal is None:
+        assert v.validate(token)["sub"] == "alice"
+        return
+    with pytest.raises(InvalidToken) as info:
+        v.validate(token)
+    assert info.value.description == refusal
+    assert v.memo_size() == 0
+
+
+def test_a_header_is_parsed_once_and_checked_again_each_time(issuer: TestIssuer) -> None:
+    """A remembered header still meets the allow-list as it is now, not as it was."""
+    v, discovery = validator(issuer, rediscovery_lifetime=0)
+    v.validate(issuer.token(jti="1"))
+    jwk = {name: value for name, value in issuer.key.as_dict(private=False).items() if name != "alg"}
+    issuer.jwks = lambda: {"keys": [jwk]}  # type: ignore[method-assign]
+    issuer.metadata["id_token_signing_alg_values_supported"] = ["RS256"]
+    discovery.refresh(force=True)
+    with pytest.raises(InvalidToken) as info:
+        v.validate(issuer.token(jti="2"))
+    assert info.value.description == "the token's signature algorithm is not accepted"
 
 
 # -- the memo ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ log = logging.getLogger("certbound_wsgi")
 BREAKER_SECONDS = 1.0
 #: Seconds a single-flight lock lives unless released.
 LOCK_SECONDS = 0.8
+#: Introspection entries kept opened, by their key and sealed bytes (emptied when full).
+OPENED_SIZE = 1024
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -164,6 +166,7 @@ class RedisCache:
         self._open_until = 0.0
         self._breaker_lock = threading.Lock()
         self._unlock = client.register_script(_UNLOCK)
+        self._opened: dict[tuple[str, bytes], Entry] = {}
 
     @property
     def available(self) -> bool:
@@ -182,10 +185,24 @@ class RedisCache:
     def get(self, key: str) -> Entry | None:
         """The entry, or ``None`` on a miss, a foreign or altered entry, or Redis trouble."""
         try:
-            plaintext = self.fetch(key, self._sealer)
+            blob = self._read(key)
         except RedisUnavailable:
             return None
-        return None if plaintext is None else Entry.from_bytes(plaintext)
+        if blob is None:
+            return None
+        # The same sealed bytes at the same key open to the same entry: an entry read again unchanged
+        # (another worker's answer, or one this worker's L1 let go) costs a lookup, not AES-GCM and a
+        # JSON parse. Keyed by the key name too, so that bytes moved to another key still fail to open;
+        # only entries that opened get in.
+        entry = self._opened.get((key, blob))
+        if entry is None:
+            plaintext = self._open(key, blob, self._sealer)
+            entry = None if plaintext is None else Entry.from_bytes(plaintext)
+            if entry is not None:
+                if len(self._opened) >= OPENED_SIZE:
+                    self._opened.clear()
+                self._opened[(key, blob)] = entry
+        return entry
 
     def set(self, key: str, entry: Entry) -> None:
         try:
@@ -200,6 +217,14 @@ class RedisCache:
 
         :raises RedisUnavailable: Redis cannot be asked now.
         """
+        blob = self._read(key)
+        return None if blob is None else self._open(key, blob, sealer)
+
+    def _read(self, key: str) -> bytes | None:
+        """The sealed bytes at ``key``, or ``None``.
+
+        :raises RedisUnavailable: Redis cannot be asked now.
+        """
         if not self.available:
             raise RedisUnavailable()
         try:
@@ -207,8 +232,10 @@ class RedisCache:
         except (redis.RedisError, OSError) as exc:
             self._failed(exc)
             raise RedisUnavailable() from None
-        if not isinstance(blob, bytes):
-            return None
+        return blob if isinstance(blob, bytes) else None
+
+    @staticmethod
+    def _open(key: str, blob: bytes, sealer: Sealer) -> bytes | None:
         plaintext = sealer.open(key, blob)
         if plaintext is None:
             log.warning("certbound: a Redis entry failed authentication and was ignored")
