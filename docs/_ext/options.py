@@ -87,7 +87,7 @@ def options_table_rst() -> str:
     lines = [
         ".. list-table::",
         "   :header-rows: 1",
-        "   :widths: 18 10 14 22 36",
+        "   :widths: 18 12 12 22 36",
         "",
         "   * - Option",
         "     - Type",
