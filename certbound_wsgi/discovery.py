@@ -232,7 +232,9 @@ class Discovery:
         """Seconds until the next fetch may be tried, for a ``Retry-After`` header."""
         # After a failure, the next attempt; otherwise the end of the unknown-kid cooldown.
         until = self._last_kid_refresh + UNKNOWN_KID_COOLDOWN if self._last_ok else self._next_fetch
-        return max(1, math.ceil(until - self._clock()))
+        wait = until - self._clock()
+        # Before any unknown-kid refresh the cooldown started at -inf: nothing to wait for.
+        return max(1, math.ceil(wait)) if math.isfinite(wait) else 1
 
     def refresh(self, force: bool = False, *, wait: bool = True, kid: str | None = None) -> None:
         """Fetch metadata and keys, unless fetched too recently. Never holds a lock while fetching.

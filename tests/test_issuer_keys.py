@@ -646,3 +646,13 @@ def test_a_due_refresh_holds_no_request_when_it_runs_in_the_background(
         assert d._revalidating == 0
     else:
         assert held >= 0.9, held  # the inline refresh is what the request waited for
+
+
+def test_retry_after_is_a_whole_second_before_any_unknown_kid_was_asked_about(
+    issuer: TestIssuer, clock: Clock
+) -> None:
+    """After a good fetch and before any unknown-kid refresh, the cooldown's start is -inf:
+    ceil(-inf) raised OverflowError, and the 503 it was computing for became a 500."""
+    d = discovery(issuer, clock)
+    d.start()
+    assert d.retry_after() == 1
