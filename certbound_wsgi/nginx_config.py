@@ -4,19 +4,11 @@ The templates live in ``nginx/`` at the top of the repository and install as
 the package ``certbound_wsgi.nginx``; the tests start nginx with exactly what
 :func:`render` returns, so what ships is what is tested.
 
-A template marks each value with a placeholder in double braces, such as
-``{{backend}}``. Double braces never occur in nginx's own syntax (its
-variables are ``$name`` and its blocks single braces), so a placeholder cannot
-be mistaken for configuration, nor configuration for a placeholder.
-Substitution is a single pass: a value that itself contains ``{{...}}`` is
-not expanded again.
-
-Every value is validated before it is written, because the rendered file is
-configuration that nginx trusts: a backend of ``127.0.0.1:8000; }`` or a
-path with a newline in it would otherwise add directives of its own choosing.
-Invalid input raises :class:`~certbound_wsgi.errors.ConfigurationError`
-naming the argument; ``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`)
-turns it into exit status 2 and a message.
+Placeholders and the validation of every value are those of
+:mod:`certbound_wsgi.templating`. Invalid input raises
+:class:`~certbound_wsgi.errors.ConfigurationError` naming the argument;
+``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`) turns it into
+exit status 2 and a message.
 
 A combination that cannot work is refused as well (docs/security.md, "Trust
 boundaries"): a TCP backend needs the proxy secret, since an address proves
@@ -29,7 +21,6 @@ socket backend works without a secret when the application trusts the socket
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import textwrap
@@ -38,6 +29,12 @@ from typing import Final, Literal
 
 from .channel import DEFAULT_SECRET_HEADER, UWSGI_SECRET_VAR, check_secret, environ_key
 from .errors import ConfigurationError
+from .templating import absolute_path as _path
+from .templating import backend_address as _backend
+from .templating import fill as _fill
+from .templating import host_port as _host_port
+from .templating import port_number as _port
+from .templating import quoted as _quoted
 
 __all__ = ["UPSTREAMS", "Upstream", "render"]
 
@@ -46,21 +43,10 @@ Upstream = Literal["gunicorn", "uwsgi"]
 #: The application servers there is a template for, and its file in ``certbound_wsgi.nginx``.
 UPSTREAMS: Final[dict[str, str]] = {"gunicorn": "gunicorn.conf", "uwsgi": "uwsgi.conf"}
 
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
-
-# A DNS name or IPv4 address: letters, digits, dots and hyphens only.
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
-# A Unix socket path, unquoted in the template: a conservative character set.
-_UNIX_SOCKET = re.compile(r"unix:/[A-Za-z0-9._/@+=,-]+")
 # One server_name entry: exact names, "*.example.com", ".example.com" and "www.example.*".
 # Regular expressions ("~...") are not accepted, nor the catch-all "_": the rendered
 # default server refuses every name not listed, so a name must be listed.
 _SERVER_NAME = re.compile(r"\.?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?:\.\*)?")
-# Paths are written inside double quotes, where nginx still gives "\" a meaning
-# and expands "$name"; braces and semicolons are refused too, so that a path
-# reads the same to a person as to nginx.
-_PATH_FORBIDDEN = re.compile(r'[\x00-\x1f\x7f"\\${};]')
-
 # A complete nginx.conf around a rendered server block, for running nginx as
 # an ordinary user: ``nginx -p PREFIX -c FILE -g 'daemon off;'``. Every file
 # nginx writes (pid, logs, request and response buffers) is under the prefix,
@@ -91,62 +77,11 @@ http {
 """
 
 
-def _fill(template: str, values: dict[str, str], name: str) -> str:
-    """Replace every placeholder in one pass.
-
-    :param template: text with ``{{name}}`` placeholders.
-    :param values: the already validated value of each placeholder.
-    :param name: the template's name, for the error about an unknown placeholder.
-    """
-
-    def value(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key not in values:
-            raise RuntimeError(f"template {name} uses the unknown placeholder {{{{{key}}}}}")
-        return values[key]
-
-    return _PLACEHOLDER.sub(value, template)
-
-
-def _port(option: str, text: str, value: str) -> str:
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigurationError(option, f"{value!r}: the port must be a number from 1 to 65535")
-    return str(int(text))
-
-
-def _host_port(option: str, value: str, *, wildcard: bool) -> str:
-    """``host:port``, ``[ipv6]:port`` (and ``*:port`` where ``wildcard``)."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        raise ConfigurationError(option, f"{value!r} is not host:port")
-    port = _port(option, port, value)
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ConfigurationError(option, f"{value!r}: {host} is not an IPv6 address") from None
-        return f"[{address.compressed}]:{port}"
-    if not (wildcard and host == "*") and not _HOSTNAME.fullmatch(host):
-        raise ConfigurationError(option, f"{value!r}: {host!r} is not a host name or IP address")
-    return f"{host}:{port}"
-
-
 def _listen(value: str) -> str:
     """nginx ``listen``: a port, ``address:port`` or ``[ipv6]:port``; no extra parameters."""
     if value.isascii() and value.isdigit():
         return _port("listen", value, value)
     return _host_port("listen", value, wildcard=True)
-
-
-def _backend(value: str) -> str:
-    """The application server: ``host:port``, ``[ipv6]:port`` or ``unix:/path``."""
-    if value.startswith("unix:"):
-        if not _UNIX_SOCKET.fullmatch(value):
-            raise ConfigurationError(
-                "backend", f"{value!r}: a socket path must be absolute and use only letters, digits and ._/@+=,-"
-            )
-        return value
-    return _host_port("backend", value, wildcard=False)
 
 
 def _server_name(value: str) -> str:
@@ -191,25 +126,6 @@ def _trust(upstream: str, backend: str, proxy_secret: str | None, address_only_t
             "unix:/path backend, or --address-only-trust to rely on the application's trusted_proxies",
         )
     return '""'
-
-
-def _path(option: str, value: str | os.PathLike[str]) -> str:
-    """An absolute path that is safe inside double quotes. Relative paths are taken from the
-    current directory, where the user gave them, not from nginx's configuration directory."""
-    text = os.fspath(value)
-    if not isinstance(text, str) or not text:
-        raise ConfigurationError(option, f"{value!r} is not a path")
-    bad = _PATH_FORBIDDEN.search(text)
-    if bad:
-        raise ConfigurationError(
-            option,
-            f"{text!r}: a path may not contain {bad.group()!r} (control characters, quotes, \\ $ {{ }} ; are refused)",
-        )
-    return os.path.abspath(text)
-
-
-def _quoted(path: str) -> str:
-    return f'"{path}"'
 
 
 def _template(upstream: str) -> str:
