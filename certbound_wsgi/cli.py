@@ -113,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "      --server-key /etc/certbound/server.key -o /etc/nginx/conf.d/certbound.conf",
     )
     nginx.add_argument("--upstream", choices=("gunicorn", "uwsgi"), default="gunicorn")
+    nginx.add_argument(
+        "--mode", choices=("middleware", "auth_request"), default="middleware",
+        help="middleware: the backend runs the middleware; auth_request: the backend is any HTTP server, and "
+        "nginx asks the auth app (--auth-backend) about each request first",
+    )
+    nginx.add_argument("--auth-backend", default=None,
+                       help="with --mode auth_request: where the auth app listens, host:port or unix:/path")
     nginx.add_argument("--listen", default="443", help="nginx listen address, e.g. 443 or 127.0.0.1:8443")
     nginx.add_argument(
         "--backend",
@@ -313,6 +320,8 @@ def nginx_config_command(args: argparse.Namespace) -> int:
             address_only_trust=args.address_only_trust,
             standalone=args.standalone,
             prefix=args.prefix,
+            mode=args.mode,
+            auth_backend=args.auth_backend,
         )
     except ConfigurationError as exc:
         message = str(exc).removeprefix(f"{exc.option}: ")

@@ -36,17 +36,26 @@ from .templating import host_port as _host_port
 from .templating import port_number as _port
 from .templating import quoted as _quoted
 
-__all__ = ["UPSTREAMS", "Upstream", "render"]
+__all__ = ["MODES", "UPSTREAMS", "Mode", "Upstream", "render"]
 
 Upstream = Literal["gunicorn", "uwsgi"]
 
 #: The application servers there is a template for, and its file in ``certbound_wsgi.nginx``.
 UPSTREAMS: Final[dict[str, str]] = {"gunicorn": "gunicorn.conf", "uwsgi": "uwsgi.conf"}
 
+Mode = Literal["middleware", "auth_request"]
+
+#: ``middleware``: the application behind nginx runs the middleware (the template of its
+#: upstream). ``auth_request``: nginx protects any upstream, asking the auth app
+#: (:mod:`certbound_wsgi.auth_request`) about each request first.
+MODES: Final[tuple[Mode, ...]] = ("middleware", "auth_request")
+AUTH_REQUEST_TEMPLATE: Final = "auth_request.conf"
+
 # One server_name entry: exact names, "*.example.com", ".example.com" and "www.example.*".
 # Regular expressions ("~...") are not accepted, nor the catch-all "_": the rendered
 # default server refuses every name not listed, so a name must be listed.
 _SERVER_NAME = re.compile(r"\.?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?:\.\*)?")
+
 # A complete nginx.conf around a rendered server block, for running nginx as
 # an ordinary user: ``nginx -p PREFIX -c FILE -g 'daemon off;'``. Every file
 # nginx writes (pid, logs, request and response buffers) is under the prefix,
@@ -134,6 +143,22 @@ def _template(upstream: str) -> str:
     return files("certbound_wsgi.nginx").joinpath(UPSTREAMS[upstream]).read_text(encoding="utf-8")
 
 
+def _mode(mode: str, upstream: str, auth_backend: str | None) -> tuple[str, str, dict[str, str]]:
+    """The template, its name and the values only that mode has."""
+    if mode == "middleware":
+        if auth_backend is not None:
+            raise ConfigurationError("auth_backend", "applies only with mode auth_request")
+        return _template(upstream), UPSTREAMS.get(upstream, upstream), {}
+    if mode != "auth_request":
+        raise ConfigurationError("mode", f"{mode!r}: choose one of {', '.join(MODES)}")
+    if upstream != "gunicorn":
+        raise ConfigurationError("upstream", "the auth app of mode auth_request is served over HTTP (gunicorn)")
+    if auth_backend is None:
+        raise ConfigurationError("auth_backend", "required with mode auth_request: where the auth app listens")
+    text = files("certbound_wsgi.nginx").joinpath(AUTH_REQUEST_TEMPLATE).read_text(encoding="utf-8")
+    return text, AUTH_REQUEST_TEMPLATE, {"auth_backend": _backend(auth_backend, "auth_backend")}
+
+
 def render(
     upstream: Upstream,
     *,
@@ -148,6 +173,8 @@ def render(
     address_only_trust: bool = False,
     standalone: bool = False,
     prefix: str | os.PathLike[str] | None = None,
+    mode: Mode = "middleware",
+    auth_backend: str | None = None,
 ) -> str:
     """Render the nginx configuration for ``upstream``.
 
@@ -170,17 +197,24 @@ def render(
         ``nginx -p PREFIX -c FILE -g 'daemon off;'``, run as any user.
     :param prefix: with ``standalone``, the directory for the pid file, logs and temporary files.
         ``None`` writes relative paths, which nginx resolves against its ``-p`` prefix.
+    :param mode: ``middleware`` (``backend`` runs the middleware) or ``auth_request`` (``backend``
+        is any HTTP server, protected by asking the auth app at ``auth_backend`` about each request).
+    :param auth_backend: with ``auth_request``, where the auth app listens (``host:port`` or
+        ``unix:/path``).
     :returns: the configuration text.
     :raises ConfigurationError: naming the argument whose value is invalid, or ``proxy_secret_file`` for a
         combination in which no certificate could be believed.
     """
-    template = _template(upstream)
+    template, template_name, values = _mode(mode, upstream, auth_backend)
     backend = _backend(backend)
     header = _secret_header(proxy_secret_header)
-    values = {
+    # The secret goes where the certificate goes: the application, or in auth_request mode the auth app
+    # (never the protected upstream).
+    secret_backend = values.get("auth_backend", backend)
+    values |= {
         "listen": _listen(listen),
         "backend": backend,
-        "proxy_secret": _trust(upstream, backend, proxy_secret, address_only_trust),
+        "proxy_secret": _trust(upstream, secret_backend, proxy_secret, address_only_trust),
         "proxy_secret_header": header,
         "proxy_secret_param": environ_key(header),
         "proxy_secret_var": UWSGI_SECRET_VAR,
@@ -194,7 +228,7 @@ def render(
     else:
         values["verify_client"] = "on"
         values["client_certificate"] = f"ssl_client_certificate {_quoted(_path('client_ca', client_ca))};"
-    server = _fill(template, values, UPSTREAMS[upstream])
+    server = _fill(template, values, template_name)
     if not standalone:
         if prefix is not None:
             raise ConfigurationError("prefix", "applies only to a standalone configuration")

@@ -78,15 +78,18 @@ def host_port(option: str, value: str, *, wildcard: bool) -> str:
     return f"{host}:{port}"
 
 
-def backend_address(value: str) -> str:
-    """The application server: ``host:port``, ``[ipv6]:port`` or ``unix:/path``."""
+def backend_address(value: str, option: str = "backend") -> str:
+    """An upstream server: ``host:port``, ``[ipv6]:port`` or ``unix:/path``.
+
+    :param option: the argument's name, for the error.
+    """
     if value.startswith("unix:"):
         if not _UNIX_SOCKET.fullmatch(value):
             raise ConfigurationError(
-                "backend", f"{value!r}: a socket path must be absolute and use only letters, digits and ._/@+=,-"
+                option, f"{value!r}: a socket path must be absolute and use only letters, digits and ._/@+=,-"
             )
         return value
-    return host_port("backend", value, wildcard=False)
+    return host_port(option, value, wildcard=False)
 
 
 def absolute_path(option: str, value: str | os.PathLike[str]) -> str:
