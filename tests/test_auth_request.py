@@ -39,6 +39,9 @@ from tests.support.dpop import DPoPKey
 from tests.support.tokens import StaticDiscovery, TestIssuer
 
 HOST = "api.example"
+# DPoP on, with the htu rebuilt from the subrequest's Host (which nginx sets to the client's).
+DPOP: dict[str, Any] = {"proof_of_possession_dpop": "optional", "proof_of_possession_mtls": "optional",
+                        "dpop_allowed_hosts": [HOST]}
 ALGS = "ES256 ES384 ES512 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
 
 
@@ -101,7 +104,7 @@ def test_refusals_carry_challenge_and_body(issuer: TestIssuer, alice: Issued, ma
 
 
 def test_every_challenge_in_one_header(issuer: TestIssuer) -> None:
-    response = subrequest(endpoint(issuer, proof_of_possession_dpop="optional"))
+    response = subrequest(endpoint(issuer, **DPOP))
     assert_refused(response, 401, None, "an access token is required")
     assert response.headers["WWW-Authenticate"] == f'Bearer realm="api", DPoP realm="api", algs="{ALGS}"'
 
@@ -172,13 +175,13 @@ def _dpop_token(issuer: TestIssuer, key: DPoPKey) -> str:
     pytest.param("GET", "/orders", "POST", f"https://{HOST}/orders", False, id="other-method"),
     pytest.param("GET", "/orders", "GET", f"https://{HOST}/_certbound/auth", False, id="the-subrequest-uri"),
     pytest.param("GET", "/orders", "GET", f"https://{HOST}/admin", False, id="other-path"),
+    pytest.param("GET", "/orders", "GET", "https://elsewhere.example/orders", False, id="other-host"),
 ])
 def test_dpop_is_checked_against_the_original_request(issuer: TestIssuer, method: str, uri: str, htm: str,
                                                       htu: str, accepted: bool) -> None:
     key = DPoPKey()
     token = _dpop_token(issuer, key)
-    client = endpoint(issuer, proof_of_possession_dpop="optional", proof_of_possession_mtls="optional")
-    response = subrequest(client, token=token, scheme="DPoP", method=method, uri=uri,
+    response = subrequest(endpoint(issuer, **DPOP), token=token, scheme="DPoP", method=method, uri=uri,
                           headers={"DPoP": key.proof(htm, htu, token)})
     assert (response.status_code == 200) is accepted, response.get_data(as_text=True)
     if not accepted:
@@ -189,8 +192,7 @@ def test_dpop_is_checked_against_the_original_request(issuer: TestIssuer, method
 def test_a_nonce_challenge_reaches_nginx(issuer: TestIssuer) -> None:
     key = DPoPKey()
     token = _dpop_token(issuer, key)
-    client = endpoint(issuer, proof_of_possession_dpop="optional", proof_of_possession_mtls="optional",
-                      dpop_use_nonce=True, cache_secret="s" * 32)
+    client = endpoint(issuer, **DPOP, dpop_use_nonce=True, cache_secret="s" * 32)
     response = subrequest(client, token=token, scheme="DPoP",
                           headers={"DPoP": key.proof("GET", f"https://{HOST}/orders", token)})
     assert response.status_code == 401 and response.headers["DPoP-Nonce"]

@@ -114,12 +114,13 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
 @pytest.fixture(scope="module")
 def deployment(idp: OidcProvider, pki: Pki, upstream: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    port = free_port()  # nginx's, reserved so that the auth app can be told its public URL
     env = app_env(idp, scopes_required="write", proof_of_possession_mtls="optional",
-                  proof_of_possession_dpop="optional")
+                  proof_of_possession_dpop="optional", public_base_url=f"https://127.0.0.1:{port}")
     auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path_factory.mktemp("auth-app"))
     try:
         nginx = start_nginx(tmp_path_factory.mktemp("nginx-auth-request"), "gunicorn", f"127.0.0.1:{upstream}",
-                            pki.server, mode="auth_request", auth_backend=auth.backend)
+                            pki.server, port=port, mode="auth_request", auth_backend=auth.backend)
         try:
             yield Deployment(nginx, auth, pki.ca_file)
         finally:
