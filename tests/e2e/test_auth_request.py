@@ -285,3 +285,35 @@ def test_issuer_unreachable_is_the_auth_app_s_503(tmp_path: Path, idp: OidcProvi
     assert body["error"] == "temporarily_unavailable"
     assert body["error_description"] not in ("", "the authorization service is unavailable")
     assert saw(response) == {}
+
+
+def test_a_dpop_nonce_challenge_reaches_the_client(tmp_path: Path, idp: OidcProvider, pki: Pki,
+                                                   upstream: int) -> None:
+    """RFC 9449 section 9: 401 use_dpop_nonce with a DPoP-Nonce header, through nginx's 401 location."""
+    port = free_port()
+    env = app_env(idp, proof_of_possession_mtls="optional", proof_of_possession_dpop="optional",
+                  public_base_url=f"https://127.0.0.1:{port}", dpop_use_nonce="true",
+                  cache_secret="auth-request-e2e-0123456789abcdef")
+    auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path / "auth")
+    try:
+        nginx = start_nginx(tmp_path / "nginx", "gunicorn", f"127.0.0.1:{upstream}", pki.server, port=port,
+                            mode="auth_request", auth_backend=auth.backend)
+        try:
+            deployment = Deployment(nginx, auth, pki.ca_file)
+            key = DPoPKey()
+            token = idp.token("unbound", scope="read write", dpop=key.proof("POST", idp.token_endpoint))
+            url = nginx.url + "/data.json"
+            first = deployment.call(token, None, scheme="DPoP", headers={"DPoP": key.proof("GET", url, token)})
+            nonce = first.headers.get("DPoP-Nonce", "")
+            second = deployment.call(token, None, scheme="DPoP",
+                                     headers={"DPoP": key.proof("GET", url, token, nonce=nonce)})
+        finally:
+            nginx.stop()
+    finally:
+        auth.stop()
+    assert first.status_code == 401, first.text
+    assert 'error="use_dpop_nonce"' in first.headers["WWW-Authenticate"]
+    assert first.json()["error"] == "use_dpop_nonce"
+    assert len(nonce) == 32
+    assert second.status_code == 200, second.text
+    assert second.text == STATIC
