@@ -8,6 +8,7 @@ thumbprint computed independently (tests.conftest.independent_thumbprint).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -459,3 +460,19 @@ def test_istio_sidecar_behind_a_gateway_reads_the_gateway_s_element(certs: Certs
             reader.thumbprint(from_header(header, hostile))
     assert reader_for(client_cert_header=header, client_cert_format="xfcc").thumbprint(
         from_header(header, f"{gateway},{sidecar}")) == mallory_x5t
+
+
+@functools.cache
+def _reader(fmt: CertificateFormat) -> CertificateReader:
+    return reader_for(client_cert_header="X-Cert", client_cert_format=fmt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), value=st.text(min_size=1, max_size=300) | st.lists(_ALPHABET, min_size=1,
+                                                                                       max_size=60).map("".join))
+def test_the_reader_answers_hostile_text_with_invalid_token_only(fmt: CertificateFormat, value: str) -> None:
+    """Through the reader, any header value is a thumbprint or a 401 (InvalidToken), never a 500."""
+    try:
+        _reader(fmt).thumbprint(from_header("X-Cert", value))
+    except InvalidToken as exc:
+        assert exc.status == 401 and exc.description == "the client certificate could not be parsed"
