@@ -4,8 +4,8 @@ nginx (``nginx/auth_request.conf``, rendered by ``certbound-wsgi nginx-config
 --mode auth_request``) sends a subrequest here before each request it would
 pass to the protected upstream. The subrequest carries the client's headers
 (``Authorization``, ``DPoP``), the client certificate of the TLS connection in
-``client_cert_header`` (as for any request nginx forwards), and two headers
-only nginx sets: :data:`ORIGINAL_METHOD` and :data:`ORIGINAL_URI`, the request
+``client_cert_header`` and the proxy secret (as any request nginx forwards to
+the application), and two headers only nginx sets: :data:`ORIGINAL_METHOD` and :data:`ORIGINAL_URI`, the request
 being authorized. A DPoP proof's ``htm`` and ``htu`` (RFC 9449 section 4.3,
 checks 8 and 9) are compared with those, not with the subrequest's own method
 and path.
@@ -162,11 +162,12 @@ class AuthRequest:
     def original_request(self, environ: WSGIEnvironment) -> WSGIEnvironment:
         """The environ of the request being authorized, rebuilt from nginx's headers.
 
-        :raises InvalidRequest: the subrequest did not come from a trusted proxy, or lacks the
-            original method and URI, or they are malformed.
+        :raises InvalidRequest: the subrequest did not come through the authenticated channel, or
+            lacks the original method and URI, or they are malformed.
         """
-        if not self.authenticator.certificates.is_trusted_peer(str(environ.get("REMOTE_ADDR", ""))):
-            # The original method and URI decide a DPoP proof's fate: believed from nginx only.
+        if not self.authenticator.certificates.channel.verdict(environ).trusted:
+            # The original method and URI decide a DPoP proof's fate: believed through the
+            # authenticated channel from nginx only (the proxy secret, or a trusted socket).
             raise InvalidRequest("auth_request subrequests are accepted from the proxy only")
         method = str(environ.get(_environ_key(ORIGINAL_METHOD), ""))
         uri = str(environ.get(_environ_key(ORIGINAL_URI), ""))

@@ -20,8 +20,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from . import pem_files
-from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .cert_headers import FORMATS, MAX_XFCC_ELEMENTS, CertificateFormat
+from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .errors import ConfigurationError
 from .proxies import parse_networks
 from .public_paths import PublicPaths

@@ -34,7 +34,7 @@ from certbound_wsgi.cli import main
 from certbound_wsgi.dev.pki import Issued
 from certbound_wsgi.errors import ConfigurationError, InvalidToken
 from certbound_wsgi.nginx_config import render
-from tests.conftest import make_settings
+from tests.conftest import TEST_PROXY_SECRET, make_settings
 from tests.support.dpop import DPoPKey
 from tests.support.tokens import StaticDiscovery, TestIssuer
 
@@ -53,8 +53,10 @@ def endpoint(issuer: TestIssuer, **overrides: Any) -> Client:
 def subrequest(client: Client, *, token: str | None = None, cert: Issued | None = None, method: str = "GET",
                uri: str = "/orders?x=1", headers: dict[str, str] | None = None, scheme: str = "Bearer",
                remote_addr: str = "127.0.0.1") -> TestResponse:
-    """What nginx's ``location = /_certbound/auth`` sends: a GET, no body, the original request in headers."""
-    sent = {"Host": HOST, "X-Forwarded-Proto": "https", ORIGINAL_METHOD: method, ORIGINAL_URI: uri}
+    """What nginx's ``location = /_certbound/auth`` sends: a GET, no body, the original request in headers,
+    and the proxy secret."""
+    sent = {"Host": HOST, "X-Forwarded-Proto": "https", ORIGINAL_METHOD: method, ORIGINAL_URI: uri,
+            "X-Certbound-Proxy-Secret": TEST_PROXY_SECRET}
     if token is not None:
         sent["Authorization"] = f"{scheme} {token}"
     if cert is not None:
@@ -139,7 +141,10 @@ def test_a_bug_is_500_without_details(issuer: TestIssuer, alice: Issued, alice_x
 # -- the original request: from nginx only, and well-formed -------------------------------
 
 @pytest.mark.parametrize(("headers", "remote_addr", "description"), [
-    pytest.param({}, "203.0.113.9", "auth_request subrequests are accepted from the proxy only", id="untrusted-peer"),
+    pytest.param({"X-Certbound-Proxy-Secret": None}, "127.0.0.1",
+                 "auth_request subrequests are accepted from the proxy only", id="no-proxy-secret"),
+    pytest.param({"X-Certbound-Proxy-Secret": "x" * 40}, "127.0.0.1",
+                 "auth_request subrequests are accepted from the proxy only", id="wrong-proxy-secret"),
     pytest.param({ORIGINAL_METHOD: None}, "127.0.0.1", "the X-Original-Method header is missing or invalid",
                  id="no-method"),
     pytest.param({ORIGINAL_METHOD: "GET POST"}, "127.0.0.1", "the X-Original-Method header is missing or invalid",
@@ -213,7 +218,7 @@ def test_what_a_subrequest_cannot_carry_is_refused_at_start_up(overrides: dict[s
 
 def test_create_application_reads_the_environment() -> None:
     app = create_application({"CERTBOUND_ISSUER": "https://issuer.test", "CERTBOUND_AUDIENCE": "a",
-                              "CERTBOUND_SCOPES_REQUIRED": "write"})
+                              "CERTBOUND_SCOPES_REQUIRED": "write", "CERTBOUND_PROXY_SECRET": TEST_PROXY_SECRET})
     assert app.authenticator.scopes_required == frozenset({"write"})
 
 
@@ -259,7 +264,8 @@ def test_any_sub_is_a_safe_header_that_decodes_back(sub: str) -> None:
 @given(method=st.text(max_size=40), uri=st.text(max_size=200))
 def test_hostile_original_request_headers_are_4xx(issuer: TestIssuer, method: str, uri: str) -> None:
     client = endpoint(issuer)
-    environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_ORIGINAL_METHOD": method, "HTTP_X_ORIGINAL_URI": uri}
+    environ = {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_ORIGINAL_METHOD": method, "HTTP_X_ORIGINAL_URI": uri,
+               "HTTP_X_CERTBOUND_PROXY_SECRET": TEST_PROXY_SECRET}
     response = client.get("/_certbound/auth", environ_overrides=environ)
     assert response.status_code in (400, 401)
 
@@ -268,7 +274,8 @@ def test_hostile_original_request_headers_are_4xx(issuer: TestIssuer, method: st
 
 def _rendered(tmp_path: Path, **overrides: Any) -> str:
     args: dict[str, Any] = {"listen": "127.0.0.1:8443", "backend": "127.0.0.1:9000", "server_cert": tmp_path / "c",
-                            "server_key": tmp_path / "k", "mode": "auth_request", "auth_backend": "127.0.0.1:9001"}
+                            "server_key": tmp_path / "k", "mode": "auth_request", "auth_backend": "127.0.0.1:9001",
+                            "server_name": HOST, "proxy_secret": TEST_PROXY_SECRET}
     return render("gunicorn", **{**args, **overrides})
 
 
@@ -279,10 +286,14 @@ def test_the_template_is_filled_and_wired(tmp_path: Path) -> None:
     auth = text[text.index("location = /_certbound/auth {"):text.index("location @certbound_401")]
     # The subrequest: internal, the original request and the certificate set by nginx, no body.
     for line in ("internal;", f"proxy_set_header {ORIGINAL_METHOD} $request_method;",
+                 f'proxy_set_header X-Certbound-Proxy-Secret "{TEST_PROXY_SECRET}";',
                  f"proxy_set_header {ORIGINAL_URI} $request_uri;",
                  "proxy_set_header X-SSL-Client-Cert $ssl_client_escaped_cert;", "proxy_pass_request_body off;"):
         assert line in auth
     main_location = text[text.index("location / {"):text.index("location = /_certbound/auth")]
+    # The secret is the auth app's: the protected upstream never gets it, nor a client's copy.
+    assert TEST_PROXY_SECRET not in main_location
+    assert 'proxy_set_header X-Certbound-Proxy-Secret "";' in main_location
     for name, header in IDENTITY_HEADERS.items():
         variable = f"$certbound_{name}"
         assert f"auth_request_set {variable} $upstream_http_{header.lower().replace('-', '_')};" in main_location
@@ -307,14 +318,26 @@ def test_invalid_auth_request_values(tmp_path: Path, overrides: dict[str, Any], 
 def test_the_modes_do_not_mix(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match=r"^upstream:"):
         render("uwsgi", listen="443", backend="127.0.0.1:1", server_cert=tmp_path, server_key=tmp_path,
-               mode="auth_request", auth_backend="127.0.0.1:2")
+               server_name=HOST, proxy_secret=TEST_PROXY_SECRET, mode="auth_request", auth_backend="127.0.0.1:2")
     with pytest.raises(ConfigurationError, match=r"^auth_backend:"):
         render("gunicorn", listen="443", backend="127.0.0.1:1", server_cert=tmp_path, server_key=tmp_path,
-               auth_backend="127.0.0.1:2")
+               server_name=HOST, proxy_secret=TEST_PROXY_SECRET, auth_backend="127.0.0.1:2")
+
+
+def test_the_secret_is_required_for_the_auth_app_not_the_upstream(tmp_path: Path) -> None:
+    """The channel rule of issue 11 applies to the auth app's backend: TCP needs the secret, a Unix socket
+    does not (the auth app then trusts the socket); the protected upstream is not the one checked."""
+    with pytest.raises(ConfigurationError, match=r"^proxy_secret_file:"):
+        _rendered(tmp_path, proxy_secret=None)
+    text = _rendered(tmp_path, proxy_secret=None, backend="127.0.0.1:9000", auth_backend="unix:/run/auth.sock")
+    assert 'proxy_set_header X-Certbound-Proxy-Secret "";' in text and "server unix:/run/auth.sock;" in text
 
 
 def test_the_command_renders_the_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(TEST_PROXY_SECRET)
     argv = ["nginx-config", "--mode", "auth_request", "--listen", "127.0.0.1:8443", "--backend", "127.0.0.1:9000",
+            "--server-name", HOST, "--proxy-secret-file", str(secret),
             "--auth-backend", "127.0.0.1:9001", "--server-cert", str(tmp_path / "c"), "--server-key",
             str(tmp_path / "k")]
     assert main(argv) == 0

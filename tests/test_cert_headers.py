@@ -38,9 +38,11 @@ from certbound_wsgi.cert_headers import (
     xfcc_elements,
 )
 from certbound_wsgi.certificates import CertificateReader
+from certbound_wsgi.channel import UWSGI_SECRET_VAR
 from certbound_wsgi.dev.pki import DevCA, Issued
 from certbound_wsgi.errors import ConfigurationError, InvalidToken
 from certbound_wsgi.settings import Settings
+from tests.conftest import TEST_PROXY_SECRET
 
 
 @dataclass(frozen=True)
@@ -318,18 +320,20 @@ SHAPE_HEADERS = {
     "rfc9440": "Client-Cert", "rfc9440-unpadded": "Client-Cert", "envoy-istio": "X-Forwarded-Client-Cert",
     "envoy-bare-cert": "X-Forwarded-Client-Cert", "envoy-append-forward": "X-Forwarded-Client-Cert",
 }
-PEER = "127.0.0.1"  # in the default trusted_proxies
+PEER = "127.0.0.1"
+SECRET_VAR = "HTTP_X_CERTBOUND_PROXY_SECRET"  # proxy_secret_header's default, as the WSGI server names it
 
 
 def reader_for(**options: Any) -> CertificateReader:
-    """The reader exactly as the middleware builds it from these settings."""
-    settings = Settings(issuer="https://issuer.test", audience=("https://api.test",), **options)
+    """The reader exactly as the middleware builds it from these settings (the channel: the proxy secret)."""
+    settings = Settings(issuer="https://issuer.test", audience=("https://api.test",),
+                        **{"proxy_secret": TEST_PROXY_SECRET, **options})
     return build_authenticator(settings).certificates
 
 
 def from_header(header: str, value: str) -> dict[str, str]:
-    """The WSGI environ of a request from a trusted proxy carrying ``header: value`` (PEP 3333 key)."""
-    return {"HTTP_" + header.upper().replace("-", "_"): value, "REMOTE_ADDR": PEER}
+    """The WSGI environ of a request through the proxy (its secret) carrying ``header: value`` (PEP 3333 key)."""
+    return {"HTTP_" + header.upper().replace("-", "_"): value, SECRET_VAR: TEST_PROXY_SECRET, "REMOTE_ADDR": PEER}
 
 
 @pytest.mark.parametrize(("fmt", "build_value", "header"),
@@ -366,9 +370,10 @@ def test_no_format_is_guessed(certs: Certs, configured: CertificateFormat) -> No
 
 def test_the_uwsgi_variable_is_escaped_pem_whatever_the_header_format(certs: Certs, alice_x5t: str) -> None:
     reader = reader_for(client_cert_header="X-Client-Cert", client_cert_format="base64_der")
-    assert reader.thumbprint({"SSL_CLIENT_CERT": quote(certs.alice_pem, safe="")}) == alice_x5t
+    uwsgi = {UWSGI_SECRET_VAR: TEST_PROXY_SECRET}  # uwsgi_param CERTBOUND_PROXY_SECRET
+    assert reader.thumbprint({**uwsgi, "SSL_CLIENT_CERT": quote(certs.alice_pem, safe="")}) == alice_x5t
     with pytest.raises(InvalidToken):
-        reader.thumbprint({"SSL_CLIENT_CERT": certs.b64(certs.alice_pem)})
+        reader.thumbprint({**uwsgi, "SSL_CLIENT_CERT": certs.b64(certs.alice_pem)})
     # The same base64 text in the header is fine: the memo is keyed by the format as well as the value.
     assert reader.thumbprint(from_header("X-Client-Cert", certs.b64(certs.alice_pem))) == alice_x5t
 
@@ -385,10 +390,13 @@ def test_commas_are_the_parsers_business(certs: Certs, alice_x5t: str) -> None:
         nginx.thumbprint(from_header("X-SSL-Client-Cert", joined))
 
 
-def test_a_header_from_an_untrusted_peer_is_still_ignored(certs: Certs) -> None:
+def test_a_header_outside_the_channel_is_still_ignored(certs: Certs) -> None:
+    """Whatever the format, the header is believed only through the authenticated channel (issue 11)."""
     reader = reader_for(client_cert_header="Client-Cert", client_cert_format="rfc9440")
-    assert reader.thumbprint({**from_header("Client-Cert", f":{certs.b64(certs.alice_pem)}:"),
-                              "REMOTE_ADDR": "203.0.113.7"}) is None
+    environ = from_header("Client-Cert", f":{certs.b64(certs.alice_pem)}:")
+    assert reader.thumbprint({**environ, SECRET_VAR: "a-guess-" + TEST_PROXY_SECRET[8:]}) is None
+    del environ[SECRET_VAR]
+    assert reader.thumbprint(environ) is None
 
 
 def test_a_parsed_value_is_memoized(certs: Certs, alice_x5t: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -429,16 +437,22 @@ def test_ingress_nginx_ssl_client_cert(certs: Certs, alice_x5t: str) -> None:
     ``client_cert_header=ssl-client-cert`` and the default format. The controller drops a client's
     ``ssl_client_cert`` (underscores, nginx's default), and PEP 3333 servers map it to the same key anyway:
     what reaches the reader under that key is the controller's value or nothing."""
-    reader = reader_for(client_cert_header="ssl-client-cert")
-    escaped = quote(certs.alice_pem, safe="-_.~")  # nginx's escaping: reserved characters and %
-    environ = {"HTTP_SSL_CLIENT_CERT": escaped, "REMOTE_ADDR": "10.42.0.7"}
-    assert reader.thumbprint(environ) is None  # the controller's pod network must be trusted first
     trusting = reader_for(client_cert_header="ssl-client-cert", trusted_proxies=("10.42.0.0/16",))
-    assert trusting.thumbprint(environ) == alice_x5t
+    escaped = quote(certs.alice_pem, safe="-_.~")  # nginx's escaping: reserved characters and %
+
+    def environ(**changes: str) -> dict[str, str]:
+        # A new dict each time: the reader takes the secret out of the environ it is given.
+        return {k: v for k, v in {**from_header("ssl-client-cert", escaped), "REMOTE_ADDR": "10.42.0.7",
+                                  **changes}.items() if v}
+
+    assert trusting.thumbprint(environ()) == alice_x5t
+    # The secret and the controllers' network must both hold.
+    assert trusting.thumbprint(environ(REMOTE_ADDR="10.43.0.7")) is None
+    assert trusting.thumbprint(environ(**{SECRET_VAR: ""})) is None
     # Hostile: a value a client could add if the controller did not overwrite it (pass-certificate off).
     for forged in (f"{escaped},{escaped}", certs.b64(certs.alice_pem), escaped[: len(escaped) // 2], "%ZZ"):
         with pytest.raises(InvalidToken):
-            trusting.thumbprint({**environ, "HTTP_SSL_CLIENT_CERT": forged})
+            trusting.thumbprint(environ(HTTP_SSL_CLIENT_CERT=forged))
 
 
 def test_istio_sidecar_behind_a_gateway_reads_the_gateway_s_element(certs: Certs, alice_x5t: str,

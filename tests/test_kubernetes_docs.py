@@ -21,6 +21,7 @@ from certbound_wsgi.settings import Settings
 
 PAGE = (Path(__file__).resolve().parent.parent / "docs" / "kubernetes.md").read_text(encoding="utf-8")
 BASE = {"CERTBOUND_ISSUER": "https://issuer.test", "CERTBOUND_AUDIENCE": "https://api.test"}
+SECRET = "kubernetes-docs-proxy-secret-0123456789"
 
 
 def env_blocks() -> list[dict[str, str]]:
@@ -56,12 +57,17 @@ def sha256_hex(cert: Issued) -> str:
 
 def test_each_example_s_settings_read_its_proxy_s_header(alice: Issued, mallory: Issued, alice_x5t: str) -> None:
     ingress, sidecar, mesh = env_blocks()
-    reader = build(Settings.from_env({**BASE, **ingress})).certificates
-    assert reader.thumbprint({"HTTP_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": "10.42.3.4"}) == alice_x5t
-    assert reader.thumbprint({"HTTP_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": "10.43.0.1"}) is None
+    # The ingress example's secret comes from a Kubernetes Secret (valueFrom): given here.
+    reader = build(Settings.from_env({**BASE, **ingress, "CERTBOUND_PROXY_SECRET": SECRET})).certificates
+    via_controller = {"HTTP_SSL_CLIENT_CERT": _escaped(alice), "HTTP_X_CERTBOUND_PROXY_SECRET": SECRET}
+    assert reader.thumbprint({**via_controller, "REMOTE_ADDR": "10.42.3.4"}) == alice_x5t
+    assert reader.thumbprint({**via_controller, "REMOTE_ADDR": "10.43.0.1"}) is None
+    assert reader.thumbprint({"HTTP_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": "10.42.3.4"}) is None
 
+    # The sidecar: gunicorn on a Unix socket, whose peer has an empty REMOTE_ADDR.
     reader = build(Settings.from_env({**BASE, **sidecar})).certificates
-    assert reader.thumbprint({"HTTP_X_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": "127.0.0.1"}) == alice_x5t
+    assert reader.thumbprint({"HTTP_X_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": ""}) == alice_x5t
+    assert reader.thumbprint({"HTTP_X_SSL_CLIENT_CERT": _escaped(alice), "REMOTE_ADDR": "127.0.0.1"}) is None
 
     reader = build(Settings.from_env({**BASE, **mesh})).certificates
     value = f"Hash={sha256_hex(alice)},By=spiffe://cluster.local/ns/api/sa/app;Hash={sha256_hex(mallory)}"

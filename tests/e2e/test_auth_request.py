@@ -25,7 +25,7 @@ from tests.support.dpop import DPoPKey
 from tests.support.idp import OidcProvider, decode_jwt, x5t_s256
 from tests.support.idp_fixtures import Pki
 from tests.support.procs import Process, free_port, require_binary, wait_for_port
-from tests.support.servers import Gunicorn, Nginx, start_gunicorn, start_nginx
+from tests.support.servers import PROXY_SECRET, SERVER_NAME, Gunicorn, Nginx, start_gunicorn, start_nginx
 
 from .conftest import app_env
 
@@ -35,7 +35,8 @@ ALGS = "ES256 ES384 ES512 RS256 RS384 RS512 PS256 PS384 PS512 EdDSA"
 BARE = f'Bearer realm="api", DPoP realm="api", algs="{ALGS}"'
 # What the upstream saw, echoed back by its add_header lines (an absent header: not received).
 SAW = {"sub": "X-Saw-Sub", "client_id": "X-Saw-Client-Id", "scope": "X-Saw-Scope",
-       "thumbprint": "X-Saw-Thumbprint", "cert": "X-Saw-Cert", "original_uri": "X-Saw-Original-Uri"}
+       "thumbprint": "X-Saw-Thumbprint", "cert": "X-Saw-Cert", "original_uri": "X-Saw-Original-Uri",
+       "secret": "X-Saw-Secret"}
 
 _UPSTREAM_CONF = """\
 worker_processes 1;
@@ -60,6 +61,7 @@ http {{
             add_header X-Saw-Thumbprint $http_x_certbound_thumbprint always;
             add_header X-Saw-Cert $http_x_ssl_client_cert always;
             add_header X-Saw-Original-Uri $http_x_original_uri always;
+            add_header X-Saw-Secret $http_x_certbound_proxy_secret always;
             try_files $uri =404;
         }}
     }}
@@ -116,11 +118,12 @@ def deployment(idp: OidcProvider, pki: Pki, upstream: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     port = free_port()  # nginx's, reserved so that the auth app can be told its public URL
     env = app_env(idp, scopes_required="write", proof_of_possession_mtls="optional",
-                  proof_of_possession_dpop="optional", public_base_url=f"https://127.0.0.1:{port}")
+                  proof_of_possession_dpop="optional", public_base_url=f"https://{SERVER_NAME}:{port}")
     auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path_factory.mktemp("auth-app"))
     try:
         nginx = start_nginx(tmp_path_factory.mktemp("nginx-auth-request"), "gunicorn", f"127.0.0.1:{upstream}",
-                            pki.server, port=port, mode="auth_request", auth_backend=auth.backend)
+                            pki.server, port=port, proxy_secret=PROXY_SECRET, mode="auth_request",
+                            auth_backend=auth.backend)
         try:
             yield Deployment(nginx, auth, pki.ca_file)
         finally:
@@ -206,7 +209,9 @@ def test_no_token(deployment: Deployment, pki: Pki) -> None:
 def test_forged_identity_headers_never_reach_the_upstream(deployment: Deployment, pki: Pki,
                                                           owner_token: str) -> None:
     forged = {"X-Certbound-Sub": "admin", "X-Certbound-Scope": "admin", "X-Certbound-Client-Id": "root",
-              "X-Certbound-Thumbprint": x5t_s256(pki.mallory), "X-Original-URI": "/elsewhere"}
+              "X-Certbound-Thumbprint": x5t_s256(pki.mallory), "X-Original-URI": "/elsewhere",
+              "X-Certbound-Proxy-Secret": "a-guess-of-the-secret-0123456789abcdef",
+              "X-SSL-Client-Cert": quote(pki.mallory.cert_pem, safe="")}
     response = deployment.call(owner_token, pki.alice, headers=forged)
     assert response.status_code == 200, response.text
     claims = decode_jwt(owner_token)[1]
@@ -241,7 +246,7 @@ def test_dpop_htm_and_htu_are_the_original_request_s(deployment: Deployment, idp
 
 def test_auth_app_unreachable_is_503_never_200(tmp_path: Path, pki: Pki, upstream: int, owner_token: str) -> None:
     nginx = start_nginx(tmp_path / "nginx", "gunicorn", f"127.0.0.1:{upstream}", pki.server, mode="auth_request",
-                        auth_backend=f"127.0.0.1:{free_port()}")
+                        proxy_secret=PROXY_SECRET, auth_backend=f"127.0.0.1:{free_port()}")
     try:
         response = Deployment(nginx, None, pki.ca_file).call(owner_token, pki.alice)  # type: ignore[arg-type]
     finally:
@@ -270,7 +275,7 @@ def test_issuer_unreachable_is_the_auth_app_s_503(tmp_path: Path, idp: OidcProvi
     auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path / "auth")
     try:
         nginx = start_nginx(tmp_path / "nginx", "gunicorn", f"127.0.0.1:{upstream}", pki.server,
-                            mode="auth_request", auth_backend=auth.backend)
+                            proxy_secret=PROXY_SECRET, mode="auth_request", auth_backend=auth.backend)
         try:
             response = Deployment(nginx, auth, pki.ca_file).call(owner_token, pki.alice)
         finally:
@@ -292,12 +297,12 @@ def test_a_dpop_nonce_challenge_reaches_the_client(tmp_path: Path, idp: OidcProv
     """RFC 9449 section 9: 401 use_dpop_nonce with a DPoP-Nonce header, through nginx's 401 location."""
     port = free_port()
     env = app_env(idp, proof_of_possession_mtls="optional", proof_of_possession_dpop="optional",
-                  public_base_url=f"https://127.0.0.1:{port}", dpop_use_nonce="true",
+                  public_base_url=f"https://{SERVER_NAME}:{port}", dpop_use_nonce="true",
                   cache_secret="auth-request-e2e-0123456789abcdef")
     auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path / "auth")
     try:
         nginx = start_nginx(tmp_path / "nginx", "gunicorn", f"127.0.0.1:{upstream}", pki.server, port=port,
-                            mode="auth_request", auth_backend=auth.backend)
+                            proxy_secret=PROXY_SECRET, mode="auth_request", auth_backend=auth.backend)
         try:
             deployment = Deployment(nginx, auth, pki.ca_file)
             key = DPoPKey()
@@ -317,3 +322,17 @@ def test_a_dpop_nonce_challenge_reaches_the_client(tmp_path: Path, idp: OidcProv
     assert len(nonce) == 32
     assert second.status_code == 200, second.text
     assert second.text == STATIC
+
+
+def test_straight_to_the_auth_app_nothing_is_believed(deployment: Deployment, pki: Pki, owner_token: str) -> None:
+    """A process that reaches the auth app without nginx does not know the proxy secret: its certificate
+    header and its X-Original-* are not believed, and it gets no 2xx to replay anywhere."""
+    forged = {"Authorization": f"Bearer {owner_token}", "X-SSL-Client-Cert": quote(pki.alice.cert_pem, safe=""),
+              "X-Original-Method": "GET", "X-Original-URI": "/data.json", "Host": f"{SERVER_NAME}:443"}
+    for extra in ({}, {"X-Certbound-Proxy-Secret": "a-guess-of-the-secret-0123456789abcdef"}):
+        response = requests.get(f"http://{deployment.auth.backend}/_certbound/auth", headers={**forged, **extra},
+                                timeout=15)
+        assert response.status_code == 400, response.text
+        assert response.json() == {"error": "invalid_request",
+                                   "error_description": "auth_request subrequests are accepted from the proxy only"}
+        assert "X-Certbound-Sub" not in response.headers
