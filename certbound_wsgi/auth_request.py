@@ -32,6 +32,7 @@ from typing import Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
 from .authenticator import Authenticator, Identity, build, token_scopes
+from .channel import environ_key
 from .discovery import Discovery
 from .errors import AuthError, Challenges, ConfigurationError, InvalidRequest, InvalidToken
 from .settings import Settings
@@ -146,8 +147,8 @@ class AuthRequest:
             identity = self.authenticator.authenticate(original, credential)
             headers = identity_headers(identity, self._scopes_claim)
         except AuthError as error:
-            log.info("certbound: auth_request %s %s refused: %s %s", environ.get(_environ_key(ORIGINAL_METHOD)),
-                     str(environ.get(_environ_key(ORIGINAL_URI), ""))[:200], error.status,
+            log.info("certbound: auth_request %s %s refused: %s %s", environ.get(environ_key(ORIGINAL_METHOD)),
+                     str(environ.get(environ_key(ORIGINAL_URI), ""))[:200], error.status,
                      error.description or error.error)
             return self.refuse(error, scheme, start_response)
         except Exception:
@@ -169,8 +170,8 @@ class AuthRequest:
             # The original method and URI decide a DPoP proof's fate: believed through the
             # authenticated channel from nginx only (the proxy secret, or a trusted socket).
             raise InvalidRequest("auth_request subrequests are accepted from the proxy only")
-        method = str(environ.get(_environ_key(ORIGINAL_METHOD), ""))
-        uri = str(environ.get(_environ_key(ORIGINAL_URI), ""))
+        method = str(environ.get(environ_key(ORIGINAL_METHOD), ""))
+        uri = str(environ.get(environ_key(ORIGINAL_URI), ""))
         if not _METHOD.fullmatch(method):
             raise InvalidRequest(f"the {ORIGINAL_METHOD} header is missing or invalid")
         if not uri.startswith("/") or len(uri) > MAX_ORIGINAL_URI or not uri.isprintable() or " " in uri:
@@ -195,10 +196,6 @@ class AuthRequest:
             return start_response(status, [*headers, (ERROR_HEADER, body)], exc_info)
 
         return error.respond(with_body_header, [challenges])
-
-
-def _environ_key(header: str) -> str:
-    return "HTTP_" + header.upper().replace("-", "_")
 
 
 def create_application(environ: Mapping[str, str] | None = None) -> AuthRequest:
