@@ -147,7 +147,9 @@ class AuthRequest:
             identity = self.authenticator.authenticate(original, credential)
             headers = identity_headers(identity, self._scopes_claim)
         except AuthError as error:
-            log.info("certbound: auth_request %s %s refused: %s %s", environ.get(environ_key(ORIGINAL_METHOD)),
+            # %r: the method and URI are what the sender wrote; quoted, they cannot forge a log line.
+            log.info("certbound: auth_request %r %r refused: %s %s",
+                     str(environ.get(environ_key(ORIGINAL_METHOD), ""))[:40],
                      str(environ.get(environ_key(ORIGINAL_URI), ""))[:200], error.status,
                      error.description or error.error)
             return self.refuse(error, scheme, start_response)
