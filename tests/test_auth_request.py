@@ -337,7 +337,7 @@ def test_the_command_renders_the_mode(tmp_path: Path, capsys: pytest.CaptureFixt
     secret = tmp_path / "secret"
     secret.write_text(TEST_PROXY_SECRET)
     argv = ["nginx-config", "--mode", "auth_request", "--listen", "127.0.0.1:8443", "--backend", "127.0.0.1:9000",
-            "--server-name", HOST, "--proxy-secret-file", str(secret),
+            "--server-name", HOST, "--proxy-secret-file", str(secret), "--no-check-files",
             "--auth-backend", "127.0.0.1:9001", "--server-cert", str(tmp_path / "c"), "--server-key",
             str(tmp_path / "k")]
     assert main(argv) == 0
