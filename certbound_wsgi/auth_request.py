@@ -19,7 +19,9 @@ error, which the rendered configuration answers with 503 (400 for
 ``invalid_request``), never with 200.
 
 Run it with ``gunicorn 'certbound_wsgi.auth_request:create_application()'``,
-configured by ``CERTBOUND_*`` variables like the middleware.
+configured by ``CERTBOUND_*`` variables like the middleware. Each decision is
+written to the audit trail and counted in the metrics as the middleware's are,
+with the method and path of the request being authorized.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
+from . import metrics
+from .audit import Auditor, install_stderr_fallback
 from .authenticator import Authenticator, Identity, build, token_scopes
 from .channel import environ_key
 from .discovery import Discovery
@@ -136,9 +140,19 @@ class AuthRequest:
         self.challenges = Challenges(settings.realm, bearer=settings.proof_of_possession_dpop != "strict",
                                      dpop_algs=dpop.algs_param if dpop is not None else None)
         self._scopes_claim = settings.scopes_claim
+        # As the middleware's: the client address and request id only through the channel.
+        channel = self.authenticator.certificates.channel
+        self.auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
+                               trusted_channel=lambda environ: channel.verdict(environ).trusted,
+                               forwarded_hops=settings.forwarded_for_hops,
+                               trust_request_id=settings.audit_trust_request_id)
+        if settings.audit_log_stderr:
+            install_stderr_fallback()
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
         scheme = None
+        original = environ
         try:
             original = self.original_request(environ)
             credential = self.authenticator.credentials.read(original)
@@ -147,16 +161,14 @@ class AuthRequest:
             identity = self.authenticator.authenticate(original, credential)
             headers = identity_headers(identity, self._scopes_claim)
         except AuthError as error:
-            # %r: the method and URI are what the sender wrote; quoted, they cannot forge a log line.
-            log.info("certbound: auth_request %r %r refused: %s %s",
-                     str(environ.get(environ_key(ORIGINAL_METHOD), ""))[:40],
-                     str(environ.get(environ_key(ORIGINAL_URI), ""))[:200], error.status,
-                     error.description or error.error)
-            return self.refuse(error, scheme, start_response)
+            return self._refused(original, error, scheme, started, start_response)
         except Exception:
             # A bug, not bad input: fail closed, keep the traceback in the log only.
             log.exception("certbound: internal error while answering auth_request")
-            return self.refuse(AuthError("internal error", error="server_error", status=500), None, start_response)
+            internal = AuthError("internal error", error="server_error", status=500, reason="internal_error")
+            return self._refused(original, internal, None, started, start_response)
+        self.auditor.accepted(original, identity)
+        metrics.request("accepted", "ok", time.perf_counter() - started, 200)
         if identity.dpop_nonce is not None:
             headers.append(("DPoP-Nonce", identity.dpop_nonce))
         start_response("200 OK", [*headers, ("Content-Length", "0"), ("Cache-Control", "no-store")])
@@ -184,6 +196,13 @@ class AuthRequest:
         original.update(REQUEST_METHOD=method, SCRIPT_NAME="", QUERY_STRING=query, RAW_URI=uri,
                         PATH_INFO=unquote_to_bytes(path.encode("latin-1")).decode("latin-1"))
         return original
+
+    def _refused(self, original: WSGIEnvironment, error: AuthError, scheme: str | None, started: float,
+                 start_response: StartResponse) -> list[bytes]:
+        reason = self.auditor.refused(original, error, claims=error.claims, presented=error.presented)
+        metrics.request("fault" if error.status >= 500 else "refused", reason, time.perf_counter() - started,
+                        error.status)
+        return self.refuse(error, scheme, start_response)
 
     def refuse(self, error: AuthError, scheme: str | None, start_response: StartResponse) -> list[bytes]:
         """Answer ``error`` for nginx: one ``WWW-Authenticate``, and the JSON body in :data:`ERROR_HEADER` too.

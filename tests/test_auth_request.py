@@ -8,6 +8,8 @@ same with real nginx processes.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from werkzeug.test import Client, TestResponse
 
+from certbound_wsgi.audit import LOGGER_NAME
 from certbound_wsgi.auth_request import (
     ERROR_HEADER,
     IDENTITY_HEADERS,
@@ -36,6 +39,7 @@ from certbound_wsgi.errors import ConfigurationError, InvalidToken
 from certbound_wsgi.nginx_config import render
 from tests.conftest import TEST_PROXY_SECRET, make_settings
 from tests.support.dpop import DPoPKey
+from tests.support.idp import x5t_s256
 from tests.support.tokens import StaticDiscovery, TestIssuer
 
 HOST = "api.example"
@@ -344,3 +348,23 @@ def test_the_command_renders_the_mode(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().out == _rendered(tmp_path)
     assert main([*argv[:-6], "--server-cert", "c", "--server-key", "k"]) == 2
     assert "--auth-backend: required with mode auth_request" in capsys.readouterr().err
+
+
+# -- the audit trail: one event per decision, about the request being authorized ------------
+
+def test_each_decision_is_audited_with_the_original_request(issuer: TestIssuer, alice: Issued, mallory: Issued,
+                                                            alice_x5t: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    client = endpoint(issuer, audit_log_format="json")
+    token = issuer.token(cnf={"x5t#S256": alice_x5t})
+    with caplog.at_level(logging.DEBUG, logger=LOGGER_NAME):
+        assert subrequest(client, token=token, cert=alice, method="POST", uri="/orders/7?x=1").status_code == 200
+        assert subrequest(client, token=token, cert=mallory, uri="/admin").status_code == 401
+        assert subrequest(client, token=token, cert=alice, headers={ORIGINAL_URI: None}).status_code == 400
+    events = [json.loads(record.getMessage()) for record in caplog.records if record.name == LOGGER_NAME]
+    assert [(e["outcome"], e["reason"], e["status"], e["method"], e["path"]) for e in events] == [
+        ("accepted", "ok", 200, "POST", "/orders/7"),
+        ("refused", "cert_mismatch", 401, "GET", "/admin"),
+        ("refused", "request_invalid", 400, "GET", "/_certbound/auth"),
+    ]
+    assert events[1]["presented"] == x5t_s256(mallory) and events[1]["bound"] == alice_x5t

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from certbound_wsgi.dev.pki import Issued
 from tests.support.dpop import DPoPKey
 from tests.support.idp import OidcProvider, decode_jwt, x5t_s256
 from tests.support.idp_fixtures import Pki
-from tests.support.procs import Process, free_port, require_binary, wait_for_port
+from tests.support.procs import Process, free_port, require_binary, wait_for_port, wait_until
 from tests.support.servers import PROXY_SECRET, SERVER_NAME, Gunicorn, Nginx, start_gunicorn, start_nginx
 
 from .conftest import app_env
@@ -62,6 +63,7 @@ http {{
             add_header X-Saw-Cert $http_x_ssl_client_cert always;
             add_header X-Saw-Original-Uri $http_x_original_uri always;
             add_header X-Saw-Secret $http_x_certbound_proxy_secret always;
+            add_header X-Saw-Request-Id $http_x_request_id always;
             try_files $uri =404;
         }}
     }}
@@ -118,7 +120,8 @@ def deployment(idp: OidcProvider, pki: Pki, upstream: int,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     port = free_port()  # nginx's, reserved so that the auth app can be told its public URL
     env = app_env(idp, scopes_required="write", proof_of_possession_mtls="optional",
-                  proof_of_possession_dpop="optional", public_base_url=f"https://{SERVER_NAME}:{port}")
+                  proof_of_possession_dpop="optional", public_base_url=f"https://{SERVER_NAME}:{port}",
+                  audit_trust_request_id="true")
     auth = start_gunicorn(env, workers=1, module=AUTH_APP, log_dir=tmp_path_factory.mktemp("auth-app"))
     try:
         nginx = start_nginx(tmp_path_factory.mktemp("nginx-auth-request"), "gunicorn", f"127.0.0.1:{upstream}",
@@ -336,3 +339,22 @@ def test_straight_to_the_auth_app_nothing_is_believed(deployment: Deployment, pk
         assert response.json() == {"error": "invalid_request",
                                    "error_description": "auth_request subrequests are accepted from the proxy only"}
         assert "X-Certbound-Sub" not in response.headers
+
+
+def test_the_auth_app_audits_the_original_request_with_nginx_s_request_id(deployment: Deployment, pki: Pki,
+                                                                          owner_token: str) -> None:
+    """One audit event per refusal (on stderr, with no logging configured) about the request being
+    authorized, not the subrequest; the request id is nginx's, for the upstream too, never the client's."""
+    forged = {"X-Request-Id": "forged-by-the-client"}
+    accepted = deployment.call(owner_token, pki.alice, path="/data.json?q=1", headers=forged)
+    assert re.fullmatch(r"[0-9a-f]{32}", accepted.headers["X-Saw-Request-Id"])
+    assert deployment.call(owner_token, pki.mallory, path="/data.json?q=2", headers=forged).status_code == 401
+
+    def refusals() -> list[str]:
+        return [line for line in deployment.auth.output().splitlines()
+                if "outcome=refused" in line and "path=/data.json" in line and "reason=cert_mismatch" in line]
+
+    assert wait_until(lambda: bool(refusals()))
+    refusal = refusals()[-1]
+    assert "method=GET" in refusal and "status=401" in refusal and "_certbound" not in refusal
+    assert re.search(r"request_id=[0-9a-f]{32}\b", refusal) and "forged-by-the-client" not in refusal
