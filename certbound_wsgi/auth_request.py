@@ -34,7 +34,7 @@ from typing import Any, Final
 from urllib.parse import quote, unquote_to_bytes
 
 from . import metrics
-from .audit import Auditor, install_stderr_fallback
+from .audit import auditor_for
 from .authenticator import Authenticator, Identity, build, token_scopes
 from .channel import environ_key
 from .discovery import Discovery
@@ -141,13 +141,7 @@ class AuthRequest:
                                      dpop_algs=dpop.algs_param if dpop is not None else None)
         self._scopes_claim = settings.scopes_claim
         # As the middleware's: the client address and request id only through the channel.
-        channel = self.authenticator.certificates.channel
-        self.auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
-                               trusted_channel=lambda environ: channel.verdict(environ).trusted,
-                               forwarded_hops=settings.forwarded_for_hops,
-                               trust_request_id=settings.audit_trust_request_id)
-        if settings.audit_log_stderr:
-            install_stderr_fallback()
+        self.auditor = auditor_for(settings, self.authenticator.certificates.channel)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
