@@ -732,8 +732,7 @@ class Settings:
             self._validate_sessions()
         if "authorization_code" in self.auth_methods:
             self._validate_login()
-        if self.client_cert_xfcc_hops != 1 and self.client_cert_format != "xfcc":
-            raise ConfigurationError("client_cert_xfcc_hops", "applies only with client_cert_format=xfcc")
+        self._validate_cert_header()
         if self.session_cookie_same_site == "None" and not self.session_cookie_secure:
             raise ConfigurationError("session_cookie_same_site", "None requires session_cookie_secure")
         if "cookie" in self.bearer_token_param_type and not self.bearer_token_cookie_name:
@@ -787,6 +786,11 @@ class Settings:
         if self.dpop_replay_redis_url and len(self.shared_secret) < 16:
             raise ConfigurationError("cache_secret", "at least 16 characters with dpop_replay_redis_url "
                                                      "(it names the replay store's keys)")
+
+    def _validate_cert_header(self) -> None:
+        # Elements before the nearest proxy's may be the client's: reading further back is an XFCC choice only.
+        if self.client_cert_xfcc_hops != 1 and self.client_cert_format != "xfcc":
+            raise ConfigurationError("client_cert_xfcc_hops", "applies only with client_cert_format=xfcc")
 
     def _validate_methods(self) -> None:
         methods = self.auth_methods
