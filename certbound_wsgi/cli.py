@@ -439,9 +439,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config_command(bind=args.bind, discover=not args.no_discovery, server=args.server,
                                     app=args.app)
-
-
-        return check_config_command(bind=args.bind, discover=not args.no_discovery, server=args.server)
     if args.command == "proxy-config":
         return proxy_config_command(args)
     return nginx_config_command(args)
