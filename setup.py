@@ -16,12 +16,16 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=["certbound_wsgi", "certbound_wsgi.cache", "certbound_wsgi.dev", "certbound_wsgi.nginx"],
-    # The shipped nginx configurations live at the top of the repository, where
-    # operators look for them, and install as package data so that
-    # `certbound-wsgi nginx-config` renders exactly what the tests exercise.
-    package_dir={"certbound_wsgi.nginx": "nginx"},
-    package_data={"certbound_wsgi": ["py.typed"], "certbound_wsgi.nginx": ["*.conf"]},
+    packages=["certbound_wsgi", "certbound_wsgi.cache", "certbound_wsgi.dev", "certbound_wsgi.nginx",
+              "certbound_wsgi.proxy_templates"],
+    # The shipped nginx, HAProxy and Caddy configurations live at the top of the
+    # repository, where operators look for them, and install as package data so
+    # that `certbound-wsgi nginx-config` and `proxy-config` render exactly what
+    # the tests exercise. (certbound_wsgi.proxies is already a module: the
+    # trusted proxies.)
+    package_dir={"certbound_wsgi.nginx": "nginx", "certbound_wsgi.proxy_templates": "proxies"},
+    package_data={"certbound_wsgi": ["py.typed"], "certbound_wsgi.nginx": ["*.conf"],
+                  "certbound_wsgi.proxy_templates": ["haproxy.cfg", "Caddyfile"]},
     # The core needs no server: gunicorn and uWSGI are extras. redis stays in the
     # core because cache/redis.py imports it at module level and the middleware
     # imports that module whether or not Redis is configured.

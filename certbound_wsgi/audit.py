@@ -26,16 +26,21 @@ import re
 import secrets
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from .http import request_path
 from .types import WSGIEnvironment
+
+if TYPE_CHECKING:
+    from .channel import ProxyChannel
+    from .settings import Settings
 
 __all__ = [
     "LOGGER_NAME",
     "REASONS",
     "Auditor",
     "AuditIdentity",
+    "auditor_for",
     "event_line",
     "install_stderr_fallback",
     "reason_for",
@@ -365,3 +370,19 @@ def install_stderr_fallback(logger_name: str = "certbound_wsgi", level: int = lo
     handler = _StderrFallback()
     logger.addHandler(handler)
     return handler
+
+
+def auditor_for(settings: Settings, channel: ProxyChannel) -> Auditor:
+    """The auditor of a protected app (the middleware, the ``auth_request`` endpoint), as ``settings``
+    describe it, with the stderr fallback installed when ``audit_log_stderr`` asks for it.
+
+    :param channel: the certificate's channel: the client address and the request id are believed
+        through it, as the certificate is.
+    """
+    auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
+                      trusted_channel=lambda environ: channel.verdict(environ).trusted,
+                      forwarded_hops=settings.forwarded_for_hops,
+                      trust_request_id=settings.audit_trust_request_id)
+    if settings.audit_log_stderr:
+        install_stderr_fallback()
+    return auditor

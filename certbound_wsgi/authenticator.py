@@ -298,6 +298,8 @@ def _certificates(settings: Settings) -> CertificateReader:
         client_cert_header=settings.client_cert_header,
         client_cert_verify_header=settings.client_cert_verify_header,
         channel=channel,
+        cert_format=settings.client_cert_format,
+        xfcc_hops=settings.client_cert_xfcc_hops,
         cache_size=settings.cert_cache_size,
     )
 

@@ -89,6 +89,7 @@ _XFCC_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 # Runs of ordinary characters inside a quoted value, and of a bare value.
 _XFCC_QUOTED_RUN = re.compile(r'[^"\\]*')
 _XFCC_BARE_RUN = re.compile(r'[^,;"=]*')
+_BLANKS = re.compile(r"[ \t]*")
 _SHA256_HEX = re.compile(r"[0-9A-Fa-f]{64}")
 # Traefik before 2.9.4 passed its base64 through url.QueryEscape; these are the
 # only three characters of the base64 alphabet that escaping changes.
@@ -287,6 +288,43 @@ def _run_end(pattern: re.Pattern[str], value: str, start: int) -> int:
     return match.end() if match else start
 
 
+def _xfcc_quoted(value: str, start: int) -> tuple[str, int]:
+    """The quoted value whose opening quote is at ``start``, unescaped, and where it ends."""
+    chars: list[str] = []
+    j, n = start + 1, len(value)
+    while True:
+        end = _run_end(_XFCC_QUOTED_RUN, value, j)
+        chars.append(value[j:end])
+        j = end
+        if j >= n or (value[j] == "\\" and j + 1 >= n):
+            raise ValueError("an unterminated quoted XFCC value")
+        if value[j] == '"':
+            return "".join(chars), j + 1
+        chars.append(value[j + 1])  # after a backslash: the character itself
+        j += 2
+
+
+def _xfcc_bare(value: str, start: int) -> tuple[str, int]:
+    """The unquoted value from ``start``, and where it ends."""
+    end = _run_end(_XFCC_BARE_RUN, value, start)
+    if end < len(value) and value[end] in '"=':
+        raise ValueError("an unquoted XFCC value with a quote or '='")
+    # Whitespace before a separator is not part of a bare value.
+    return value[start:end].rstrip(" \t"), end
+
+
+def _xfcc_pair(value: str, start: int) -> tuple[tuple[str, str], int]:
+    """The ``key=value`` pair from ``start`` (key in lower case), and where the separator after it is."""
+    equals = value.find("=", start)
+    key = value[start:equals].strip(" \t") if equals >= 0 else ""
+    if not _XFCC_KEY.fullmatch(key):
+        raise ValueError("an XFCC pair without a valid key")
+    quoted = equals + 1 < len(value) and value[equals + 1] == '"'
+    text, end = (_xfcc_quoted if quoted else _xfcc_bare)(value, equals + 1)
+    end = _run_end(_BLANKS, value, end)
+    return (key.lower(), text), end
+
+
 def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
     """Envoy's ``x-forwarded-client-cert`` by its grammar: elements of ``(key, value)`` pairs.
 
@@ -298,50 +336,44 @@ def xfcc_elements(value: str) -> list[list[tuple[str, str]]]:
     :raises ValueError: the value does not follow the grammar.
     """
     _checked(value)
-    elements: list[list[tuple[str, str]]] = []
-    element: list[tuple[str, str]] = []
-    i, n = 0, len(value)
+    elements: list[list[tuple[str, str]]] = [[]]
+    i = 0
     while True:
-        equals = value.find("=", i)
-        key = value[i:equals].strip(" \t") if equals >= 0 else ""
-        if not _XFCC_KEY.fullmatch(key):
-            raise ValueError("an XFCC pair without a valid key")
-        j = equals + 1
-        if j < n and value[j] == '"':
-            j += 1
-            chars: list[str] = []
-            while True:
-                end = _run_end(_XFCC_QUOTED_RUN, value, j)
-                chars.append(value[j:end])
-                j = end
-                if j >= n or (value[j] == "\\" and j + 1 >= n):
-                    raise ValueError("an unterminated quoted XFCC value")
-                if value[j] == '"':
-                    j += 1
-                    break
-                chars.append(value[j + 1])  # after a backslash: the character itself
-                j += 2
-            text = "".join(chars)
-        else:
-            end = _run_end(_XFCC_BARE_RUN, value, j)
-            if end < n and value[end] in '"=':
-                raise ValueError("an unquoted XFCC value with a quote or '='")
-            # Whitespace before a separator is not part of a bare value.
-            text, j = value[j:end].rstrip(" \t"), end
-        element.append((key.lower(), text))
-        while j < n and value[j] in " \t":
-            j += 1
-        if j >= n:
-            elements.append(element)
+        pair, j = _xfcc_pair(value, i)
+        elements[-1].append(pair)
+        if j >= len(value):
             return elements
         if value[j] == ",":
-            elements.append(element)
-            element = []
             if len(elements) >= MAX_XFCC_ELEMENTS:
                 raise ValueError("too many XFCC elements")
+            elements.append([])
         elif value[j] != ";":
             raise ValueError("an unexpected character after an XFCC value")
         i = j + 1
+
+
+def _only(pairs: list[tuple[str, str]], key: str) -> str | None:
+    """The value of ``key`` in an element, ``None`` without one; a repeated key is refused."""
+    found = [text for name, text in pairs if name == key]
+    if len(found) > 1:
+        raise ValueError("a repeated Cert or Hash in the XFCC element")
+    return found[0] if found else None
+
+
+def _xfcc_hash(text: str | None) -> bytes | None:
+    if text is None:
+        return None
+    if not _SHA256_HEX.fullmatch(text):
+        raise ValueError("the XFCC Hash is not a hex SHA-256")
+    return bytes.fromhex(text)
+
+
+def _xfcc_cert(text: str) -> Leaf:
+    ders = _pem_ders(unquote(text, errors="strict"))
+    if len(ders) != 1:
+        raise ValueError("the XFCC Cert holds more than one certificate")
+    _certificate(ders[0])
+    return Leaf.from_der(ders[0])
 
 
 def parse_xfcc(value: str, *, hops: int = 1) -> Leaf:
@@ -360,34 +392,23 @@ def parse_xfcc(value: str, *, hops: int = 1) -> Leaf:
     element, or an element with neither key, is refused.
 
     :raises ValueError: not exactly that.
+    :raises ConfigurationError: ``hops`` is below 1.
     """
     if hops < 1:
-        raise ConfigurationError("xfcc_hops", "must be at least 1")
+        raise ConfigurationError("client_cert_xfcc_hops", "must be at least 1")
     elements = xfcc_elements(value)
     if len(elements) < hops:
         raise ValueError("fewer XFCC elements than trusted hops")
     pairs = elements[-hops]
-    certs = [text for key, text in pairs if key == "cert"]
-    hashes = [text for key, text in pairs if key == "hash"]
-    if len(certs) > 1 or len(hashes) > 1:
-        raise ValueError("a repeated Cert or Hash in the XFCC element")
-    digest: bytes | None = None
-    if hashes:
-        if not _SHA256_HEX.fullmatch(hashes[0]):
-            raise ValueError("the XFCC Hash is not a hex SHA-256")
-        digest = bytes.fromhex(hashes[0])
-    if certs:
-        ders = _pem_ders(unquote(certs[0], errors="strict"))
-        if len(ders) != 1:
-            raise ValueError("the XFCC Cert holds more than one certificate")
-        _certificate(ders[0])
-        found = Leaf.from_der(ders[0])
-        if digest is not None and not hmac.compare_digest(digest, found.sha256):
-            raise ValueError("the XFCC Hash does not match its Cert")
-        return found
-    if digest is not None:
+    cert, digest = _only(pairs, "cert"), _xfcc_hash(_only(pairs, "hash"))
+    if cert is None:
+        if digest is None:
+            raise ValueError("the XFCC element has neither Cert nor Hash")
         return Leaf(digest)
-    raise ValueError("the XFCC element has neither Cert nor Hash")
+    found = _xfcc_cert(cert)
+    if digest is not None and not hmac.compare_digest(digest, found.sha256):
+        raise ValueError("the XFCC Hash does not match its Cert")
+    return found
 
 
 _PARSERS: Final[dict[str, Callable[[str], Leaf]]] = {
@@ -399,22 +420,26 @@ _PARSERS: Final[dict[str, Callable[[str], Leaf]]] = {
 }
 
 
-def leaf(format: CertificateFormat, value: str) -> Leaf:
+def leaf(format: CertificateFormat, value: str, *, xfcc_hops: int = 1) -> Leaf:
     """The leaf certificate in ``value``, a header written in ``format``.
 
+    :param xfcc_hops: for ``xfcc``, which element to read (see :func:`parse_xfcc`); ignored otherwise.
     :raises ValueError: ``value`` is not exactly of that format (a 401 to the client).
     :raises ConfigurationError: ``format`` is not one of :data:`FORMATS`.
     """
+    if format == "xfcc":
+        return parse_xfcc(value, hops=xfcc_hops)
     parser = _PARSERS.get(format)
     if parser is None:
         raise ConfigurationError("client_cert_format", f"must be one of {', '.join(FORMATS)}")
     return parser(value)
 
 
-def thumbprint(format: CertificateFormat, value: str) -> str:
+def thumbprint(format: CertificateFormat, value: str, *, xfcc_hops: int = 1) -> str:
     """The RFC 8705 ``x5t#S256`` of the leaf certificate in ``value``, a header written in ``format``.
 
+    :param xfcc_hops: for ``xfcc``, which element to read (see :func:`parse_xfcc`); ignored otherwise.
     :raises ValueError: ``value`` is not exactly of that format.
     :raises ConfigurationError: ``format`` is not one of :data:`FORMATS`.
     """
-    return leaf(format, value).thumbprint
+    return leaf(format, value, xfcc_hops=xfcc_hops).thumbprint

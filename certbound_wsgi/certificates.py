@@ -5,7 +5,9 @@ variable ``SSL_CLIENT_CERT`` or as a request header. Anyone who reaches the
 worker without nginx can write either (any header over HTTP; every variable of
 a uwsgi packet), so both are believed only when the request came through the
 authenticated channel (:mod:`certbound_wsgi.channel`): the proxy secret, or a
-trusted Unix socket or address.
+trusted Unix socket or address. The header's shape is the configured
+``client_cert_format`` (:mod:`certbound_wsgi.cert_headers`); the uWSGI
+variable is always nginx's escaped PEM.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from urllib.parse import unquote
 
 from cryptography import x509
 
+from .cert_headers import CertificateFormat
+from .cert_headers import thumbprint as header_thumbprint
 from .channel import ProxyChannel, environ_key
 from .errors import InvalidToken
 from .types import WSGIEnvironment
@@ -76,10 +80,11 @@ def thumbprint_from_pem(pem: str) -> str:
     return thumbprint_from_der(_leaf_der(pem))
 
 
-def _parse(value: str) -> str | None:
-    """Thumbprint of ``value``, or ``None`` when it is malformed (memoized by the reader)."""
+def _parse(cert_format: CertificateFormat, value: str, xfcc_hops: int) -> str | None:
+    """Thumbprint of ``value`` written in ``cert_format``, or ``None`` when it is not exactly that
+    (memoized by the reader). Strict, unlike :func:`thumbprint_from_pem`: no format is guessed."""
     try:
-        return thumbprint_from_pem(value)
+        return header_thumbprint(cert_format, value, xfcc_hops=xfcc_hops)
     except (ValueError, UnicodeError):
         return None
 
@@ -94,6 +99,9 @@ class CertificateReader:
     :param client_cert_verify_header: a header that must say ``SUCCESS`` for the certificate to
         count (nginx's ``$ssl_client_verify``); empty: not checked.
     :param channel: decides whether a request came through the authenticated channel from the proxy.
+    :param cert_format: ``client_cert_format``, the shape the proxy writes the header in; the
+        uWSGI variable is always ``escaped_pem``.
+    :param xfcc_hops: ``client_cert_xfcc_hops``, the XFCC element to read, counted from the last.
     :param cache_size: parsed certificates remembered, keyed by the forwarded value.
     """
 
@@ -103,8 +111,12 @@ class CertificateReader:
         client_cert_header: str,
         client_cert_verify_header: str,
         channel: ProxyChannel,
+        cert_format: CertificateFormat = "escaped_pem",
+        xfcc_hops: int = 1,
         cache_size: int,
     ) -> None:
+        self._format: CertificateFormat = cert_format
+        self._xfcc_hops = xfcc_hops
         self._header_var = environ_key(client_cert_header)
         self._verify_header_var = environ_key(client_cert_verify_header) if client_cert_verify_header else None
         self.channel = channel
@@ -138,11 +150,12 @@ class CertificateReader:
         value = self.raw(environ)
         if value is None:
             return None
-        if len(value) > MAX_CERT_VALUE or "," in value:
-            # A comma never occurs in a (URL-escaped) PEM: it means two header values joined,
-            # e.g. a forged one ahead of the proxy's. Refuse rather than pick one.
+        if len(value) > MAX_CERT_VALUE:
             raise InvalidToken(_MALFORMED)
-        thumbprint = self._thumbprint(value)
+        # Each parser refuses two header values joined (a forged one ahead of the proxy's) by its
+        # own grammar: a comma is never in PEM, but separates XFCC elements and Traefik's chain.
+        cert_format: CertificateFormat = "escaped_pem" if UWSGI_CERT_VAR in environ else self._format
+        thumbprint = self._thumbprint(cert_format, value, self._xfcc_hops)
         if thumbprint is None:
             raise InvalidToken(_MALFORMED)
         return thumbprint

@@ -24,7 +24,8 @@ from .errors import ConfigurationError
 if TYPE_CHECKING:  # the settings module is imported by the commands that need it
     from .settings import Settings
 
-__all__ = ["check_config_command", "describe", "main", "nginx_config_command", "thumbprint_command"]
+__all__ = ["check_config_command", "describe", "main", "nginx_config_command", "proxy_config_command",
+           "thumbprint_command"]
 
 _DESCRIPTION = """\
 Operator commands for certbound-wsgi, the WSGI middleware that accepts an OAuth access
@@ -112,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "      --server-key /etc/certbound/server.key -o /etc/nginx/conf.d/certbound.conf",
     )
     nginx.add_argument("--upstream", choices=("gunicorn", "uwsgi"), default="gunicorn")
+    nginx.add_argument(
+        "--mode", choices=("middleware", "auth_request"), default="middleware",
+        help="middleware: the backend runs the middleware; auth_request: the backend is any HTTP server, and "
+        "nginx asks the auth app (--auth-backend) about each request first",
+    )
+    nginx.add_argument("--auth-backend", default=None,
+                       help="with --mode auth_request: where the auth app listens, host:port or unix:/path")
     nginx.add_argument("--listen", default="443", help="nginx listen address, e.g. 443 or 127.0.0.1:8443")
     nginx.add_argument(
         "--backend",
@@ -153,6 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     nginx.add_argument("--no-check-files", action="store_true",
                        help="do not read the certificate and key files (rendering for another host)")
     nginx.add_argument("-o", "--output", default="-", help="file to write ('-' for standard output)")
+    _add_proxy_config(commands)
     return parser
 
 
@@ -167,6 +176,30 @@ def describe(error: ConfigurationError, kind: str = "configuration error") -> st
     known = error.option in Settings.__dataclass_fields__ or error.option == "app"
     variable = f" ({env_name(error.option)})" if known else ""
     return f"certbound-wsgi: {kind}: {error}{variable}"
+
+
+def _add_proxy_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``proxy-config haproxy|caddy``: the options of :mod:`certbound_wsgi.proxy_config`'s renderers."""
+    proxy = _command(commands, "proxy-config", "render the shipped HAProxy or Caddy configuration",
+                     "Render proxies/haproxy.cfg or proxies/Caddyfile with checked values and the proxy secret,\n"
+                     "and say which client_cert_header and client_cert_format the application needs.")
+    which = proxy.add_subparsers(dest="proxy", required=True)
+    haproxy = which.add_parser("haproxy", help="HAProxy 2.6+: X-Client-Cert, client_cert_format=base64_der")
+    haproxy.add_argument("--listen", required=True, help="address:port to accept TLS on, e.g. 0.0.0.0:443")
+    haproxy.add_argument("--server-pem", required=True, help="HAProxy's certificate followed by its key, one PEM")
+    haproxy.add_argument("--client-ca", required=True,
+                         help="CA bundle named when asking for a client certificate (others are let through)")
+    caddy = which.add_parser("caddy", help="Caddy 2.6+: Client-Cert, client_cert_format=rfc9440")
+    caddy.add_argument("--host", required=True, help="the site's name; clients must use it (Caddy's SNI rule)")
+    caddy.add_argument("--port", default="443", help="the HTTPS port")
+    caddy.add_argument("--bind", default="127.0.0.1", help="the address to listen on")
+    caddy.add_argument("--server-cert", required=True, help="Caddy's TLS certificate (PEM)")
+    caddy.add_argument("--server-key", required=True, help="its private key (PEM)")
+    for sub in (haproxy, caddy):
+        sub.add_argument("--backend", default="127.0.0.1:8000", help="the application server, host:port (HTTP)")
+        sub.add_argument("--proxy-secret-file", default=None,
+                         help="a file holding the application's proxy_secret (default: CERTBOUND_PROXY_SECRET)")
+        sub.add_argument("-o", "--output", default="-", help="file to write ('-' for standard output)")
 
 
 def _error(message: str) -> None:
@@ -287,6 +320,8 @@ def nginx_config_command(args: argparse.Namespace) -> int:
             address_only_trust=args.address_only_trust,
             standalone=args.standalone,
             prefix=args.prefix,
+            mode=args.mode,
+            auth_backend=args.auth_backend,
         )
     except ConfigurationError as exc:
         message = str(exc).removeprefix(f"{exc.option}: ")
@@ -342,6 +377,37 @@ def _nginx_input_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
+def proxy_config_command(args: argparse.Namespace) -> int:
+    """``certbound-wsgi proxy-config haproxy|caddy``: render a template; say which header and format it writes.
+
+    :returns: 0 on success, 2 for an invalid argument, 1 when the output cannot be written.
+    """
+    from .proxy_config import HEADERS, render_caddy, render_haproxy
+
+    try:
+        secret = _read_secret(args.proxy_secret_file)
+        if secret is None:
+            raise ConfigurationError("proxy_secret_file", "required (or CERTBOUND_PROXY_SECRET): the proxy adds "
+                                     "the application's proxy_secret to every request")
+        if args.proxy == "haproxy":
+            text = render_haproxy(listen=args.listen, backend=args.backend, server_pem=args.server_pem,
+                                  client_ca=args.client_ca, proxy_secret=secret)
+        else:
+            text = render_caddy(host=args.host, port=args.port, backend=args.backend, server_cert=args.server_cert,
+                                server_key=args.server_key, proxy_secret=secret, bind=args.bind)
+        _write(text, args.output)
+    except ConfigurationError as exc:
+        message = str(exc).removeprefix(f"{exc.option}: ")
+        _error(f"certbound-wsgi proxy-config: error: --{exc.option.replace('_', '-')}: {message}")
+        return 2
+    except OSError as exc:
+        _error(f"certbound-wsgi proxy-config: error: cannot write {args.output}: {exc.strerror or exc}")
+        return 1
+    header, cert_format = HEADERS[args.proxy]
+    _error(f"the application needs: CERTBOUND_CLIENT_CERT_HEADER={header} CERTBOUND_CLIENT_CERT_FORMAT={cert_format}")
+    return 0
+
+
 def _write(text: str, output: str) -> None:
     """Write ``text`` to ``output`` (``-``: standard output), replacing a file in one step,
     so that an nginx reloading meanwhile never reads half a configuration. The file is
@@ -373,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config_command(bind=args.bind, discover=not args.no_discovery, server=args.server,
                                     app=args.app)
+    if args.command == "proxy-config":
+        return proxy_config_command(args)
     return nginx_config_command(args)
 
 

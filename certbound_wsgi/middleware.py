@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import metrics
-from .audit import Auditor, install_stderr_fallback
+from .audit import auditor_for
 from .authenticator import Authenticator, Identity, build
 from .cache.redis import make_client, make_replay_client
 from .discovery import Discovery
@@ -79,13 +79,7 @@ class CertBoundMiddleware:
             if auth.sessions is not None else None
         )
         # The client address and request id are believed through the same channel as the certificate.
-        channel = auth.certificates.channel
-        self.auditor = Auditor(fmt="json" if settings.audit_log_format == "json" else "text",
-                               trusted_channel=lambda environ: channel.verdict(environ).trusted,
-                               forwarded_hops=settings.forwarded_for_hops,
-                               trust_request_id=settings.audit_trust_request_id)
-        if settings.audit_log_stderr:
-            install_stderr_fallback()
+        self.auditor = auditor_for(settings, auth.certificates.channel)
         self.public_paths = PublicPaths(settings.public_paths)
         self.readiness = _readiness(settings, auth) if settings.readiness_path else None
         #: The middleware's own unauthenticated answers, by exact path.

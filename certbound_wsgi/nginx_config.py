@@ -4,19 +4,11 @@ The templates live in ``nginx/`` at the top of the repository and install as
 the package ``certbound_wsgi.nginx``; the tests start nginx with exactly what
 :func:`render` returns, so what ships is what is tested.
 
-A template marks each value with a placeholder in double braces, such as
-``{{backend}}``. Double braces never occur in nginx's own syntax (its
-variables are ``$name`` and its blocks single braces), so a placeholder cannot
-be mistaken for configuration, nor configuration for a placeholder.
-Substitution is a single pass: a value that itself contains ``{{...}}`` is
-not expanded again.
-
-Every value is validated before it is written, because the rendered file is
-configuration that nginx trusts: a backend of ``127.0.0.1:8000; }`` or a
-path with a newline in it would otherwise add directives of its own choosing.
-Invalid input raises :class:`~certbound_wsgi.errors.ConfigurationError`
-naming the argument; ``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`)
-turns it into exit status 2 and a message.
+Placeholders and the validation of every value are those of
+:mod:`certbound_wsgi.templating`. Invalid input raises
+:class:`~certbound_wsgi.errors.ConfigurationError` naming the argument;
+``certbound-wsgi nginx-config`` (in :mod:`certbound_wsgi.cli`) turns it into
+exit status 2 and a message.
 
 A combination that cannot work is refused as well (docs/security.md, "Trust
 boundaries"): a TCP backend needs the proxy secret, since an address proves
@@ -29,7 +21,6 @@ socket backend works without a secret when the application trusts the socket
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import textwrap
@@ -38,28 +29,32 @@ from typing import Final, Literal
 
 from .channel import DEFAULT_SECRET_HEADER, UWSGI_SECRET_VAR, check_secret, environ_key
 from .errors import ConfigurationError
+from .templating import absolute_path as _path
+from .templating import backend_address as _backend
+from .templating import fill as _fill
+from .templating import host_port as _host_port
+from .templating import port_number as _port
+from .templating import quoted as _quoted
 
-__all__ = ["UPSTREAMS", "Upstream", "render"]
+__all__ = ["MODES", "UPSTREAMS", "Mode", "Upstream", "render"]
 
 Upstream = Literal["gunicorn", "uwsgi"]
 
 #: The application servers there is a template for, and its file in ``certbound_wsgi.nginx``.
 UPSTREAMS: Final[dict[str, str]] = {"gunicorn": "gunicorn.conf", "uwsgi": "uwsgi.conf"}
 
-_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+Mode = Literal["middleware", "auth_request"]
 
-# A DNS name or IPv4 address: letters, digits, dots and hyphens only.
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
-# A Unix socket path, unquoted in the template: a conservative character set.
-_UNIX_SOCKET = re.compile(r"unix:/[A-Za-z0-9._/@+=,-]+")
+#: ``middleware``: the application behind nginx runs the middleware (the template of its
+#: upstream). ``auth_request``: nginx protects any upstream, asking the auth app
+#: (:mod:`certbound_wsgi.auth_request`) about each request first.
+MODES: Final[tuple[Mode, ...]] = ("middleware", "auth_request")
+AUTH_REQUEST_TEMPLATE: Final = "auth_request.conf"
+
 # One server_name entry: exact names, "*.example.com", ".example.com" and "www.example.*".
 # Regular expressions ("~...") are not accepted, nor the catch-all "_": the rendered
 # default server refuses every name not listed, so a name must be listed.
 _SERVER_NAME = re.compile(r"\.?(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?(?:\.\*)?")
-# Paths are written inside double quotes, where nginx still gives "\" a meaning
-# and expands "$name"; braces and semicolons are refused too, so that a path
-# reads the same to a person as to nginx.
-_PATH_FORBIDDEN = re.compile(r'[\x00-\x1f\x7f"\\${};]')
 
 # A complete nginx.conf around a rendered server block, for running nginx as
 # an ordinary user: ``nginx -p PREFIX -c FILE -g 'daemon off;'``. Every file
@@ -91,62 +86,11 @@ http {
 """
 
 
-def _fill(template: str, values: dict[str, str], name: str) -> str:
-    """Replace every placeholder in one pass.
-
-    :param template: text with ``{{name}}`` placeholders.
-    :param values: the already validated value of each placeholder.
-    :param name: the template's name, for the error about an unknown placeholder.
-    """
-
-    def value(match: re.Match[str]) -> str:
-        key = match.group(1)
-        if key not in values:
-            raise RuntimeError(f"template {name} uses the unknown placeholder {{{{{key}}}}}")
-        return values[key]
-
-    return _PLACEHOLDER.sub(value, template)
-
-
-def _port(option: str, text: str, value: str) -> str:
-    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
-        raise ConfigurationError(option, f"{value!r}: the port must be a number from 1 to 65535")
-    return str(int(text))
-
-
-def _host_port(option: str, value: str, *, wildcard: bool) -> str:
-    """``host:port``, ``[ipv6]:port`` (and ``*:port`` where ``wildcard``)."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        raise ConfigurationError(option, f"{value!r} is not host:port")
-    port = _port(option, port, value)
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise ConfigurationError(option, f"{value!r}: {host} is not an IPv6 address") from None
-        return f"[{address.compressed}]:{port}"
-    if not (wildcard and host == "*") and not _HOSTNAME.fullmatch(host):
-        raise ConfigurationError(option, f"{value!r}: {host!r} is not a host name or IP address")
-    return f"{host}:{port}"
-
-
 def _listen(value: str) -> str:
     """nginx ``listen``: a port, ``address:port`` or ``[ipv6]:port``; no extra parameters."""
     if value.isascii() and value.isdigit():
         return _port("listen", value, value)
     return _host_port("listen", value, wildcard=True)
-
-
-def _backend(value: str) -> str:
-    """The application server: ``host:port``, ``[ipv6]:port`` or ``unix:/path``."""
-    if value.startswith("unix:"):
-        if not _UNIX_SOCKET.fullmatch(value):
-            raise ConfigurationError(
-                "backend", f"{value!r}: a socket path must be absolute and use only letters, digits and ._/@+=,-"
-            )
-        return value
-    return _host_port("backend", value, wildcard=False)
 
 
 def _server_name(value: str) -> str:
@@ -193,29 +137,26 @@ def _trust(upstream: str, backend: str, proxy_secret: str | None, address_only_t
     return '""'
 
 
-def _path(option: str, value: str | os.PathLike[str]) -> str:
-    """An absolute path that is safe inside double quotes. Relative paths are taken from the
-    current directory, where the user gave them, not from nginx's configuration directory."""
-    text = os.fspath(value)
-    if not isinstance(text, str) or not text:
-        raise ConfigurationError(option, f"{value!r} is not a path")
-    bad = _PATH_FORBIDDEN.search(text)
-    if bad:
-        raise ConfigurationError(
-            option,
-            f"{text!r}: a path may not contain {bad.group()!r} (control characters, quotes, \\ $ {{ }} ; are refused)",
-        )
-    return os.path.abspath(text)
-
-
-def _quoted(path: str) -> str:
-    return f'"{path}"'
-
-
 def _template(upstream: str) -> str:
     if upstream not in UPSTREAMS:
         raise ConfigurationError("upstream", f"{upstream!r}: choose one of {', '.join(UPSTREAMS)}")
     return files("certbound_wsgi.nginx").joinpath(UPSTREAMS[upstream]).read_text(encoding="utf-8")
+
+
+def _mode(mode: str, upstream: str, auth_backend: str | None) -> tuple[str, str, dict[str, str]]:
+    """The template, its name and the values only that mode has."""
+    if mode == "middleware":
+        if auth_backend is not None:
+            raise ConfigurationError("auth_backend", "applies only with mode auth_request")
+        return _template(upstream), UPSTREAMS.get(upstream, upstream), {}
+    if mode != "auth_request":
+        raise ConfigurationError("mode", f"{mode!r}: choose one of {', '.join(MODES)}")
+    if upstream != "gunicorn":
+        raise ConfigurationError("upstream", "the auth app of mode auth_request is served over HTTP (gunicorn)")
+    if auth_backend is None:
+        raise ConfigurationError("auth_backend", "required with mode auth_request: where the auth app listens")
+    text = files("certbound_wsgi.nginx").joinpath(AUTH_REQUEST_TEMPLATE).read_text(encoding="utf-8")
+    return text, AUTH_REQUEST_TEMPLATE, {"auth_backend": _backend(auth_backend, "auth_backend")}
 
 
 def render(
@@ -232,6 +173,8 @@ def render(
     address_only_trust: bool = False,
     standalone: bool = False,
     prefix: str | os.PathLike[str] | None = None,
+    mode: Mode = "middleware",
+    auth_backend: str | None = None,
 ) -> str:
     """Render the nginx configuration for ``upstream``.
 
@@ -254,17 +197,24 @@ def render(
         ``nginx -p PREFIX -c FILE -g 'daemon off;'``, run as any user.
     :param prefix: with ``standalone``, the directory for the pid file, logs and temporary files.
         ``None`` writes relative paths, which nginx resolves against its ``-p`` prefix.
+    :param mode: ``middleware`` (``backend`` runs the middleware) or ``auth_request`` (``backend``
+        is any HTTP server, protected by asking the auth app at ``auth_backend`` about each request).
+    :param auth_backend: with ``auth_request``, where the auth app listens (``host:port`` or
+        ``unix:/path``).
     :returns: the configuration text.
     :raises ConfigurationError: naming the argument whose value is invalid, or ``proxy_secret_file`` for a
         combination in which no certificate could be believed.
     """
-    template = _template(upstream)
+    template, template_name, values = _mode(mode, upstream, auth_backend)
     backend = _backend(backend)
     header = _secret_header(proxy_secret_header)
-    values = {
+    # The secret goes where the certificate goes: the application, or in auth_request mode the auth app
+    # (never the protected upstream).
+    secret_backend = values.get("auth_backend", backend)
+    values |= {
         "listen": _listen(listen),
         "backend": backend,
-        "proxy_secret": _trust(upstream, backend, proxy_secret, address_only_trust),
+        "proxy_secret": _trust(upstream, secret_backend, proxy_secret, address_only_trust),
         "proxy_secret_header": header,
         "proxy_secret_param": environ_key(header),
         "proxy_secret_var": UWSGI_SECRET_VAR,
@@ -278,7 +228,7 @@ def render(
     else:
         values["verify_client"] = "on"
         values["client_certificate"] = f"ssl_client_certificate {_quoted(_path('client_ca', client_ca))};"
-    server = _fill(template, values, UPSTREAMS[upstream])
+    server = _fill(template, values, template_name)
     if not standalone:
         if prefix is not None:
             raise ConfigurationError("prefix", "applies only to a standalone configuration")

@@ -1,11 +1,12 @@
 """Render the shipped HAProxy and Caddy configurations.
 
 The templates live in ``proxies/`` at the top of the repository, beside
-``nginx/``; the end-to-end tests run HAProxy and Caddy with exactly what
-:func:`render_haproxy` and :func:`render_caddy` return. Placeholders and
-validation are those of :mod:`certbound_wsgi.nginx_config`: every value is
-checked before it is written, because the rendered file is configuration the
-proxy trusts.
+``nginx/``, and install as the package ``certbound_wsgi.proxy_templates``; the
+end-to-end tests run HAProxy and Caddy with exactly what
+:func:`render_haproxy` and :func:`render_caddy` return, and
+``certbound-wsgi proxy-config`` prints the same. Placeholders and validation
+are those of :mod:`certbound_wsgi.templating`: every value is checked before
+it is written, because the rendered file is configuration the proxy trusts.
 
 Each proxy writes the certificate in its own shape; :data:`HEADERS` names the
 header and the :mod:`certbound_wsgi.cert_headers` format the application must
@@ -15,13 +16,13 @@ be configured with.
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from importlib.resources import files
 from typing import Final, Literal
 
 from .cert_headers import CertificateFormat
 from .channel import check_secret
 from .errors import ConfigurationError
-from .nginx_config import _backend, _fill, _host_port, _path, _port, _quoted
+from .templating import absolute_path, backend_address, fill, host_port, port_number, quoted
 
 __all__ = ["HEADERS", "PROXIES", "Proxy", "render_caddy", "render_haproxy", "template"]
 
@@ -36,16 +37,15 @@ HEADERS: Final[dict[Proxy, tuple[str, CertificateFormat]]] = {
     "caddy": ("Client-Cert", "rfc9440"),
 }
 
-# The checkout's proxies/ folder. (Packaging it as certbound_wsgi.proxies, as
-# nginx/ is packaged as certbound_wsgi.nginx, needs an entry in setup.py.)
-_TEMPLATES = Path(__file__).resolve().parent.parent / "proxies"
+# proxies/ in the checkout, installed as this package (setup.py's package_dir).
+_TEMPLATES = "certbound_wsgi.proxy_templates"
 
 
 def template(proxy: Proxy) -> str:
     """The unrendered template of ``proxy``."""
     if proxy not in PROXIES:
         raise ConfigurationError("proxy", f"{proxy!r}: choose one of {', '.join(PROXIES)}")
-    return (_TEMPLATES / PROXIES[proxy]).read_text(encoding="utf-8")
+    return files(_TEMPLATES).joinpath(PROXIES[proxy]).read_text(encoding="utf-8")
 
 
 def render_haproxy(
@@ -69,13 +69,13 @@ def render_haproxy(
     if backend.startswith("unix:"):
         raise ConfigurationError("backend", "this template takes host:port")
     values = {
-        "listen": _host_port("listen", listen, wildcard=False),
-        "backend": _backend(backend),
-        "server_pem": _quoted(_path("server_pem", server_pem)),
-        "client_ca": _quoted(_path("client_ca", client_ca)),
+        "listen": host_port("listen", listen, wildcard=False),
+        "backend": backend_address(backend),
+        "server_pem": quoted(absolute_path("server_pem", server_pem)),
+        "client_ca": quoted(absolute_path("client_ca", client_ca)),
         "proxy_secret": _secret(proxy_secret),
     }
-    return _fill(template("haproxy"), values, PROXIES["haproxy"])
+    return fill(template("haproxy"), values, PROXIES["haproxy"])
 
 
 def render_caddy(
@@ -102,18 +102,18 @@ def render_caddy(
     """
     if backend.startswith("unix:"):
         raise ConfigurationError("backend", "this template takes host:port")
-    site = _host_port("host", f"{host}:{port}", wildcard=False)
-    bind_address = _host_port("bind", f"{bind}:1", wildcard=False).rpartition(":")[0]
+    site = host_port("host", f"{host}:{port}", wildcard=False)
+    bind_address = host_port("bind", f"{bind}:1", wildcard=False).rpartition(":")[0]
     values = {
         "host": site.rpartition(":")[0],
-        "port": _port("port", str(port), str(port)),
+        "port": port_number("port", str(port), str(port)),
         "bind": bind_address,
-        "backend": _backend(backend),
-        "server_cert": _quoted(_path("server_cert", server_cert)),
-        "server_key": _quoted(_path("server_key", server_key)),
+        "backend": backend_address(backend),
+        "server_cert": quoted(absolute_path("server_cert", server_cert)),
+        "server_key": quoted(absolute_path("server_key", server_key)),
         "proxy_secret": _secret(proxy_secret),
     }
-    return _fill(template("caddy"), values, PROXIES["caddy"])
+    return fill(template("caddy"), values, PROXIES["caddy"])
 
 
 def _secret(proxy_secret: str) -> str:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from . import pem_files
+from .cert_headers import FORMATS, MAX_XFCC_ELEMENTS, CertificateFormat
 from .channel import DEFAULT_SECRET_HEADER, check_secret
 from .errors import ConfigurationError
 from .proxies import parse_networks
@@ -376,6 +377,24 @@ class Settings:
         required=True,
         check=_header_name,
     )
+    client_cert_format: CertificateFormat = _option(
+        "escaped_pem",
+        "The shape in which the proxy writes ``client_cert_header``; configured, never guessed from the value, "
+        "and a value not exactly of this shape is refused (401). ``escaped_pem``: nginx's "
+        "``$ssl_client_escaped_cert``, ingress-nginx ``ssl-client-cert``, AWS ALB. ``pem``: PEM on one line. "
+        "``rfc9440``: RFC 9440 ``Client-Cert`` (Caddy). ``base64_der``: HAProxy ``ssl_c_der,base64``, Traefik. "
+        "``xfcc``: Envoy/Istio ``x-forwarded-client-cert``. The uWSGI variable ``SSL_CLIENT_CERT`` is always "
+        "``escaped_pem``, whatever this says. See the proxies page.",
+        choices=FORMATS,
+    )
+    client_cert_xfcc_hops: int = _option(
+        1,
+        "With ``client_cert_format=xfcc``: which element of ``x-forwarded-client-cert`` to read, counted from the "
+        "last (1: the element the nearest proxy appended; 2: the one before it, e.g. an ingress gateway's behind "
+        "a mesh sidecar). Elements further away may have been written by the client.",
+        min=1,
+        max=MAX_XFCC_ELEMENTS,
+    )
     client_cert_verify_header: str = _option(
         "",
         "Off when empty. When set (e.g. ``X-SSL-Client-Verify``, nginx's ``$ssl_client_verify``), a certificate "
@@ -713,6 +732,7 @@ class Settings:
             self._validate_sessions()
         if "authorization_code" in self.auth_methods:
             self._validate_login()
+        self._validate_cert_header()
         if self.session_cookie_same_site == "None" and not self.session_cookie_secure:
             raise ConfigurationError("session_cookie_same_site", "None requires session_cookie_secure")
         if "cookie" in self.bearer_token_param_type and not self.bearer_token_cookie_name:
@@ -766,6 +786,11 @@ class Settings:
         if self.dpop_replay_redis_url and len(self.shared_secret) < 16:
             raise ConfigurationError("cache_secret", "at least 16 characters with dpop_replay_redis_url "
                                                      "(it names the replay store's keys)")
+
+    def _validate_cert_header(self) -> None:
+        # Elements before the nearest proxy's may be the client's: reading further back is an XFCC choice only.
+        if self.client_cert_xfcc_hops != 1 and self.client_cert_format != "xfcc":
+            raise ConfigurationError("client_cert_xfcc_hops", "applies only with client_cert_format=xfcc")
 
     def _validate_methods(self) -> None:
         methods = self.auth_methods

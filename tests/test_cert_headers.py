@@ -8,10 +8,12 @@ thumbprint computed independently (tests.conftest.independent_thumbprint).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
@@ -21,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from certbound_wsgi import cert_headers
+from certbound_wsgi.authenticator import build as build_authenticator
 from certbound_wsgi.cert_headers import (
     FORMATS,
     MAX_CHAIN,
@@ -34,8 +37,12 @@ from certbound_wsgi.cert_headers import (
     thumbprint,
     xfcc_elements,
 )
+from certbound_wsgi.certificates import CertificateReader
+from certbound_wsgi.channel import UWSGI_SECRET_VAR
 from certbound_wsgi.dev.pki import DevCA, Issued
-from certbound_wsgi.errors import ConfigurationError
+from certbound_wsgi.errors import ConfigurationError, InvalidToken
+from certbound_wsgi.settings import Settings
+from tests.conftest import TEST_PROXY_SECRET
 
 
 @dataclass(frozen=True)
@@ -300,3 +307,186 @@ def test_mutated_proxy_values_never_raise_anything_but_value_error(certs: Certs,
 def test_module_has_no_other_public_parsers() -> None:
     # certificates.py will call only leaf()/thumbprint(); the parsers are public for tests and docs.
     assert set(cert_headers.__all__) >= {"leaf", "thumbprint", "FORMATS", "Leaf"}
+
+
+# -- through the settings and the certificate reader (client_cert_format) ----------
+
+# The header each producer writes: the reader is configured with it and with the row's format.
+SHAPE_HEADERS = {
+    "nginx": "X-SSL-Client-Cert", "ingress-nginx": "ssl-client-cert", "alb-leaf": "X-Amzn-Mtls-Clientcert-Leaf",
+    "alb-passthrough-chain": "X-Amzn-Mtls-Clientcert", "pem-spaces": "X-SSL-Client-Cert",
+    "pem-tabs": "X-SSL-Client-Cert", "haproxy-caddy": "X-Client-Cert", "traefik": "X-Forwarded-Tls-Client-Cert",
+    "traefik-chain": "X-Forwarded-Tls-Client-Cert", "traefik-legacy-escaped": "X-Forwarded-Tls-Client-Cert",
+    "rfc9440": "Client-Cert", "rfc9440-unpadded": "Client-Cert", "envoy-istio": "X-Forwarded-Client-Cert",
+    "envoy-bare-cert": "X-Forwarded-Client-Cert", "envoy-append-forward": "X-Forwarded-Client-Cert",
+}
+PEER = "127.0.0.1"
+SECRET_VAR = "HTTP_X_CERTBOUND_PROXY_SECRET"  # proxy_secret_header's default, as the WSGI server names it
+
+
+def reader_for(**options: Any) -> CertificateReader:
+    """The reader exactly as the middleware builds it from these settings (the channel: the proxy secret)."""
+    settings = Settings(issuer="https://issuer.test", audience=("https://api.test",),
+                        **{"proxy_secret": TEST_PROXY_SECRET, **options})
+    return build_authenticator(settings).certificates
+
+
+def from_header(header: str, value: str) -> dict[str, str]:
+    """The WSGI environ of a request through the proxy (its secret) carrying ``header: value`` (PEP 3333 key)."""
+    return {"HTTP_" + header.upper().replace("-", "_"): value, SECRET_VAR: TEST_PROXY_SECRET, "REMOTE_ADDR": PEER}
+
+
+@pytest.mark.parametrize(("fmt", "build_value", "header"),
+                         [(fmt, b, SHAPE_HEADERS[i]) for (fmt, b), i in zip(SHAPES, SHAPE_IDS, strict=True)],
+                         ids=SHAPE_IDS)
+def test_the_reader_reads_each_shape_in_its_configured_format(
+        certs: Certs, alice_x5t: str, fmt: CertificateFormat, build_value: Callable[[Certs], str],
+        header: str) -> None:
+    reader = reader_for(client_cert_header=header, client_cert_format=fmt)
+    assert reader.thumbprint(from_header(header, build_value(certs))) == alice_x5t
+
+
+# Where one format's value is also exactly another's: percent-decoding leaves an unescaped PEM as it is,
+# so a one-line PEM is a (trivially) escaped PEM. Nothing else is accepted under another format.
+_SAME_SHAPE = {("pem-spaces", "escaped_pem"), ("pem-tabs", "escaped_pem")}
+
+
+@pytest.mark.parametrize("configured", FORMATS)
+def test_no_format_is_guessed(certs: Certs, configured: CertificateFormat) -> None:
+    """Every producer's value, read under every other configured format, is refused (401), not converted."""
+    reader = reader_for(client_cert_header="X-Cert", client_cert_format=configured)
+    accepted = []
+    for (fmt, build_value), shape in zip(SHAPES, SHAPE_IDS, strict=True):
+        if fmt == configured or (shape, configured) in _SAME_SHAPE:
+            continue
+        try:
+            reader.thumbprint(from_header("X-Cert", build_value(certs)))
+        except InvalidToken as exc:
+            assert exc.description == "the client certificate could not be parsed"
+        else:
+            accepted.append(shape)
+    assert accepted == []
+
+
+def test_the_uwsgi_variable_is_escaped_pem_whatever_the_header_format(certs: Certs, alice_x5t: str) -> None:
+    reader = reader_for(client_cert_header="X-Client-Cert", client_cert_format="base64_der")
+    uwsgi = {UWSGI_SECRET_VAR: TEST_PROXY_SECRET}  # uwsgi_param CERTBOUND_PROXY_SECRET
+    assert reader.thumbprint({**uwsgi, "SSL_CLIENT_CERT": quote(certs.alice_pem, safe="")}) == alice_x5t
+    with pytest.raises(InvalidToken):
+        reader.thumbprint({**uwsgi, "SSL_CLIENT_CERT": certs.b64(certs.alice_pem)})
+    # The same base64 text in the header is fine: the memo is keyed by the format as well as the value.
+    assert reader.thumbprint(from_header("X-Client-Cert", certs.b64(certs.alice_pem))) == alice_x5t
+
+
+def test_commas_are_the_parsers_business(certs: Certs, alice_x5t: str) -> None:
+    """The reader no longer refuses every comma: XFCC elements and Traefik's chain have them legitimately,
+    and a format without lists refuses two joined values by its own grammar."""
+    chain = reader_for(client_cert_header="X-Cert", client_cert_format="base64_der")
+    assert chain.thumbprint(from_header("X-Cert", f"{certs.b64(certs.alice_pem)},{certs.b64(certs.ca_pem)}")) \
+        == alice_x5t
+    nginx = reader_for()
+    joined = quote(certs.alice_pem, safe="") + "," + quote(certs.alice_pem, safe="")
+    with pytest.raises(InvalidToken):
+        nginx.thumbprint(from_header("X-SSL-Client-Cert", joined))
+
+
+def test_a_header_outside_the_channel_is_still_ignored(certs: Certs) -> None:
+    """Whatever the format, the header is believed only through the authenticated channel (issue 11)."""
+    reader = reader_for(client_cert_header="Client-Cert", client_cert_format="rfc9440")
+    environ = from_header("Client-Cert", f":{certs.b64(certs.alice_pem)}:")
+    assert reader.thumbprint({**environ, SECRET_VAR: "a-guess-" + TEST_PROXY_SECRET[8:]}) is None
+    del environ[SECRET_VAR]
+    assert reader.thumbprint(environ) is None
+
+
+def test_a_parsed_value_is_memoized(certs: Certs, alice_x5t: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = cert_headers.parse_rfc9440
+    monkeypatch.setitem(cert_headers._PARSERS, "rfc9440", lambda v: calls.append(v) or real(v))
+    reader = reader_for(client_cert_header="Client-Cert", client_cert_format="rfc9440")
+    value = f":{certs.b64(certs.alice_pem)}:"
+    for _ in range(3):
+        assert reader.thumbprint(from_header("Client-Cert", value)) == alice_x5t
+    assert calls == [value]
+
+
+@pytest.mark.parametrize(("options", "option"), [
+    pytest.param({"client_cert_format": "guess"}, "client_cert_format", id="unknown-format"),
+    pytest.param({"client_cert_format": "DER"}, "client_cert_format", id="wrong-case"),
+    pytest.param({"client_cert_format": "xfcc", "client_cert_xfcc_hops": 0}, "client_cert_xfcc_hops", id="hops-0"),
+    pytest.param({"client_cert_format": "xfcc", "client_cert_xfcc_hops": MAX_XFCC_ELEMENTS + 1},
+                 "client_cert_xfcc_hops", id="hops-above-max"),
+    pytest.param({"client_cert_xfcc_hops": 2}, "client_cert_xfcc_hops", id="hops-without-xfcc"),
+])
+def test_invalid_format_settings_are_refused(options: dict[str, Any], option: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"^{option}:"):
+        Settings(issuer="https://issuer.test", audience=("https://api.test",), **options)
+
+
+def test_format_settings_from_the_environment() -> None:
+    settings = Settings.from_env({"CERTBOUND_ISSUER": "https://issuer.test", "CERTBOUND_AUDIENCE": "a",
+                                  "CERTBOUND_CLIENT_CERT_FORMAT": "xfcc", "CERTBOUND_CLIENT_CERT_XFCC_HOPS": "2"})
+    assert (settings.client_cert_format, settings.client_cert_xfcc_hops) == ("xfcc", 2)
+    assert Settings(issuer="https://issuer.test", audience=("a",)).client_cert_format == "escaped_pem"
+
+
+# -- Kubernetes (docs/kubernetes.md): the header shapes of its two examples ------------
+
+def test_ingress_nginx_ssl_client_cert(certs: Certs, alice_x5t: str) -> None:
+    """ingress-nginx: ``proxy_set_header ssl-client-cert $ssl_client_escaped_cert`` (its nginx.tmpl), read with
+    ``client_cert_header=ssl-client-cert`` and the default format. The controller drops a client's
+    ``ssl_client_cert`` (underscores, nginx's default), and PEP 3333 servers map it to the same key anyway:
+    what reaches the reader under that key is the controller's value or nothing."""
+    trusting = reader_for(client_cert_header="ssl-client-cert", trusted_proxies=("10.42.0.0/16",))
+    escaped = quote(certs.alice_pem, safe="-_.~")  # nginx's escaping: reserved characters and %
+
+    def environ(**changes: str) -> dict[str, str]:
+        # A new dict each time: the reader takes the secret out of the environ it is given.
+        return {k: v for k, v in {**from_header("ssl-client-cert", escaped), "REMOTE_ADDR": "10.42.0.7",
+                                  **changes}.items() if v}
+
+    assert trusting.thumbprint(environ()) == alice_x5t
+    # The secret and the controllers' network must both hold.
+    assert trusting.thumbprint(environ(REMOTE_ADDR="10.43.0.7")) is None
+    assert trusting.thumbprint(environ(**{SECRET_VAR: ""})) is None
+    # Hostile: a value a client could add if the controller did not overwrite it (pass-certificate off).
+    for forged in (f"{escaped},{escaped}", certs.b64(certs.alice_pem), escaped[: len(escaped) // 2], "%ZZ"):
+        with pytest.raises(InvalidToken):
+            trusting.thumbprint(environ(HTTP_SSL_CLIENT_CERT=forged))
+
+
+def test_istio_sidecar_behind_a_gateway_reads_the_gateway_s_element(certs: Certs, alice_x5t: str,
+                                                                    mallory_x5t: str) -> None:
+    """The sidecar appends an element describing the gateway's certificate; the end client's is the
+    gateway's element before it (``client_cert_xfcc_hops=2``). The gateway must SANITIZE_SET, so that
+    without a client certificate the sidecar's element is the only one, and hops=2 finds nothing."""
+    reader = reader_for(client_cert_header="X-Forwarded-Client-Cert", client_cert_format="xfcc",
+                        client_cert_xfcc_hops=2)
+    gateway = f'Hash={certs.sha256_hex(certs.alice_pem)};Cert="{_envoy_cert(certs.alice_pem)}";Subject="CN=alice"'
+    sidecar = f"By=spiffe://cluster.local/ns/api/sa/app;Hash={certs.sha256_hex(certs.mallory_pem)};" \
+              "URI=spiffe://cluster.local/ns/istio-system/sa/ingressgateway"
+    header = "X-Forwarded-Client-Cert"
+    assert reader.thumbprint(from_header(header, f"{gateway},{sidecar}")) == alice_x5t
+    forged = f"Hash={certs.sha256_hex(certs.mallory_pem)}"
+    assert reader.thumbprint(from_header(header, f"{forged},{gateway},{sidecar}")) == alice_x5t
+    for hostile in (sidecar, f"{gateway};{sidecar}", f"{gateway},,{sidecar}", f'{gateway[:-3]},{sidecar}'):
+        with pytest.raises(InvalidToken):
+            reader.thumbprint(from_header(header, hostile))
+    assert reader_for(client_cert_header=header, client_cert_format="xfcc").thumbprint(
+        from_header(header, f"{gateway},{sidecar}")) == mallory_x5t
+
+
+@functools.cache
+def _reader(fmt: CertificateFormat) -> CertificateReader:
+    return reader_for(client_cert_header="X-Cert", client_cert_format=fmt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(FORMATS), value=st.text(min_size=1, max_size=300) | st.lists(_ALPHABET, min_size=1,
+                                                                                       max_size=60).map("".join))
+def test_the_reader_answers_hostile_text_with_invalid_token_only(fmt: CertificateFormat, value: str) -> None:
+    """Through the reader, any header value is a thumbprint or a 401 (InvalidToken), never a 500."""
+    try:
+        _reader(fmt).thumbprint(from_header("X-Cert", value))
+    except InvalidToken as exc:
+        assert exc.status == 401 and exc.description == "the client certificate could not be parsed"

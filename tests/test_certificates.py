@@ -92,8 +92,15 @@ def test_certificate_forms(
     assert reader().thumbprint(where(form(alice.cert_pem, ca_pem))) == alice_x5t
 
 
-def test_chain_counts_the_leaf(alice: Issued, mallory: Issued, mallory_x5t: str) -> None:
-    assert reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": mallory.cert_pem + alice.cert_pem}) == mallory_x5t
+def test_chain_counts_the_leaf(alice: Issued, mallory: Issued, mallory_x5t: str, ca_pem: str) -> None:
+    assert reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": mallory.cert_pem + ca_pem}) == mallory_x5t
+
+
+def test_a_forged_leaf_ahead_of_another_certificate_is_not_a_chain(alice: Issued, mallory: Issued) -> None:
+    """Issue 16: the parsers check that each later certificate signed the one before; two unrelated
+    certificates are refused instead of reading the first (mallory's key did not sign alice's)."""
+    with pytest.raises(InvalidToken, match="could not be parsed"):
+        reader().thumbprint({**UWSGI, "SSL_CLIENT_CERT": mallory.cert_pem + alice.cert_pem})
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def test_every_subpackage_is_listed() -> None:
 def test_the_nginx_templates_are_package_data() -> None:
     package_data = ast.literal_eval(_keyword("package_data"))
     templates = {p.name for p in (ROOT / "nginx").glob("*.conf")}
-    assert templates == {"gunicorn.conf", "uwsgi.conf"}
+    assert templates == {"gunicorn.conf", "uwsgi.conf", "auth_request.conf"}
     assert "*.conf" in package_data["certbound_wsgi.nginx"]
     assert "py.typed" in package_data["certbound_wsgi"]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from certbound_wsgi.cli import main
 from certbound_wsgi.errors import ConfigurationError
 from certbound_wsgi.proxy_config import HEADERS, PROXIES, render_caddy, render_haproxy, template
 
@@ -71,3 +72,63 @@ def test_invalid_values_are_refused(tmp_path: Path, render, option: str) -> None
 def test_unknown_proxy() -> None:
     with pytest.raises(ConfigurationError, match=r"^proxy:"):
         template("traefik")  # type: ignore[arg-type]
+
+
+def test_each_template_names_the_settings_the_application_needs() -> None:
+    for proxy in PROXIES:
+        header, fmt = HEADERS[proxy]
+        text = template(proxy)
+        assert f"CERTBOUND_CLIENT_CERT_HEADER={header}" in text and f"CERTBOUND_CLIENT_CERT_FORMAT={fmt}" in text
+        assert f"certbound-wsgi proxy-config {proxy}" in text
+
+
+def test_the_templates_are_the_installed_package_data() -> None:
+    """Read with importlib.resources from certbound_wsgi.proxy_templates, which setup.py maps to proxies/."""
+    root = Path(__file__).resolve().parent.parent
+    for proxy, name in PROXIES.items():
+        assert template(proxy) == (root / "proxies" / name).read_text(encoding="utf-8")
+    setup = (root / "setup.py").read_text()
+    assert '"certbound_wsgi.proxy_templates": "proxies"' in setup
+    assert '"certbound_wsgi.proxy_templates": ["haproxy.cfg", "Caddyfile"]' in setup
+
+
+@pytest.mark.parametrize("proxy", ["haproxy", "caddy"])
+def test_the_command_prints_what_the_renderer_returns(proxy: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n")
+    if proxy == "haproxy":
+        argv = ["--listen", "127.0.0.1:8443", "--server-pem", str(tmp_path / "s.pem"),
+                "--client-ca", str(tmp_path / "ca.pem"), "--proxy-secret-file", str(secret_file)]
+        expected = render_haproxy(listen="127.0.0.1:8443", backend="127.0.0.1:9000", server_pem=tmp_path / "s.pem",
+                                  client_ca=tmp_path / "ca.pem", proxy_secret=SECRET)
+    else:
+        argv = ["--host", "api.example", "--port", "8443", "--server-cert", str(tmp_path / "c.pem"),
+                "--server-key", str(tmp_path / "k.pem"), "--proxy-secret-file", str(secret_file)]
+        expected = render_caddy(host="api.example", port=8443, backend="127.0.0.1:9000",
+                                server_cert=tmp_path / "c.pem", server_key=tmp_path / "k.pem", proxy_secret=SECRET)
+    assert main(["proxy-config", proxy, *argv, "--backend", "127.0.0.1:9000"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected
+    header, fmt = HEADERS[proxy]  # type: ignore[index]
+    assert f"CERTBOUND_CLIENT_CERT_HEADER={header} CERTBOUND_CLIENT_CERT_FORMAT={fmt}" in err
+    output = tmp_path / "out.cfg"
+    assert main(["proxy-config", proxy, *argv, "--backend", "127.0.0.1:9000", "-o", str(output)]) == 0
+    assert output.read_text() == expected
+
+
+def test_the_command_refuses_an_invalid_value(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CERTBOUND_PROXY_SECRET", raising=False)
+    haproxy = ["proxy-config", "haproxy", "--listen", "127.0.0.1:8443", "--server-pem", str(tmp_path),
+               "--client-ca", str(tmp_path)]
+    assert main(haproxy) == 2
+    assert capsys.readouterr().err.startswith("certbound-wsgi proxy-config: error: --proxy-secret-file: required")
+    monkeypatch.setenv("CERTBOUND_PROXY_SECRET", SECRET)
+    status = main([*haproxy, "--backend", "127.0.0.1:1; }"])
+    out, err = capsys.readouterr()
+    assert (status, out) == (2, "")
+    assert err.startswith("certbound-wsgi proxy-config: error: --backend:")
+    assert SECRET not in err
+    assert main(["proxy-config", "caddy", "--host", "api.example", "--server-cert", str(tmp_path),
+                 "--server-key", str(tmp_path), "-o", str(tmp_path / "missing" / "Caddyfile")]) == 1

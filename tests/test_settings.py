@@ -59,6 +59,7 @@ SPECIAL_SAMPLES: dict[str, tuple[str, Any, dict[str, str]]] = {
     "public_paths": ("/healthz, /static/", ("/healthz", "/static/"), {}),
     "readiness_path": ("/readyz", "/readyz", {}),
     "liveness_path": ("/livez", "/livez", {}),
+    "client_cert_xfcc_hops": ("2", 2, {"CERTBOUND_CLIENT_CERT_FORMAT": "xfcc"}),
 }
 
 

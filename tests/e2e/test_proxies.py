@@ -4,14 +4,12 @@ client -> HAProxy or Caddy (real process, the shipped template from proxies/)
 -> gunicorn -> middleware -> echo app, with tokens from the real oidc-provider
 bound to alice's certificate.
 
-TEMPORARY BRIDGE: until ``certificates.py`` learns ``client_cert_format``,
-gunicorn runs :mod:`tests.support.cert_header_shim`, which parses the proxy's
-header (HAProxy ``X-Client-Cert``, ``base64_der``; Caddy ``Client-Cert``,
-``rfc9440``) with :func:`certbound_wsgi.cert_headers.leaf` and hands the
-middleware the escaped PEM it reads today. After the merge the lead switches
-``gunicorn_module`` below to ``certbound_wsgi.wsgi:application`` with
-``CERTBOUND_CLIENT_CERT_HEADER`` / ``CERTBOUND_CLIENT_CERT_FORMAT`` and
-removes the shim; every assertion stays.
+gunicorn runs the real entry point, ``certbound_wsgi.wsgi:application``,
+configured from the environment only, as a user deploys it:
+``CERTBOUND_CLIENT_CERT_HEADER`` and ``CERTBOUND_CLIENT_CERT_FORMAT`` name the
+proxy's header and its shape (HAProxy ``X-Client-Cert``, ``base64_der``;
+Caddy ``Client-Cert``, ``rfc9440``), as :data:`certbound_wsgi.proxy_config.HEADERS`
+declares them.
 """
 
 from __future__ import annotations
@@ -35,7 +33,7 @@ from tests.support.servers import PROXY_SECRET, start_gunicorn
 
 from .conftest import app_env
 
-GUNICORN_MODULE = "tests.support.cert_header_shim:application"
+GUNICORN_MODULE = "certbound_wsgi.wsgi:application"
 MALFORMED = "the client certificate could not be parsed"
 
 
@@ -45,7 +43,7 @@ def proxy(request: pytest.FixtureRequest, idp: OidcProvider, pki: Pki,
     name: Proxy = request.param
     header, fmt = HEADERS[name]
     # The channel: HAProxy and Caddy add the proxy secret, as nginx does (issue 11).
-    env = {**app_env(idp, proxy_secret=PROXY_SECRET), "SHIM_CERT_HEADER": header, "SHIM_CERT_FORMAT": fmt}
+    env = app_env(idp, proxy_secret=PROXY_SECRET, client_cert_header=header, client_cert_format=fmt)
     app = start_gunicorn(env, workers=1, module=GUNICORN_MODULE, log_dir=tmp_path_factory.mktemp(f"{name}-app"))
     try:
         directory = tmp_path_factory.mktemp(name)
