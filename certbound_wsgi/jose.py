@@ -423,14 +423,23 @@ def copy_claims(claims: Claims) -> Claims:
     out = dict(claims)
     for name, value in out.items():
         if type(value) is dict or type(value) is list:
-            out[name] = copy_json(value)
+            out[name] = copy_json(value)  # a value replaced, no key added: the iteration stays valid
     return out
 
 
 def copy_json(value: Any) -> Any:
-    """A deep copy of JSON data (dicts, lists, scalars), several times faster than :func:`copy.deepcopy`."""
+    """A deep copy of JSON data (dicts, lists, scalars), several times faster than :func:`copy.deepcopy`:
+    each container is copied at C speed, and only its nested containers (``cnf``'s none) again."""
     if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
+        out = dict(value)
+        for key, member in out.items():
+            if isinstance(member, (dict, list)):
+                out[key] = copy_json(member)
+        return out
     if isinstance(value, list):
-        return [copy_json(v) for v in value]
+        items = list(value)
+        for index, member in enumerate(items):
+            if isinstance(member, (dict, list)):
+                items[index] = copy_json(member)
+        return items
     return value
