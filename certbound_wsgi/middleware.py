@@ -93,7 +93,7 @@ class CertBoundMiddleware:
         self._open = bool(self.health or self.public_paths)
         # The warm path's look-ups, done once here rather than per request.
         self._unprotected_paths = self._open or self.client_jwks is not None
-        self._verdict = channel.verdict
+        self._verdict = auth.certificates.channel.verdict
         self._read_credential = auth.credentials.read
         self._authenticate = auth.authenticate
         self._audit_logger = self.auditor.logger
