@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from certbound_wsgi import metrics
 from certbound_wsgi.authenticator import Identity
 from certbound_wsgi.binding import check_mtls, cnf_x5t
 from certbound_wsgi.jose import copy_claims
@@ -160,14 +161,23 @@ def polluted_warm(ws: Workspace, out: io.TextIOBase, requests: int = 300) -> Non
     credential = auth.credentials.read(make(0))
     assert credential is not None and auth.jwt is not None
     identity = auth.authenticate(make(0), credential)
+    counted = metrics.decision("accepted", "ok")
+
+    def count(environ: dict[str, Any]) -> None:
+        if counted is not None:
+            counted[0].inc()
+            counted[1].observe(0.00001)
+
     stages: dict[str, Callable[[dict[str, Any]], Any]] = {
         "bare hello app": lambda e: list(hello_app(e, start_response)),
         "whole middleware (hello app)": lambda e: list(mw(e, start_response)),
+        "channel.verdict (takes the proxy secret)": auth.certificates.channel.verdict,
         "credentials.read": auth.credentials.read,
         "certificates.thumbprint": auth.certificates.thumbprint,
         "jwt.validate (memo hit)": lambda e: auth.jwt.validate(credential.token),  # type: ignore[union-attr]
         "authenticate (all of it)": lambda e: auth.authenticate(e, credential),
         "copy_claims": lambda e: copy_claims(identity.claims),
+        "metrics (accepted counter + latency histogram)": count,
     }
     print(f"\n=== warm JWT path, caches polluted before each request vs left warm ({requests} requests, "
           "median) ===", file=out)

@@ -136,17 +136,26 @@ class Authenticator:
                 session = self.sessions.touch(session)
                 claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
             else:
-                claims, method = self._validate(credential.token)
-                # Both bindings, on every request, whether the claims came from a cache or not.
-                jkt = cnf_jkt(claims)
+                token = credential.token
+                if self.introspection is None and self.jwt is not None:
+                    claims, method = self.jwt.validate(token), "bearer"  # the usual case: JWTs only
+                else:
+                    claims, method = self._validate(token)
+                # Both bindings, on every request, whether the claims came from a cache or not; the one
+                # cnf look-up that cnf_x5t and cnf_jkt would each do (RFC 8705 section 3.1, RFC 9449 section 6.1).
+                cnf = claims.get("cnf")
+                x5t, jkt = (cnf.get("x5t#S256"), cnf.get("jkt")) if isinstance(cnf, dict) else (None, None)
                 nonce_age = None
-                if check_dpop_mode(self.dpop_mode, jkt, dpop_scheme=credential.scheme == "dpop"):
+                dpop_scheme = credential.scheme == "dpop"
+                # check_dpop_mode asks for nothing of an unbound bearer token unless DPoP is strict.
+                if (jkt is not None or dpop_scheme or self.dpop_mode == "strict") and check_dpop_mode(
+                        self.dpop_mode, jkt, dpop_scheme=dpop_scheme):
                     if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
                         raise InvalidToken("DPoP is not accepted here")
-                    nonce_age = self.dpop.verify(environ, credential.token, jkt)
-                check_mtls(self.mtls, cnf_x5t(claims), thumbprint)  # RFC 8705 section 3
-                self._check_scopes(claims, "token")
-                token = credential.token
+                    nonce_age = self.dpop.verify(environ, token, jkt)
+                check_mtls(self.mtls, x5t, thumbprint)  # RFC 8705 section 3
+                if self.scopes_required:
+                    self._check_scopes(claims, "token")
                 set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
         except AuthError as error:
             # For the audit event: what came with the refused request, and whom it names once validated.

@@ -209,6 +209,11 @@ class ProxyChannel:
         self._unix, self._networks = trusted_proxies.unix, trusted_proxies.networks
         self._uwsgi = uwsgi
         self._limiter = _Limiter(clock)
+        # Fixed by the arguments above: decided once, not on every request.
+        self._usable = self.usable
+        #: Whether a request's peer address must also be trusted (not under uWSGI, where ``usable``
+        #: already checked the listeners, nor with the secret alone).
+        self._check_peer = uwsgi is None and bool(self._unix or self._networks)
 
     @property
     def usable(self) -> bool:
@@ -275,18 +280,15 @@ class ProxyChannel:
         :param environ: the request.
         :param offered_secret: what :meth:`take_secret` returned for it.
         """
-        if not self.usable:
+        if not self._usable:
             return NO_CHANNEL
         # Constant time: the comparison must not reveal how much of a guess was right.
         if self._secret is not None and (
             offered_secret is None or not hmac.compare_digest(offered_secret, self._secret)
         ):
             return WRONG_SECRET
-        if self._uwsgi is not None:
-            # usable() has checked the listeners once (for "unix") or the secret is required and matched.
-            return None
-        if not self._unix and not self._networks:
-            return None  # the secret alone
+        if not self._check_peer:
+            return None  # under uWSGI (usable checked the listeners once), or the secret alone
         peer = environ.get("REMOTE_ADDR")
         return None if isinstance(peer, str) and self.trusted_proxies.trusts_peer(peer) else UNTRUSTED_PEER
 

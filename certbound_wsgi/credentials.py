@@ -77,12 +77,17 @@ class CredentialReader:
         self._query = "query" in places
         self._body = "body" in places
         self._cookie = cookie_name if "cookie" in places else ""
+        # The usual configuration: nowhere but the header, so at most one token and nothing to tally.
+        self._header_only = self._header and not (self._query or self._body or self._cookie)
 
     def read(self, environ: WSGIEnvironment) -> Credential | None:
         """The request's credential, or ``None`` when it carries no access token.
 
         :raises InvalidRequest: a malformed header, or a token in more than one place.
         """
+        if self._header_only:
+            authorization = environ.get("HTTP_AUTHORIZATION")
+            return self._from_header(authorization, self._schemes) if authorization else None
         found: list[Credential] = []
         if self._header:
             authorization = environ.get("HTTP_AUTHORIZATION")

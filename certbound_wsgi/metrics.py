@@ -25,6 +25,7 @@ from .types import StartResponse, WSGIEnvironment
 __all__ = [
     "cache_lookup",
     "child_exit",
+    "decision",
     "dpop_replay",
     "enabled",
     "introspection",
@@ -125,6 +126,13 @@ def request(outcome: str, reason: str, seconds: float | None, status: int | None
         m.unavailable.labels(reason).inc()
     if reason == "dpop_replay":
         m.dpop_replays.inc()
+
+
+def decision(outcome: str, reason: str) -> tuple[Any, Any] | None:
+    """The counter and latency histogram of one decision, for a caller that counts it on every request
+    (the middleware's accepted path) and keeps them; ``None`` without ``prometheus_client``."""
+    m = _instruments()
+    return None if m is None else _decision(m, outcome, reason)
 
 
 @functools.cache

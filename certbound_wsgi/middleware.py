@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from logging import DEBUG
+from time import perf_counter
 from typing import Any
 
 from . import metrics
@@ -89,24 +91,53 @@ class CertBoundMiddleware:
         if settings.liveness_path:
             self.health[settings.liveness_path] = live
         self._open = bool(self.health or self.public_paths)
+        # The warm path's look-ups, done once here rather than per request.
+        self._unprotected_paths = self._open or self.client_jwks is not None
+        self._verdict = auth.certificates.channel.verdict
+        self._read_credential = auth.credentials.read
+        self._authenticate = auth.authenticate
+        self._audit_logger = self.auditor.logger
+        #: The accepted decision's counter and latency histogram, found on the first accepted request
+        #: (in the worker, not in a master that preloads the app); ``()`` without prometheus_client.
+        self._accepted_counters: tuple[Any, ...] | None = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
-        self.authenticator.certificates.channel.verdict(environ)
-        unprotected = self._unprotected(environ)
-        if unprotected is not None:
-            return unprotected(environ, start_response)
-        environ["certbound.started"] = started = time.perf_counter()
-        endpoint = self.endpoints.match(environ) if self.endpoints is not None else None
-        if endpoint is not None:
-            return endpoint(environ, start_response)
-        decided = self._decide(environ)
+        self._verdict(environ)
+        if self._unprotected_paths:
+            unprotected = self._unprotected(environ)
+            if unprotected is not None:
+                return unprotected(environ, start_response)
+        started = perf_counter()
+        if self.endpoints is not None:
+            endpoint = self.endpoints.match(environ)
+            if endpoint is not None:
+                environ["certbound.started"] = started  # for the refusals the endpoint answers itself
+                return endpoint(environ, start_response)
+        decided = self._decide(environ, started)
         if not isinstance(decided, Identity):
             return decided(environ, start_response)
-        del environ["certbound.started"]  # decided: a later refusal (require_scope) is the application's time
-        self.auditor.accepted(environ, decided)
-        metrics.request("accepted", "ok", time.perf_counter() - started, 200)
-        return self._call_app(environ, decided, start_response)
+        identity = decided
+        # The accepted event is DEBUG: nothing is formatted, nor even called, unless DEBUG is on.
+        if self._audit_logger.isEnabledFor(DEBUG):
+            self.auditor.accepted(environ, identity)
+        counters = self._accepted_counters
+        if counters is None:
+            counters = self._accepted_counters = metrics.decision("accepted", "ok") or ()
+        if counters:
+            counters[0].inc()
+            counters[1].observe(perf_counter() - started)
+        # A copy: the claims are memoized, and the app must not be able to change them.
+        environ["certbound.claims"] = copy_claims(identity.claims)
+        environ["certbound.token"] = identity.token
+        environ["certbound.thumbprint"] = identity.thumbprint
+        environ["certbound.method"] = identity.method
+        sub = identity.claims.get("sub")
+        if isinstance(sub, str):
+            environ["REMOTE_USER"] = sub
+        if identity.set_cookie is None and identity.dpop_nonce is None:
+            return self.app(environ, start_response)
+        return self.app(environ, _start_response_for(identity, start_response))
 
     def _unprotected(self, environ: WSGIEnvironment) -> WSGIApplication | None:
         """What answers with no credential at all: our JWKS, the health paths, the public paths."""
@@ -120,38 +151,30 @@ class CertBoundMiddleware:
                 return self.app
         return None
 
-    def _decide(self, environ: WSGIEnvironment) -> Identity | WSGIApplication:
-        """The request's identity, or the answer that refuses it."""
+    def _decide(self, environ: WSGIEnvironment, started: float) -> Identity | WSGIApplication:
+        """The request's identity, or the answer that refuses it.
+
+        :param started: when the middleware began deciding, for the refusal's latency metric.
+        """
         scheme = None
         try:
-            credential = self.authenticator.credentials.read(environ)
+            credential = self._read_credential(environ)
             if credential is not None:
                 scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
-            return self.authenticator.authenticate(environ, credential)
+            return self._authenticate(environ, credential)
         except MissingToken as error:
+            environ["certbound.started"] = started
             login = self.endpoints.login_page(environ) if self.endpoints is not None else None
             return login or self.refuse(environ, error)
         except AuthError as error:
+            environ["certbound.started"] = started
             return self.refuse(environ, error, scheme)
         except Exception:
             # A bug, not bad input: fail closed; the traceback goes to the log, the event says internal_error.
             log.exception("certbound: internal error while authenticating")
             internal = AuthError("internal error", error="server_error", status=500, reason="internal_error")
+            environ["certbound.started"] = started
             return self.refuse(environ, internal)
-
-    def _call_app(self, environ: WSGIEnvironment, identity: Identity,
-                  start_response: StartResponse) -> Iterable[bytes]:
-        # A deep copy: the claims are memoized, and the app must not be able to change them.
-        environ["certbound.claims"] = copy_claims(identity.claims)
-        environ["certbound.token"] = identity.token
-        environ["certbound.thumbprint"] = identity.thumbprint
-        environ["certbound.method"] = identity.method
-        sub = identity.claims.get("sub")
-        if isinstance(sub, str):
-            environ["REMOTE_USER"] = sub
-        if identity.set_cookie is None and identity.dpop_nonce is None:
-            return self.app(environ, start_response)
-        return self.app(environ, _start_response_for(identity, start_response))
 
     def refuse(self, environ: WSGIEnvironment, error: AuthError, scheme: str | None = None) -> WSGIApplication:
         """The response to ``error``, once its audit event is written and it is counted: its

@@ -24,13 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from .jose import b64url_decode, b64url_encode
+from .jose import Verifier, b64url_decode, b64url_encode, public_verifier
 
 __all__ = ["KeyRefused", "ProofKey", "ProofKeys", "thumbprint_input", "thumbprint_of"]
 
@@ -53,8 +50,8 @@ _EC: dict[str, tuple[str, ec.EllipticCurve, int]] = {
 _EC_CURVES = {crv: (curve, size, (size * 4 + 2) // 3) for crv, curve, size in _EC.values()}
 _RSA_MIN_CHARS = (RSA_MIN_BITS // 8 * 4 + 2) // 3
 _RSA_MAX_CHARS = (RSA_MAX_BITS // 8 * 4 + 2) // 3
-#: The SHA-2 function of each algorithm, by its suffix.
-_HASHES: dict[str, hashes.HashAlgorithm] = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}
+#: The SHA-2 output sizes of the RSA algorithms (RFC 7518 sections 3.3 and 3.5), by their suffix.
+_SHA2 = frozenset({"256", "384", "512"})
 #: RFC 8037 section 3.1 (``EdDSA``) and RFC 9864 (the fully specified ``Ed25519``): Ed25519 keys only.
 _EDDSA = frozenset({"EdDSA", "Ed25519"})
 
@@ -62,7 +59,7 @@ _EDDSA = frozenset({"EdDSA", "Ed25519"})
 def _kty_of(alg: str) -> str | None:
     if alg in _EC:
         return "EC"
-    if alg[:2] in ("RS", "PS") and alg[2:] in _HASHES:
+    if alg[:2] in ("RS", "PS") and alg[2:] in _SHA2:
         return "RSA"
     if alg in _EDDSA:
         return "OKP"
@@ -158,40 +155,16 @@ _CANONICAL: dict[str, Callable[[dict[str, Any], str], str]] = {"EC": _ec_input, 
 
 @dataclass(frozen=True, slots=True)
 class ProofKey:
-    """A public key prepared once: its thumbprint and the ``cryptography`` object that verifies."""
+    """A public key prepared once: its thumbprint and the :class:`~certbound_wsgi.jose.Verifier` that
+    checks its signatures (the same code that checks the issuer's, RFC 7515 section 5.2 step 8)."""
 
     thumbprint: str
-    kty: str
-    public: Any
+    verifier: Verifier
 
     def verify(self, alg: str, signing_input: bytes, signature: bytes) -> bool:
-        """RFC 7515 section 5.2 step 8 with the algorithms of RFC 7518 section 3 and RFC 8037 section 3.1.
-
-        ``alg`` must be one :func:`thumbprint_input` accepted this key for.
-        """
-        try:
-            if self.kty == "EC":
-                size = _EC[alg][2]
-                # RFC 7518 section 3.4: R || S, each exactly the coordinate size.
-                if len(signature) != 2 * size:
-                    return False
-                der = encode_dss_signature(int.from_bytes(signature[:size]), int.from_bytes(signature[size:]))
-                self.public.verify(der, signing_input, _ECDSA[alg])
-            elif self.kty == "RSA":
-                digest = _HASHES[alg[2:]]
-                pad = _PKCS1 if alg[0] == "R" else _PSS[alg[2:]]
-                self.public.verify(signature, signing_input, pad, digest)
-            else:
-                self.public.verify(signature, signing_input)
-        except InvalidSignature:
-            return False
-        return True
-
-
-_ECDSA = {alg: ec.ECDSA(_HASHES[alg[2:]]) for alg in _EC}
-_PKCS1 = padding.PKCS1v15()
-# RFC 7518 section 3.5: the salt is as long as the hash output.
-_PSS = {bits: padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size) for bits, h in _HASHES.items()}
+        """Whether ``signature`` over ``signing_input`` is this key's, with ``alg`` (one
+        :func:`thumbprint_input` accepted this key for)."""
+        return self.verifier.verify(alg, signing_input, signature)
 
 
 def _prepare(jwk: dict[str, Any], thumbprint: str) -> ProofKey:
@@ -207,22 +180,25 @@ def _prepare(jwk: dict[str, Any], thumbprint: str) -> ProofKey:
             if len(x) != size or len(y) != size:
                 raise KeyRefused("invalid")
             public: Any = ec.EllipticCurvePublicKey.from_encoded_point(curve, b"\x04" + x + y)
+            crv = jwk["crv"]
         elif kty == "RSA":
             n = b64url_decode(jwk["n"])
             # base64urlUInt (RFC 7518 section 2): no leading zero octet.
             if n[0] == 0 or int.from_bytes(n).bit_length() < RSA_MIN_BITS:
                 raise KeyRefused("invalid")
             public = rsa.RSAPublicNumbers(65537, int.from_bytes(n)).public_key()
+            crv = None
         else:
             x = b64url_decode(jwk["x"])
             if len(x) != 32:
                 raise KeyRefused("invalid")
             public = Ed25519PublicKey.from_public_bytes(x)
+            crv = "Ed25519"
     except (ValueError, TypeError) as exc:
         if isinstance(exc, KeyRefused):
             raise
         raise KeyRefused("invalid") from None
-    return ProofKey(thumbprint, kty, public)
+    return ProofKey(thumbprint, public_verifier(public, kty, crv))
 
 
 def thumbprint_of(canonical: str) -> str:
