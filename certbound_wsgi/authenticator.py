@@ -118,52 +118,69 @@ class Authenticator:
         :raises AuthError: the request may not pass; the error says how to answer.
         """
         thumbprint = self.certificates.thumbprint(environ)
-        claims: Claims | None = None
         try:
             if credential is None:
-                session = self.sessions.load(environ) if self.sessions is not None else None
-                if session is None or self.sessions is None:
-                    raise MissingToken("an access token is required")
-                claims = session.record.claims
-                nonce_age = self.check_session_proofs(environ, session, thumbprint)
-                record = session.record
-                # A login's scope is what the token response granted, kept beside the ID token's claims.
-                self._check_scopes(record.claims, "session",
-                                   granted=frozenset(record.scope.split()) if record.scope is not None else None)
-                # Revocation: a kept token is asked about again (the validator's cache: cache_ttl_max).
-                self.sessions.recheck(session)
-                # Only now, with every proof checked, may the use renew or touch the session.
-                session = self.sessions.touch(session)
-                claims, token, method, set_cookie = session.record.claims, None, "session", session.set_cookie
-            else:
-                token = credential.token
-                if self.introspection is None and self.jwt is not None:
-                    claims, method = self.jwt.validate(token), "bearer"  # the usual case: JWTs only
-                else:
-                    claims, method = self._validate(token)
-                # Both bindings, on every request, whether the claims came from a cache or not; the one
-                # cnf look-up that cnf_x5t and cnf_jkt would each do (RFC 8705 section 3.1, RFC 9449 section 6.1).
-                cnf = claims.get("cnf")
-                x5t, jkt = (cnf.get("x5t#S256"), cnf.get("jkt")) if isinstance(cnf, dict) else (None, None)
-                nonce_age = None
-                dpop_scheme = credential.scheme == "dpop"
-                # check_dpop_mode asks for nothing of an unbound bearer token unless DPoP is strict.
-                if (jkt is not None or dpop_scheme or self.dpop_mode == "strict") and check_dpop_mode(
-                        self.dpop_mode, jkt, dpop_scheme=dpop_scheme):
-                    if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
-                        raise InvalidToken("DPoP is not accepted here")
-                    nonce_age = self.dpop.verify(environ, token, jkt)
-                check_mtls(self.mtls, x5t, thumbprint)  # RFC 8705 section 3
-                if self.scopes_required:
-                    self._check_scopes(claims, "token")
-                set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
+                return self._session_identity(environ, thumbprint)
+            return self._token_identity(environ, credential, thumbprint)
         except AuthError as error:
-            # For the audit event: what came with the refused request, and whom it names once validated.
-            error.presented = thumbprint
-            error.claims = claims
+            error.presented = thumbprint  # for the audit event: what came with the refused request
             raise
+
+    def _token_identity(self, environ: WSGIEnvironment, credential: Credential, thumbprint: str | None) -> Identity:
+        token = credential.token
+        if self.introspection is None and self.jwt is not None:
+            claims, method = self.jwt.validate(token), "bearer"  # the usual case: JWTs only
+        else:
+            claims, method = self._validate(token)
+        try:
+            # Both bindings, on every request, whether the claims came from a cache or not.
+            nonce_age = self._check_bindings(environ, credential, claims, thumbprint)
+            if self.scopes_required:
+                self._check_scopes(claims, "token")
+        except AuthError as error:
+            error.claims = claims  # whom the refused token names, once validated
+            raise
+        set_cookie = self._open_session(environ, token, method, claims) if self.sessions is not None else None
         fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
         return Identity(claims, token, thumbprint, method, set_cookie, fresh)
+
+    def _check_bindings(self, environ: WSGIEnvironment, credential: Credential, claims: Claims,
+                        thumbprint: str | None) -> float | None:
+        """RFC 9449 and RFC 8705 section 3 for a token; the DPoP nonce age, if a proof was checked."""
+        # The one cnf look-up that cnf_x5t and cnf_jkt would each do (RFC 8705 section 3.1, RFC 9449 section 6.1).
+        cnf = claims.get("cnf")
+        x5t, jkt = (cnf.get("x5t#S256"), cnf.get("jkt")) if isinstance(cnf, dict) else (None, None)
+        nonce_age = None
+        dpop_scheme = credential.scheme == "dpop"
+        # check_dpop_mode asks for nothing of an unbound bearer token unless DPoP is strict.
+        if (jkt is not None or dpop_scheme or self.dpop_mode == "strict") and check_dpop_mode(
+                self.dpop_mode, jkt, dpop_scheme=dpop_scheme):
+            if self.dpop is None:  # pragma: no cover - check_dpop_mode asks for no proof when DPoP is off
+                raise InvalidToken("DPoP is not accepted here")
+            nonce_age = self.dpop.verify(environ, credential.token, jkt)
+        check_mtls(self.mtls, x5t, thumbprint)
+        return nonce_age
+
+    def _session_identity(self, environ: WSGIEnvironment, thumbprint: str | None) -> Identity:
+        sessions = self.sessions
+        session = sessions.load(environ) if sessions is not None else None
+        if session is None or sessions is None:
+            raise MissingToken("an access token is required")
+        record = session.record
+        try:
+            nonce_age = self.check_session_proofs(environ, session, thumbprint)
+            # A login's scope is what the token response granted, kept beside the ID token's claims.
+            self._check_scopes(record.claims, "session",
+                               granted=frozenset(record.scope.split()) if record.scope is not None else None)
+            # Revocation: a kept token is asked about again (the validator's cache: cache_ttl_max).
+            sessions.recheck(session)
+            # Only now, with every proof checked, may the use renew or touch the session.
+            session = sessions.touch(session)
+        except AuthError as error:
+            error.claims = record.claims
+            raise
+        fresh = self._fresh_nonce(nonce_age) if nonce_age is not None else None
+        return Identity(session.record.claims, None, thumbprint, "session", session.set_cookie, fresh)
 
     def check_session_proofs(self, environ: WSGIEnvironment, session: Session, thumbprint: str | None) -> float | None:
         """The session demands the same proofs as the token that made it (logout too).

@@ -95,6 +95,16 @@ class CredentialReader:
                 credential = self._from_header(authorization, self._schemes)
                 if credential is not None:
                     found.append(credential)
+        found.extend(self._outside_the_header(environ))
+        if not found:
+            return None
+        if len(found) > 1:
+            raise InvalidRequest("more than one access token in the request (RFC 6750 section 2)")
+        return found[0]
+
+    def _outside_the_header(self, environ: WSGIEnvironment) -> list[Credential]:
+        """Tokens in the query, the form body or the cookie, where this reader looks for them (RFC 6750 section 2)."""
+        found: list[Credential] = []
         if self._query:
             query = environ.get("QUERY_STRING", "")
             if "access_token" in query:
@@ -107,11 +117,7 @@ class CredentialReader:
                 value = read_cookie(cookie, self._cookie)
                 if value:
                     found.append(Credential(_check(value, "cookie"), "bearer", "cookie"))
-        if not found:
-            return None
-        if len(found) > 1:
-            raise InvalidRequest("more than one access token in the request (RFC 6750 section 2)")
-        return found[0]
+        return found
 
     @staticmethod
     def _from_header(value: str, schemes: frozenset[str]) -> Credential | None:

@@ -120,15 +120,7 @@ class JWTValidator:
         segment = token[:first]
         header = self._check_header(segment, accepted_typ)
         alg, kid, _typ = header
-        # jku, x5u and jwk headers are ignored: keys come from the issuer's JWKS only.
-        try:
-            keys = self._discovery.keys_for(kid)
-        except UnknownKey:
-            raise InvalidToken("the token is signed with an unknown key", reason="key_unknown") from None
-        except DiscoveryError:
-            raise TemporarilyUnavailable(
-                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
-            ) from None
+        keys = self._keys_for(kid)
         try:
             # RFC 7515 section 5.2 steps 7 and 8: the signature, over the first two segments as sent.
             raw = token.encode("ascii")
@@ -136,13 +128,7 @@ class JWTValidator:
             signature = b64url_decode(raw[second + 1:])
         except ValueError:
             raise InvalidToken("the token's signature is invalid") from None
-        prepared = self._verifiers
-        for key in keys:
-            known = prepared.get(id(key))
-            each = known[1] if known is not None and known[0] is key else self._prepare(key)
-            if each.verify(alg, signing_input, signature):
-                break
-        else:
+        if not self._verified(keys, alg, signing_input, signature):
             raise InvalidToken("the token's signature is invalid")
         if segment not in self._headers:
             self._remember_header(segment, header)
@@ -152,6 +138,27 @@ class JWTValidator:
             raise InvalidToken(exc.describe("the token's claims", "are")) from None
         except ValueError:  # signed, yet not base64url
             raise InvalidToken("the token's claims are not JSON") from None
+
+    def _keys_for(self, kid: str | None) -> list[PublicKey]:
+        """The issuer's keys named ``kid``: its JWKS only (jku, x5u and jwk headers are ignored)."""
+        try:
+            return self._discovery.keys_for(kid)
+        except UnknownKey:
+            raise InvalidToken("the token is signed with an unknown key", reason="key_unknown") from None
+        except DiscoveryError:
+            raise TemporarilyUnavailable(
+                "the issuer's signing keys cannot be fetched", retry_after=self._discovery.retry_after()
+            ) from None
+
+    def _verified(self, keys: list[PublicKey], alg: str, signing_input: bytes, signature: bytes) -> bool:
+        """Whether one of ``keys``, each prepared once, verifies ``signature``."""
+        prepared = self._verifiers
+        for key in keys:
+            known = prepared.get(id(key))
+            each = known[1] if known is not None and known[0] is key else self._prepare(key)
+            if each.verify(alg, signing_input, signature):
+                return True
+        return False
 
     def _check_header(self, segment: str, accepted_typ: frozenset[str]) -> _Header:
         """The protected header's ``alg``, ``kid`` and ``typ``, once the header is one this validator accepts.
