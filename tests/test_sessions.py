@@ -32,25 +32,15 @@ from certbound_wsgi.types import WSGIApplication
 from tests.conftest import CountingApp, ViaProxy, cert_env, make_settings, middleware_of
 from tests.support.dpop import DPoPKey
 from tests.support.redis_server import RedisServer
+from tests.support.session_options import LOGIN, SECRET, SESSION
 from tests.support.tokens import AUDIENCE, ISSUER, StaticDiscovery, TestIssuer
 
-SECRET = "session-secret-0123456789abcdefghij"
 OTHER_SECRET = "another-secret-0123456789abcdefghij"
 #: Secure, host-only and Path=/: the cookies take the __Host- prefix (RFC 6265bis section 4.1.3.2).
 COOKIE = "__Host-session"
 STATE_COOKIE = "__Host-session_login"
 CACHE_SECRET = "cache-secret-0123456789"
 HTU = "http://localhost/anything"
-SESSION: dict[str, Any] = {"auth_methods": ("bearer", "session"), "session_secret": SECRET}
-LOGIN: dict[str, Any] = {
-    "auth_methods": ("bearer", "session", "authorization_code"),
-    "session_secret": SECRET,
-    "proof_of_possession_auth_methods_validation": False,
-    "redirect_uri": "https://app.test/callback",
-    "client_id": "app",
-    "client_secret": "client-secret-0123456789abcdef",
-    "scopes": ("openid", "profile"),
-}
 
 
 class FakeClock:
