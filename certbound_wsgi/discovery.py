@@ -194,13 +194,7 @@ class Discovery:
             return keys
         if keys is None:
             self._first_seen(kid, now)
-        if now >= self._next_fetch:
-            self.refresh()
-        elif keys is None and self._last_ok and not self._asked_about(kid) \
-                and now >= self._last_kid_refresh + UNKNOWN_KID_COOLDOWN:
-            # A kid the issuer has not been asked about since it appeared: perhaps a rotation.
-            self._last_kid_refresh = now
-            self.refresh(force=True, kid=kid)
+        self._ask_if_due(kid, keys is None, now)
         now = self._clock()
         if self._too_stale(now):
             raise DiscoveryError("the issuer's keys cannot be fetched and the last copy is too old")
@@ -210,6 +204,23 @@ class Discovery:
         if self._last_ok and self._asked_about(kid):
             raise UnknownKey(kid)
         raise DiscoveryError("the issuer's keys cannot be fetched")
+
+    def _ask_if_due(self, kid: str | None, unknown: bool, now: float) -> None:
+        """Refresh for :meth:`keys_for` when the period is over, or once per cooldown for an unknown ``kid``."""
+        refreshed = True
+        if now >= self._next_fetch:
+            self.refresh()
+        elif unknown and self._last_ok and not self._asked_about(kid) \
+                and now >= self._last_kid_refresh + UNKNOWN_KID_COOLDOWN:
+            # A kid the issuer has not been asked about since it appeared: perhaps a rotation.
+            self._last_kid_refresh = now
+            self.refresh(force=True, kid=kid)
+        else:
+            refreshed = False
+        if refreshed and unknown and kid not in self._keys and self._last_ok and not self._asked_about(kid):
+            # That refresh was one already under way (a periodic one, in its own thread) that began
+            # before this kid appeared: it cannot say whether the issuer knows the kid. Ask once more.
+            self.refresh(force=True, kid=kid)
 
     def metadata(self, needs: str | None = None) -> dict[str, Any]:
         """The issuer's metadata, discovered on first use.

@@ -656,3 +656,34 @@ def test_retry_after_is_a_whole_second_before_any_unknown_kid_was_asked_about(
     d = discovery(issuer, clock)
     d.start()
     assert d.retry_after() == 1
+
+
+class LaggingDiscovery(StaticDiscovery):
+    """Reads the JWKS, then takes a while to come back with it (while ``lag`` is set)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lag = threading.Event()
+
+    def _get_json(self, url: str) -> dict[str, Any]:
+        answer = super()._get_json(url)
+        if url.endswith("/jwks") and self.lag.is_set():
+            time.sleep(0.3)
+        return answer
+
+
+def test_an_unknown_kid_that_joins_an_older_refresh_asks_again(issuer: TestIssuer) -> None:
+    """A periodic refresh in its own thread began before the kid appeared: joining it cannot
+    tell whether the issuer knows the kid, so the worker asks once more (401 or the key, never
+    a 503 while the issuer is up)."""
+    clock = Clock()
+    d = LaggingDiscovery(make_settings(rediscovery_lifetime=30), issuer, clock=clock, background=True)
+    d.start()
+    clock.now += 30  # the period is over
+    d.lag.set()
+    d.refresh_if_due()  # the refresh thread has read the JWKS with k1 only, and lags
+    time.sleep(0.05)
+    issuer.rotate("k2")
+    clock.now += 1  # k2 is first seen after that refresh began
+    assert d.keys_for("k2")
+    assert d.fetches >= 2
