@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple
 
 from .types import StartResponse, WSGIEnvironment
@@ -31,6 +33,7 @@ __all__ = [
     "introspection",
     "key_fetch",
     "metrics_app",
+    "recorder",
     "request",
     "stat",
 ]
@@ -133,6 +136,41 @@ def decision(outcome: str, reason: str) -> tuple[Any, Any] | None:
     (the middleware's accepted path) and keeps them; ``None`` without ``prometheus_client``."""
     m = _instruments()
     return None if m is None else _decision(m, outcome, reason)
+
+
+def recorder(outcome: str, reason: str) -> Callable[[float], None] | None:
+    """Counts one decision and observes its seconds, for the middleware's accepted path, which runs it
+    on every request; ``None`` without ``prometheus_client``.
+
+    The same values :meth:`Counter.inc` and :meth:`Histogram.observe` update (in multiprocess mode
+    too), updated directly: those methods' checks (labels, exemplars) were settled when the children
+    were made, and they cost more than the three additions. A ``prometheus_client`` whose instruments
+    are not laid out as expected gets its public methods instead.
+    """
+    found = decision(outcome, reason)
+    if found is None:
+        return None
+    count, latency = found
+    try:
+        add, add_seconds = count._value.inc, latency._sum.inc
+        bucket_incs = tuple(bucket.inc for bucket in latency._buckets)
+        bounds = tuple(latency._upper_bounds)
+    except (AttributeError, TypeError):
+        bucket_incs, bounds = (), ()
+    if not bucket_incs or len(bucket_incs) != len(bounds) or bounds[-1] != math.inf:
+        def public(seconds: float) -> None:
+            count.inc()
+            latency.observe(seconds)
+
+        return public
+
+    def direct(seconds: float) -> None:
+        add(1)
+        add_seconds(seconds)
+        # The first bucket whose upper bound is at least the value, as Histogram.observe picks it.
+        bucket_incs[bisect_left(bounds, seconds)](1)
+
+    return direct
 
 
 @functools.cache

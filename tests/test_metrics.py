@@ -28,6 +28,59 @@ def test_request_counts_outcome_reason_latency_and_503() -> None:
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
 
 
+def _histogram(outcome: str) -> list[float]:
+    """Every sample of the latency histogram for ``outcome``: the buckets, then count and sum."""
+    buckets = [sample("certbound_request_duration_seconds_bucket", outcome=outcome, le=metrics_le(bound))
+               for bound in (*metrics.LATENCY_BUCKETS, float("inf"))]
+    return [*buckets, sample("certbound_request_duration_seconds_count", outcome=outcome),
+            sample("certbound_request_duration_seconds_sum", outcome=outcome)]
+
+
+def metrics_le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.000004, 0.0005, 0.00051, 0.3, 5.0, 7.5])
+def test_the_accepted_recorder_counts_as_the_public_methods_do(seconds: float) -> None:
+    """The accepted path's recorder touches prometheus_client's values directly: it must leave exactly
+    what Counter.inc and Histogram.observe leave, bucket boundaries included (le is "at most")."""
+    record = metrics.recorder("accepted", "ok")
+    found = metrics.decision("fault", "internal_error")
+    assert record is not None and found is not None
+    before = ([sample("certbound_requests_total", outcome="accepted", reason="ok"), *_histogram("accepted")],
+              [sample("certbound_requests_total", outcome="fault", reason="internal_error"), *_histogram("fault")])
+    record(seconds)
+    found[0].inc()
+    found[1].observe(seconds)
+    after = ([sample("certbound_requests_total", outcome="accepted", reason="ok"), *_histogram("accepted")],
+             [sample("certbound_requests_total", outcome="fault", reason="internal_error"), *_histogram("fault")])
+    direct = [b - a for a, b in zip(before[0], after[0], strict=True)]
+    public = [b - a for a, b in zip(before[1], after[1], strict=True)]
+    assert direct == pytest.approx(public)
+    assert direct[0] == 1 and sum(direct[1:len(metrics.LATENCY_BUCKETS) + 2]) >= 1
+
+
+def test_the_accepted_recorder_falls_back_to_the_public_methods(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prometheus_client laid out otherwise gets Counter.inc and Histogram.observe."""
+
+    class Opaque:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, float]] = []
+
+        def inc(self) -> None:
+            self.calls.append(("inc", 1))
+
+        def observe(self, seconds: float) -> None:
+            self.calls.append(("observe", seconds))
+
+    opaque = Opaque()
+    monkeypatch.setattr(metrics, "decision", lambda outcome, reason: (opaque, opaque))
+    record = metrics.recorder("accepted", "ok")
+    assert record is not None
+    record(0.25)
+    assert opaque.calls == [("inc", 1), ("observe", 0.25)]
+
+
 def test_replays_and_key_fetches() -> None:
     replays = sample("certbound_dpop_replays_total")
     metrics.request("refused", "dpop_replay", 0.001, 401)
