@@ -145,17 +145,13 @@ class AuthRequest:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         started = time.perf_counter()
-        scheme = None
         original = environ
         try:
             original = self.original_request(environ)
-            credential = self.authenticator.credentials.read(original)
-            if credential is not None:
-                scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
-            identity = self.authenticator.authenticate(original, credential)
+            identity = self.authenticator.decide(original)
             headers = identity_headers(identity, self._scopes_claim)
         except AuthError as error:
-            return self._refused(original, error, scheme, started, start_response)
+            return self._refused(original, error, error.scheme, started, start_response)
         except Exception:
             # A bug, not bad input: fail closed, keep the traceback in the log only.
             log.exception("certbound: internal error while answering auth_request")

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from .accepted import AcceptedMemo
 from .binding import check_dpop_mode, check_mtls, cnf_jkt, cnf_x5t
 from .cache.memory import MemoryCache
 from .cache.redis import RedisCache, check_replay_store, make_client, make_replay_client
@@ -63,6 +64,13 @@ class Identity(NamedTuple):
     dpop_nonce: str | None = None
 
 
+def _scheme(credential: Credential | None) -> str | None:
+    """The challenge scheme of a credential: ``DPoP`` or ``Bearer`` (``None`` without one)."""
+    if credential is None:
+        return None
+    return "DPoP" if credential.scheme == "dpop" else "Bearer"
+
+
 def token_scopes(claims: Claims, claim: str) -> frozenset[str]:
     """Scopes from a space-separated string (RFC 9068 section 2.2.3) or a list (``scp``)."""
     value = claims.get(claim)
@@ -93,6 +101,8 @@ class Authenticator:
     :param scopes_required: ``scopes_required``; ``scopes_claim``: where the token carries them.
     :param introspect_jwt: also ask the issuer whether a locally valid JWT is revoked
         (``introspect_jwt_tokens``, with both validators on).
+    :param accepted: accepted bearer JWT decisions, remembered (:mod:`.accepted`); ``None`` where a
+        decision depends on more than the header, the certificate and time (see :func:`build`).
     """
 
     credentials: CredentialReader
@@ -110,14 +120,50 @@ class Authenticator:
     scopes_required: frozenset[str]
     scopes_claim: str
     introspect_jwt: bool
+    accepted: AcceptedMemo[Identity] | None = None
+
+    def decide(self, environ: WSGIEnvironment) -> Identity:
+        """The request's identity: its decision remembered (:mod:`.accepted`), or its credential (or,
+        without one, its session) validated with every binding.
+
+        :raises AuthError: the request may not pass; the error says how to answer, and its
+            ``scheme`` which scheme the request's credential used.
+        """
+        try:
+            thumbprint = self.certificates.thumbprint(environ)
+        except AuthError as error:
+            # A malformed credential is refused first, as it always was; else the certificate's error,
+            # with the scheme that says which challenge to answer it with.
+            error.scheme = _scheme(self.credentials.read(environ))
+            raise
+        accepted = self.accepted
+        if accepted is not None:
+            remembered = accepted.recall(environ.get("HTTP_AUTHORIZATION"), thumbprint)
+            if remembered is not None:
+                return remembered
+        credential = self.credentials.read(environ)
+        try:
+            identity = self._identity(environ, credential, thumbprint)
+        except AuthError as error:
+            error.scheme = _scheme(credential)
+            raise
+        # Remembered: a bearer token's acceptance, which no proof but the certificate's went into.
+        if (accepted is not None and credential is not None and credential.scheme == "bearer"
+                and identity.dpop_nonce is None and identity.set_cookie is None and self.jwt is not None):
+            standing = self.jwt.standing(credential.token)
+            if standing is not None:
+                accepted.remember(environ["HTTP_AUTHORIZATION"], thumbprint, identity, *standing)
+        return identity
 
     def authenticate(self, environ: WSGIEnvironment, credential: Credential | None) -> Identity:
-        """Validate the request's credential (or, without one, its session) and every binding.
+        """Validate the request's credential (or, without one, its session) and every binding, in full.
 
         :param credential: what :meth:`CredentialReader.read` found in the request.
         :raises AuthError: the request may not pass; the error says how to answer.
         """
-        thumbprint = self.certificates.thumbprint(environ)
+        return self._identity(environ, credential, self.certificates.thumbprint(environ))
+
+    def _identity(self, environ: WSGIEnvironment, credential: Credential | None, thumbprint: str | None) -> Identity:
         try:
             if credential is None:
                 return self._session_identity(environ, thumbprint)
@@ -288,7 +334,18 @@ def build(settings: Settings, *, discovery: Discovery | None = None,
         scopes_required=frozenset(settings.scopes_required),
         scopes_claim=settings.scopes_claim,
         introspect_jwt=settings.introspect_jwt_tokens and jwt is not None and introspection is not None,
+        accepted=_accepted(settings, clock) if jwt is not None and introspection is None and sessions is None else None,
     )
+
+
+def _accepted(settings: Settings, clock: Callable[[], float]) -> AcceptedMemo[Identity] | None:
+    """The memo of accepted decisions, where a decision depends on nothing but the ``Authorization``
+    header, the certificate and time: tokens in the header only, validated as JWTs only (no
+    introspection, whose answers expire on their own terms), no sessions. DPoP proofs are never
+    remembered (each is new), nor is anything a proof went into."""
+    if set(settings.bearer_token_param_type) != {"header"}:
+        return None
+    return AcceptedMemo(settings.token_cache_size, clock)
 
 
 def _redis(settings: Settings, sealer: Sealer,

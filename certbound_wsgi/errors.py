@@ -97,6 +97,9 @@ class AuthError(Exception):
     claims: Mapping[str, Any] | None = None
     #: The thumbprint of the certificate that came with the request, for the audit event.
     presented: str | None = None
+    #: The scheme of the request's credential (``Bearer`` or ``DPoP``), when it had one: which
+    #: challenge answers the refusal (RFC 9449 section 7.1).
+    scheme: str | None = None
     #: The ``WWW-Authenticate`` values it answers with; :meth:`Challenges.bind` sets them.
     www_authenticate: Sequence[str] = ()
 

@@ -63,6 +63,11 @@ class IssuerRoute:
         self.validator = make_validator()
         self._generation = discovery.generation
 
+    @property
+    def generation(self) -> int:
+        """The generation of the keys that :attr:`validator` verifies with."""
+        return self._generation
+
     def validate(self, token: str) -> Claims:
         generation = self.discovery.refresh_if_due()
         if generation != self._generation:
@@ -104,6 +109,15 @@ class IssuerRouter:
             self._route_of[token] = route  # only a valid token: garbage cannot fill it
             return claims
         return route.validate(token)
+
+    def standing(self, token: str) -> tuple[float, Discovery, int] | None:
+        """How long a validated ``token`` stands: until its memo entry expires, and while its issuer's
+        keys stay at the generation that verified it; ``None`` when it is not remembered."""
+        route = self._only or self._route_of.get(token)
+        if route is None:
+            return None
+        expires = route.validator.remembered_until(token)
+        return None if expires is None else (expires, route.discovery, route.generation)
 
     def start(self) -> None:
         """Fetch every issuer's keys as the worker starts (an issuer down is not fatal)."""

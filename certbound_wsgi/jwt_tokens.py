@@ -248,6 +248,11 @@ class JWTValidator:
         # One dict store: atomic, so no lock is needed for the insert itself.
         memo[token] = (claims, float(claims["exp"]) + self._leeway)
 
+    def remembered_until(self, token: str) -> float | None:
+        """When the memo entry of ``token`` expires (wall-clock seconds), or ``None`` when it has none."""
+        hit = self._memo.get(token)
+        return None if hit is None else hit[1]
+
     def _forget(self, token: str) -> None:
         with self._memo_lock:
             self._memo.pop(token, None)

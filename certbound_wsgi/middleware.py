@@ -1,6 +1,6 @@
 """The middleware: authenticate the request, then call the wrapped app.
 
-``__call__`` -> a health or public path? -> an endpoint? -> :meth:`Authenticator.authenticate`
+``__call__`` -> a health or public path? -> an endpoint? -> :meth:`Authenticator.decide`
 -> ``environ["certbound.*"]`` -> app. A refusal is an :class:`~certbound_wsgi.errors.AuthError`,
 itself the WSGI app that answers it; every one goes through :meth:`CertBoundMiddleware.refuse`,
 which writes its audit event and counts it. Nothing here fails open: a request that cannot be
@@ -94,12 +94,11 @@ class CertBoundMiddleware:
         # The warm path's look-ups, done once here rather than per request.
         self._unprotected_paths = self._open or self.client_jwks is not None
         self._verdict = auth.certificates.channel.verdict
-        self._read_credential = auth.credentials.read
-        self._authenticate = auth.authenticate
+        self._authenticate = auth.decide
         self._audit_logger = self.auditor.logger
-        #: The accepted decision's counter and latency histogram, found on the first accepted request
-        #: (in the worker, not in a master that preloads the app); ``()`` without prometheus_client.
-        self._accepted_counters: tuple[Any, ...] | None = None
+        #: Counts an accepted decision and its latency: made on the first accepted request (in the
+        #: worker, not in a master that preloads the app); does nothing without prometheus_client.
+        self._record_accepted: Callable[[float], None] | None = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # First, on every path: take the proxy secret out of the environ, so that no app can echo it.
@@ -121,12 +120,10 @@ class CertBoundMiddleware:
         # The accepted event is DEBUG: nothing is formatted, nor even called, unless DEBUG is on.
         if self._audit_logger.isEnabledFor(DEBUG):
             self.auditor.accepted(environ, identity)
-        counters = self._accepted_counters
-        if counters is None:
-            counters = self._accepted_counters = metrics.decision("accepted", "ok") or ()
-        if counters:
-            counters[0].inc()
-            counters[1].observe(perf_counter() - started)
+        record = self._record_accepted
+        if record is None:
+            record = self._record_accepted = metrics.recorder("accepted", "ok") or _no_metrics
+        record(perf_counter() - started)
         # A copy: the claims are memoized, and the app must not be able to change them.
         environ["certbound.claims"] = copy_claims(identity.claims)
         environ["certbound.token"] = identity.token
@@ -156,19 +153,15 @@ class CertBoundMiddleware:
 
         :param started: when the middleware began deciding, for the refusal's latency metric.
         """
-        scheme = None
         try:
-            credential = self._read_credential(environ)
-            if credential is not None:
-                scheme = "DPoP" if credential.scheme == "dpop" else "Bearer"
-            return self._authenticate(environ, credential)
+            return self._authenticate(environ)
         except MissingToken as error:
             environ["certbound.started"] = started
             login = self.endpoints.login_page(environ) if self.endpoints is not None else None
             return login or self.refuse(environ, error)
         except AuthError as error:
             environ["certbound.started"] = started
-            return self.refuse(environ, error, scheme)
+            return self.refuse(environ, error, error.scheme)
         except Exception:
             # A bug, not bad input: fail closed; the traceback goes to the log, the event says internal_error.
             log.exception("certbound: internal error while authenticating")
@@ -227,6 +220,10 @@ def _readiness(settings: Settings, auth: Authenticator) -> Readiness:
         redis=(lambda: all(client.ping() for client in clients)) if clients else None,
         redis_required=needs_redis,
     )
+
+
+def _no_metrics(seconds: float) -> None:
+    """The accepted path's recorder without ``prometheus_client``."""
 
 
 def _start_response_for(identity: Identity, start_response: StartResponse) -> StartResponse:

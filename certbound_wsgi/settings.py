@@ -419,7 +419,8 @@ class Settings:
         check=_quotable,
     )
     token_cache_size: int = _option(
-        10000, "Verified JWTs remembered (until their ``exp``) so their signatures are not checked again.", min=1
+        10000, "Verified JWTs remembered (until their ``exp``) so their signatures are not checked again; as many "
+        "accepted decisions (the header and the certificate's thumbprint) are remembered beside them.", min=1
     )
     cert_cache_size: int = _option(1024, "Parsed client certificates remembered, keyed by the raw value.", min=1)
 

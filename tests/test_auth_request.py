@@ -136,7 +136,7 @@ def test_a_bug_is_500_without_details(issuer: TestIssuer, alice: Issued, alice_x
     def broken(*args: Any) -> Identity:
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(Authenticator, "authenticate", broken)
+    monkeypatch.setattr(Authenticator, "decide", broken)
     response = subrequest(client, token=issuer.token(cnf={"x5t#S256": alice_x5t}), cert=alice)
     assert response.status_code == 500
     assert "secret" not in response.get_data(as_text=True) and "secret" not in response.headers[ERROR_HEADER]
