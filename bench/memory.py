@@ -58,12 +58,18 @@ def _child(kind: str, count: int) -> dict[str, Any]:
         bound = settings.token_cache_size
         mw = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
 
+        accepted = mw.authenticator.accepted
+        assert accepted is not None
+
         def size() -> int:
-            return mw.jwt.memo_size()  # type: ignore[union-attr]
+            # The memo of verified tokens and the memo of accepted decisions fill together, each bounded.
+            return max(mw.jwt.memo_size(), len(accepted))  # type: ignore[union-attr]
 
         def cache() -> object:
-            # The one issuer's validator (issue 14 put a router in front of it).
-            return [route.validator._memo for route in mw.jwt.routes.values()]  # type: ignore[union-attr]
+            # The one issuer's validator (issue 14 put a router in front of it), and the accepted
+            # decisions, which share the claims with it.
+            return [*(route.validator._memo for route in mw.jwt.routes.values()),  # type: ignore[union-attr]
+                    accepted._entries]
 
         def next_token() -> str:
             return ws.tokens(1)[0]

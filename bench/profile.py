@@ -161,12 +161,11 @@ def polluted_warm(ws: Workspace, out: io.TextIOBase, requests: int = 300) -> Non
     credential = auth.credentials.read(make(0))
     assert credential is not None and auth.jwt is not None
     identity = auth.authenticate(make(0), credential)
-    counted = metrics.decision("accepted", "ok")
+    record = metrics.recorder("accepted", "ok")
 
     def count(environ: dict[str, Any]) -> None:
-        if counted is not None:
-            counted[0].inc()
-            counted[1].observe(0.00001)
+        if record is not None:
+            record(0.00001)
 
     stages: dict[str, Callable[[dict[str, Any]], Any]] = {
         "bare hello app": lambda e: list(hello_app(e, start_response)),
@@ -175,7 +174,8 @@ def polluted_warm(ws: Workspace, out: io.TextIOBase, requests: int = 300) -> Non
         "credentials.read": auth.credentials.read,
         "certificates.thumbprint": auth.certificates.thumbprint,
         "jwt.validate (memo hit)": lambda e: auth.jwt.validate(credential.token),  # type: ignore[union-attr]
-        "authenticate (all of it)": lambda e: auth.authenticate(e, credential),
+        "authenticate (all of it, in full)": lambda e: auth.authenticate(e, credential),
+        "decide (the accepted decision remembered)": auth.decide,
         "copy_claims": lambda e: copy_claims(identity.claims),
         "metrics (accepted counter + latency histogram)": count,
     }
@@ -268,6 +268,8 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker
     import shutil
     import subprocess
 
+    from tests.support.servers import SERVER_NAME
+
     from .e2e import _context, _stack, _tree, started_idp
     from .loadgen import request_bytes, run_load, send_once
 
@@ -276,7 +278,7 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker
         print("\n=== gunicorn worker: skipped, py-spy is not installed (pip install py-spy) ===", file=out)
         return
     with started_idp(ws) as provider:
-        request = request_bytes("/anything", "127.0.0.1", provider.token("bound"))
+        request = request_bytes("/anything", SERVER_NAME, provider.token("bound"))
         context = _context(ws)
         gthread = worker_class == "gthread"
         stack = _stack(ws, provider, ws.ca.server(), "spy", worker_class=worker_class, protected=True, app=app,
@@ -293,6 +295,8 @@ def gunicorn_spy(ws: Workspace, out: io.TextIOBase, seconds: float = 8.0, worker
             load = run_load(stack.nginx.port, context, request, connections=8 if gthread else 4, duration=seconds,
                             warmup=0)
             recorder.wait(60)
+            if load.statuses.get(200, 0) != load.requests or load.errors:
+                raise RuntimeError(f"profiled load failed: statuses {load.statuses}, {load.errors} errors")
         finally:
             stack.stop()
     # The worker spied on answered about its share of the requests.

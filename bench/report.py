@@ -69,7 +69,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         "holds": answered and all(c == 1 for c in counts)})
     memory = results.get("memory")
     if memory:
-        for kind, label in (("jwt", "JWT memo (token_cache_size)"), ("l1", "L1 introspection cache (cache_l1_size)")):
+        for kind, label in (("jwt", "JWT memo and accepted decisions (token_cache_size, each)"),
+                            ("l1", "L1 introspection cache (cache_l1_size)")):
             m = memory[kind]
             out.append({"target": f"{label} stays bounded",
                         "measured": f"{m['entries']:,} entries after {m['tokens']:,} tokens (bound {m['bound']:,})",
@@ -263,7 +264,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> str:
             "| cache | option (default) | distinct tokens | entries kept | bytes/entry | cache MB | RSS growth MB |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        for kind, label, option in (("jwt", "JWT memo", "token_cache_size"),
+        for kind, label, option in (("jwt", "JWT memo + accepted decisions", "token_cache_size"),
                                     ("l1", "L1 introspection cache", "cache_l1_size")):
             m = memory[kind]
             lines.append(f"| {label} | `{option}` = {m['bound']:,} | {m['tokens']:,} | {m['entries']:,} "
