@@ -34,6 +34,7 @@ from . import http, metrics
 from .jose import PRIVATE_MEMBERS, JWKError, PublicKey, public_key
 from .settings import ASYMMETRIC_ALGS, Settings
 from .shared_keys import SharedKeys, Snapshot
+from .workers import threads_run
 
 __all__ = ["Discovery", "DiscoveryError", "UnknownKey", "PublicKey"]
 
@@ -104,7 +105,7 @@ class Discovery:
         self._inflight: threading.Event | None = None
         # A due refresh runs in a thread of its own, so that no request waits on the issuer
         # (see _revalidate); under uWSGI without threads it cannot, and runs inline instead.
-        self._threads = _threads_run() if background is None else background
+        self._threads = threads_run() if background is None else background
         self._revalidating = 0  # the pid whose refresh thread is running; 0 for none
         self._metadata: dict[str, Any] | None = None
         self._keys: dict[str | None, list[PublicKey]] = {}
@@ -512,16 +513,6 @@ class Discovery:
         if advertised & algs:
             algs &= advertised
         return parsed, algs
-
-
-def _threads_run() -> bool:
-    """Whether a thread started here will run: not under uWSGI without ``--enable-threads`` or ``--threads``."""
-    try:
-        import uwsgi  # type: ignore[import-untyped,unused-ignore]
-    except ImportError:
-        return True
-    options = getattr(uwsgi, "opt", None) or {}
-    return bool(options.get("enable-threads") or options.get("threads"))
 
 
 def _has_kid(copy: Snapshot, kid: str | None) -> bool:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from prometheus_client import REGISTRY
@@ -75,10 +78,88 @@ def test_the_accepted_recorder_falls_back_to_the_public_methods(monkeypatch: pyt
 
     opaque = Opaque()
     monkeypatch.setattr(metrics, "decision", lambda outcome, reason: (opaque, opaque))
-    record = metrics.recorder("accepted", "ok")
+    record = metrics.recorder("refused", "fallback_test")
     assert record is not None
     record(0.25)
-    assert opaque.calls == [("inc", 1), ("observe", 0.25)]
+    record(0.5)
+    metrics.flush()
+    assert opaque.calls == [("inc", 1), ("observe", 0.25), ("inc", 1), ("observe", 0.5)]
+
+
+def _accepted_raw() -> float:
+    """The accepted counter's own value, read without a collection (which would flush the batch)."""
+    found = metrics.decision("accepted", "ok")
+    assert found is not None
+    return float(found[0]._value.get())
+
+
+def test_batched_decisions_reach_the_values_within_flush_after() -> None:
+    record = metrics.recorder("accepted", "ok")
+    assert record is not None
+    metrics.flush()
+    before = _accepted_raw()
+    for _ in range(5):
+        record(0.00001)
+    assert _accepted_raw() == before  # kept in the worker: one append per request
+    deadline = time.monotonic() + metrics.FLUSH_AFTER + 5
+    while _accepted_raw() != before + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _accepted_raw() == before + 5  # the timer added them, with no scrape
+    record(0.00001)
+    assert sample("certbound_requests_total", outcome="accepted", reason="ok") == before + 6  # a read flushes first
+
+
+def test_batched_decisions_from_many_threads_are_all_counted_once() -> None:
+    record = metrics.recorder("accepted", "ok")
+    assert record is not None
+    before = [sample("certbound_requests_total", outcome="accepted", reason="ok"), *_histogram("accepted")]
+    durations = [0.0001, 0.0007, 0.003, 0.2]
+
+    def work(offset: int) -> None:
+        for i in range(2000):
+            record(durations[(i + offset) % 4])
+            if i % 500 == 0:
+                metrics.flush()  # flushes racing the appends and each other
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = [sample("certbound_requests_total", outcome="accepted", reason="ok"), *_histogram("accepted")]
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    assert delta[0] == 16000
+    assert delta[-2] == 16000  # the histogram's count
+    assert delta[-1] == pytest.approx(4000 * sum(durations))  # its sum
+    # Cumulative buckets: le=0.0005 holds the 0.0001s, le=0.001 also the 0.0007s, le=0.005 the 0.003s.
+    assert delta[1:4] == [4000, 8000, 8000] and delta[4] == 12000 and delta[-3] == 16000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_worker_does_not_count_its_parent_s_decisions() -> None:
+    record = metrics.recorder("accepted", "ok")
+    assert record is not None
+    metrics.flush()
+    before = _accepted_raw()
+    for _ in range(3):
+        record(0.00001)  # pending in the parent when it forks
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: counts its own decision only, and can schedule its own flush
+        try:
+            child_record = metrics.recorder("accepted", "ok")
+            assert child_record is not None
+            child_record(0.00001)
+            metrics.flush()
+            os.write(write, str(_accepted_raw() - before).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64) == b"1.0"
+    os.close(read)
+    metrics.flush()
+    assert _accepted_raw() == before + 3
 
 
 def test_replays_and_key_fetches() -> None:
