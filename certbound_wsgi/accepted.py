@@ -13,6 +13,8 @@ token's memo entry would expire, and for as long as the keys' generation holds. 
 request with the same header and the same certificate is then answered by one
 dictionary look-up, one clock read and the keys' due-refresh check, instead of
 parsing the header, finding the token's memo entry and checking both bindings again.
+It is remembered from the token's second acceptance on (the token is then in the memo
+of verified tokens already): a token used once costs this memo neither time nor memory.
 
 Only acceptances are remembered. A stolen token presented with another certificate,
 or with none, has another key: it misses and takes the full path, which refuses it,

@@ -137,22 +137,40 @@ class Authenticator:
             error.scheme = _scheme(self.credentials.read(environ))
             raise
         accepted = self.accepted
-        if accepted is not None:
-            remembered = accepted.recall(environ.get("HTTP_AUTHORIZATION"), thumbprint)
-            if remembered is not None:
-                return remembered
-        credential = self.credentials.read(environ)
+        if accepted is None:
+            credential = self.credentials.read(environ)
+            try:
+                return self._identity(environ, credential, thumbprint)
+            except AuthError as error:
+                error.scheme = _scheme(credential)
+                raise
+        remembered = accepted.recall(environ.get("HTTP_AUTHORIZATION"), thumbprint)
+        return remembered if remembered is not None else self._decide_to_remember(environ, thumbprint, accepted)
+
+    def _decide_to_remember(self, environ: WSGIEnvironment, thumbprint: str | None,
+                            accepted: AcceptedMemo[Identity]) -> Identity:
+        """:meth:`decide` where the memo is on: tokens are JWTs from the header only, no sessions."""
+        # A JWT that verifies is a well-formed b64token: its syntax is checked only when it is refused
+        # (then as RFC 6750 section 2.1 asks: a malformed token is a malformed request, 400).
+        credential = self.credentials.read(environ, checked=False)
+        if credential is None:
+            return self._identity(environ, None, thumbprint)  # no sessions here: refused, no token
+        # A token verified by an earlier request (in the memo of verified tokens) is on its second use
+        # at least: only such a token's acceptance is remembered, so that a token used once costs the
+        # memo of accepted decisions neither time nor memory.
+        standing = self.jwt.standing(credential.token) if self.jwt is not None else None
         try:
-            identity = self._identity(environ, credential, thumbprint)
+            identity = self._token_identity(environ, credential, thumbprint)
         except AuthError as error:
-            error.scheme = _scheme(credential)
+            self.credentials.check(credential)
+            error.scheme, error.presented = _scheme(credential), thumbprint
             raise
-        # Remembered: a bearer token's acceptance, which no proof but the certificate's went into.
-        if (accepted is not None and credential is not None and credential.scheme == "bearer"
-                and identity.dpop_nonce is None and identity.set_cookie is None and self.jwt is not None):
-            standing = self.jwt.standing(credential.token)
-            if standing is not None:
-                accepted.remember(environ["HTTP_AUTHORIZATION"], thumbprint, identity, *standing)
+        # Remembered: a bearer token's acceptance, which no proof but the certificate's went into. The
+        # standing was read before validation: were the keys refreshed meanwhile, its older generation
+        # makes the next recall miss, and the request after that remembers anew.
+        if (standing is not None and credential.scheme == "bearer"
+                and identity.dpop_nonce is None and identity.set_cookie is None):
+            accepted.remember(environ["HTTP_AUTHORIZATION"], thumbprint, identity, *standing)
         return identity
 
     def authenticate(self, environ: WSGIEnvironment, credential: Credential | None) -> Identity:

@@ -80,14 +80,20 @@ class CredentialReader:
         # The usual configuration: nowhere but the header, so at most one token and nothing to tally.
         self._header_only = self._header and not (self._query or self._body or self._cookie)
 
-    def read(self, environ: WSGIEnvironment) -> Credential | None:
+    def read(self, environ: WSGIEnvironment, *, checked: bool = True) -> Credential | None:
         """The request's credential, or ``None`` when it carries no access token.
 
+        :param checked: whether the token's syntax (RFC 6750 section 2.1) is checked now. A caller that
+            validates it as a JWT before anything else may leave it to :meth:`check` on a refusal: a
+            JWT that verifies is a well-formed ``b64token``, so only a refused one needs the check.
+            Only the ``Authorization`` header's token can be left unchecked.
         :raises InvalidRequest: a malformed header, or a token in more than one place.
         """
         if self._header_only:
             authorization = environ.get("HTTP_AUTHORIZATION")
-            return self._from_header(authorization, self._schemes) if authorization else None
+            if not authorization:
+                return None
+            return self._from_header(authorization, self._schemes, checked)
         found: list[Credential] = []
         if self._header:
             authorization = environ.get("HTTP_AUTHORIZATION")
@@ -119,8 +125,15 @@ class CredentialReader:
                     found.append(Credential(_check(value, "cookie"), "bearer", "cookie"))
         return found
 
+    def check(self, credential: Credential) -> None:
+        """RFC 6750 section 2.1 for a token :meth:`read` left unchecked.
+
+        :raises InvalidRequest: the token is malformed.
+        """
+        _check(credential.token, "Authorization header")
+
     @staticmethod
-    def _from_header(value: str, schemes: frozenset[str]) -> Credential | None:
+    def _from_header(value: str, schemes: frozenset[str], checked: bool = True) -> Credential | None:
         scheme, _, rest = value.strip().partition(" ")
         scheme = scheme.lower()
         if scheme not in schemes:
@@ -129,7 +142,7 @@ class CredentialReader:
         token = rest.strip()
         if not token:
             raise InvalidRequest("the Authorization header has no token")
-        return Credential(_check(token, "Authorization header"), scheme, "header")
+        return Credential(_check(token, "Authorization header") if checked else token, scheme, "header")
 
     @staticmethod
     def _from_form(data: str, source: str) -> list[Credential]:

@@ -109,6 +109,19 @@ def test_a_stolen_token_is_refused_on_every_request_after_its_owner_was_accepted
     assert len(middleware.authenticator.accepted) == 1  # refusals are never remembered
 
 
+def test_only_a_token_on_its_second_use_is_remembered(issuer: TestIssuer, alice: Issued, alice_x5t: str) -> None:
+    """A token used once costs the memo nothing; from its second acceptance on, it is one look-up."""
+    client, middleware = _client(issuer)
+    accepted = middleware.authenticator.accepted
+    assert accepted is not None
+    once = [issuer.token(cnf={"x5t#S256": alice_x5t}) for _ in range(5)]
+    for token in once:
+        assert client.get("/", headers=bearer(token), environ_overrides=cert_env(alice.cert_pem)).status_code == 200
+    assert len(accepted) == 0
+    assert client.get("/", headers=bearer(once[0]), environ_overrides=cert_env(alice.cert_pem)).status_code == 200
+    assert len(accepted) == 1
+
+
 def test_a_remembered_acceptance_still_expires_with_the_token(issuer: TestIssuer, alice: Issued,
                                                               alice_x5t: str) -> None:
     clock = Clock()
@@ -168,7 +181,8 @@ def test_a_dpop_request_is_never_remembered(issuer: TestIssuer) -> None:
 
 
 _CERTS = st.sampled_from(["alice", "mallory", None])
-_TOKENS = st.sampled_from(["alice", "mallory", "unbound", "expired", "other-audience"])
+_TOKENS = st.sampled_from(["alice", "mallory", "unbound", "expired", "other-audience",
+                           "tilde", "padded", "non-ascii", "too-long", "spaced"])
 _HEADERS = st.sampled_from(["Bearer {}", "bearer {}", "Bearer  {}", "DPoP {}"])
 
 
@@ -186,6 +200,10 @@ def test_the_memo_never_changes_a_decision(requests: list[tuple[str, str | None,
         "expired": issuer.token(exp=1, cnf={"x5t#S256": alice_x5t}),
         "other-audience": issuer.token(aud="https://elsewhere.test", cnf={"x5t#S256": alice_x5t}),
     }
+    # Malformed (RFC 6750 section 2.1): with the memo on, the syntax is checked only once a token is
+    # refused; the answer must still be the 400 the memo-less path gives at once.
+    tokens.update({"tilde": tokens["alice"] + "~", "padded": tokens["alice"] + "=", "spaced": "a b",
+                   "non-ascii": tokens["alice"][:-1] + "\u00e9", "too-long": "e30." * 5000})
     pems = {"alice": alice.cert_pem, "mallory": mallory.cert_pem, None: None}
     with_memo, _ = _client(issuer, proof_of_possession_mtls=mtls)
     without, plain_mw = _client(issuer, proof_of_possession_mtls=mtls)
