@@ -191,7 +191,7 @@ class Discovery:
         """
         now = self._clock()
         keys = self._keys.get(kid)
-        if keys and not self._too_stale(now):
+        if keys and now <= self._stale_at:  # not too stale (-inf before the first fetch)
             return keys
         if keys is None:
             self._first_seen(kid, now)

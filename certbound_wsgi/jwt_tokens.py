@@ -27,7 +27,6 @@ from .jose import (
     Verifier,
     b64url_decode,
     check_time_claims,
-    issued_by,
     json_object,
     meant_for,
     segment_object,
@@ -222,7 +221,8 @@ class JWTValidator:
             self._headers[segment] = header
 
     def _check_claims(self, claims: Claims, now: float) -> None:
-        if not issued_by(claims, self._issuer):
+        # RFC 7519 section 4.1.1: iss exactly the issuer whose keys verified it (no normalization).
+        if claims.get("iss") != self._issuer:
             raise InvalidToken("the token was issued by another issuer", reason="issuer_mismatch")
         try:
             check_time_claims(claims, now, self._leeway)

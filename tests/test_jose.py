@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from joserfc.jwk import ECKey, OctKey, RSAKey
 
@@ -19,6 +19,8 @@ from certbound_wsgi.jose import (
     b64url_decode,
     b64url_encode,
     check_time_claims,
+    copy_claims,
+    equal_ascii,
     json_object,
     meant_for,
     public_key,
@@ -185,3 +187,62 @@ def test_time_error_wording(error: TimeClaimError, sentence: str) -> None:
 ])
 def test_meant_for(aud: object, expected: bool) -> None:
     assert meant_for({"aud": aud}, frozenset({"api"})) is expected
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def _containers(value: Any) -> list[Any]:
+    """Every dict and list inside ``value``, itself included."""
+    if isinstance(value, dict):
+        return [value, *(c for member in value.values() for c in _containers(member))]
+    if isinstance(value, list):
+        return [value, *(c for member in value for c in _containers(member))]
+    return []
+
+
+@given(st.dictionaries(st.text(max_size=6), _JSON, max_size=8))
+def test_copy_claims_is_equal_and_shares_no_container(claims: dict[str, Any]) -> None:
+    """The app gets a copy it may change at will: no dict or list of it is the memo's."""
+    copied = copy_claims(claims)
+    assert copied == claims
+    originals = {id(c) for c in _containers(claims)}
+    assert not originals & {id(c) for c in _containers(copied)}
+
+
+@given(st.one_of(st.text(), st.binary(), st.integers(), st.none(), st.lists(st.text())), st.text())
+def test_equal_ascii_never_raises_and_is_equality_of_ascii_strings(claimed: Any, expected: str) -> None:
+    want = isinstance(claimed, str) and claimed.isascii() and expected.isascii() and claimed == expected
+    assert equal_ascii(claimed, expected) is want
+    if expected.isascii():
+        assert equal_ascii(expected, expected) is True
+
+
+# Now and a second on either side, with no leeway or one second of it: where a shortcut that is off by
+# a little would decide otherwise; and the values the shortcut must leave to the full check.
+_MISSING = object()
+_TIME_VALUES = st.sampled_from([_MISSING, *(int(NOW) + d for d in range(-2, 3)), NOW + 0.5, True, "1", 10**400,
+                                2**53, None])
+
+
+def _outcome(claims: dict[str, Any], leeway: float, required: tuple[str, ...] | None) -> tuple[str, str] | None:
+    try:
+        if required is None:
+            check_time_claims(claims, NOW, leeway)  # the default: the shortcut may decide
+        else:
+            check_time_claims(claims, NOW, leeway, required=required)  # another tuple: the loop decides
+    except TimeClaimError as error:
+        return error.claim, error.problem
+    return None
+
+
+@settings(max_examples=500)
+@given(st.tuples(_TIME_VALUES, _TIME_VALUES, _TIME_VALUES), st.sampled_from([0.0, 1.0]))
+def test_the_usual_case_shortcut_decides_as_the_full_check(values: tuple[Any, Any, Any], leeway: float) -> None:
+    """The default call decides the common case at once; an equal tuple of its own takes the full loop."""
+    claims = {name: value for name, value in zip(("exp", "nbf", "iat"), values, strict=True) if value is not _MISSING}
+    assert _outcome(claims, leeway, None) == _outcome(claims, leeway, tuple(["exp"]))
