@@ -125,13 +125,21 @@ class CertificateReader:
 
     def raw(self, environ: WSGIEnvironment) -> str | None:
         """The certificate value as forwarded, or ``None`` when there is none to believe."""
+        believed = self._believed(environ)
+        return believed[0] if believed is not None else None
+
+    def _believed(self, environ: WSGIEnvironment) -> tuple[str, CertificateFormat] | None:
+        """The certificate value as forwarded and the shape it is written in, or ``None``."""
         if UWSGI_CERT_VAR in environ:
-            # Set by uwsgi_param: it is the certificate, even when empty (no certificate).
+            # Set by uwsgi_param: it is the certificate, even when empty (no certificate), always
+            # nginx's escaped PEM.
             value = environ[UWSGI_CERT_VAR]
             verified = environ.get(UWSGI_VERIFY_VAR)
+            cert_format: CertificateFormat = "escaped_pem"
         else:
             value = environ.get(self._header_var)
             verified = environ.get(self._verify_header_var) if self._verify_header_var else None
+            cert_format = self._format
         if not value:
             return None
         verdict = self.channel.verdict(environ)
@@ -140,21 +148,21 @@ class CertificateReader:
             return None
         if self._verify_header_var is not None and verified != "SUCCESS":
             return None
-        return str(value)
+        return (value if type(value) is str else str(value)), cert_format
 
     def thumbprint(self, environ: WSGIEnvironment) -> str | None:
         """The presented certificate's x5t#S256, or ``None`` when no certificate was presented.
 
         :raises InvalidToken: a certificate value was forwarded but cannot be parsed.
         """
-        value = self.raw(environ)
-        if value is None:
+        believed = self._believed(environ)
+        if believed is None:
             return None
+        value, cert_format = believed
         if len(value) > MAX_CERT_VALUE:
             raise InvalidToken(_MALFORMED)
         # Each parser refuses two header values joined (a forged one ahead of the proxy's) by its
         # own grammar: a comma is never in PEM, but separates XFCC elements and Traefik's chain.
-        cert_format: CertificateFormat = "escaped_pem" if UWSGI_CERT_VAR in environ else self._format
         thumbprint = self._thumbprint(cert_format, value, self._xfcc_hops)
         if thumbprint is None:
             raise InvalidToken(_MALFORMED)

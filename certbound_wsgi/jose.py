@@ -69,11 +69,14 @@ def b64url_decode(text: str | bytes) -> bytes:
     """
     try:
         raw = (text.encode("ascii") if isinstance(text, str) else text).translate(_FROM_B64URL)
-        if len(raw) % 4 == 1:
-            raise ValueError("impossible length")
-        return binascii.a2b_base64(raw + b"=" * (-len(raw) % 4), strict_mode=True)
+        # The padding the length asks for; a length one more than a multiple of 4 is impossible, and
+        # strict mode refuses it (as it refuses the padding, "+" and "/" mapped to "!" above).
+        return binascii.a2b_base64(raw + _PADDING[len(raw) % 4], strict_mode=True)
     except ValueError:  # binascii.Error and UnicodeEncodeError are ValueErrors too
         raise ValueError("not base64url") from None
+
+
+_PADDING = (b"", b"===", b"==", b"=")
 
 
 class JSONError(ValueError):

@@ -97,7 +97,11 @@ class JWTValidator:
         # The cold path: the signature, then the claims.
         claims = self.signed_claims(token, _ACCEPTED_TYP)
         self._check_claims(claims, now)
-        self._remember(token, claims)
+        memo = self._memo
+        if len(memo) >= self._memo_size:
+            self._evict()
+        # One dict store: atomic, so no lock is needed for the insert itself.
+        memo[token] = (claims, float(claims["exp"]) + self._leeway)
         return claims
 
     # -- the cold path --------------------------------------------------------
@@ -127,16 +131,22 @@ class JWTValidator:
             signature = b64url_decode(raw[second + 1:])
         except ValueError:
             raise InvalidToken("the token's signature is invalid") from None
+        # The claims' bytes are decoded now, while the token is in the CPU's caches (the verification
+        # evicts them); they are parsed, and a decoding error reported, only once the signature holds.
+        try:
+            payload: bytes | None = b64url_decode(raw[first + 1:second])
+        except ValueError:
+            payload = None
         if not self._verified(keys, alg, signing_input, signature):
             raise InvalidToken("the token's signature is invalid")
         if segment not in self._headers:
             self._remember_header(segment, header)
+        if payload is None:  # signed, yet not base64url
+            raise InvalidToken("the token's claims are not JSON")
         try:
-            return json_object(b64url_decode(raw[first + 1:second]))
+            return json_object(payload)
         except JSONError as exc:
             raise InvalidToken(exc.describe("the token's claims", "are")) from None
-        except ValueError:  # signed, yet not base64url
-            raise InvalidToken("the token's claims are not JSON") from None
 
     def _keys_for(self, kid: str | None) -> list[PublicKey]:
         """The issuer's keys named ``kid``: its JWKS only (jku, x5u and jwk headers are ignored)."""
@@ -236,17 +246,14 @@ class JWTValidator:
 
     # -- the memo -------------------------------------------------------------
 
-    def _remember(self, token: str, claims: Claims) -> None:
+    def _evict(self) -> None:
         memo = self._memo
-        if len(memo) >= self._memo_size:
-            with self._memo_lock:
-                # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
-                # dict's dead slots per many inserts, and no OrderedDict links per entry. The keys are
-                # listed in one call, which no other thread's insert can interleave with.
-                for old in list(itertools.islice(memo, max(1, self._memo_size // 10))):
-                    memo.pop(old, None)
-        # One dict store: atomic, so no lock is needed for the insert itself.
-        memo[token] = (claims, float(claims["exp"]) + self._leeway)
+        with self._memo_lock:
+            # Oldest first (dicts keep insertion order), a tenth at a time: one scan past the
+            # dict's dead slots per many inserts, and no OrderedDict links per entry. The keys are
+            # listed in one call, which no other thread's insert can interleave with.
+            for old in list(itertools.islice(memo, max(1, self._memo_size // 10))):
+                memo.pop(old, None)
 
     def remembered_until(self, token: str) -> float | None:
         """When the memo entry of ``token`` expires (wall-clock seconds), or ``None`` when it has none."""
