@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import REGISTRY
@@ -93,11 +94,16 @@ def _accepted_raw() -> float:
     return float(found[0]._value.get())
 
 
-def test_batched_decisions_reach_the_values_within_flush_after() -> None:
+def _flushed_recorder() -> tuple[Callable[[float], None], float]:
+    """The accepted path's recorder, with nothing pending, and the accepted count so far."""
     record = metrics.recorder("accepted", "ok")
     assert record is not None
     metrics.flush()
-    before = _accepted_raw()
+    return record, _accepted_raw()
+
+
+def test_batched_decisions_reach_the_values_within_flush_after() -> None:
+    record, before = _flushed_recorder()
     for _ in range(5):
         record(0.00001)
     assert _accepted_raw() == before  # kept in the worker: one append per request
@@ -137,10 +143,7 @@ def test_batched_decisions_from_many_threads_are_all_counted_once() -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_worker_does_not_count_its_parent_s_decisions() -> None:
-    record = metrics.recorder("accepted", "ok")
-    assert record is not None
-    metrics.flush()
-    before = _accepted_raw()
+    record, before = _flushed_recorder()
     for _ in range(3):
         record(0.00001)  # pending in the parent when it forks
     read, write = os.pipe()
