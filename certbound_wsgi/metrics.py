@@ -169,6 +169,8 @@ def recorder(outcome: str, reason: str) -> Callable[[float], None] | None:
 
 #: Seconds at most between an accepted decision and its count in ``prometheus_client``'s values.
 FLUSH_AFTER: Final = 1.0
+#: Decisions kept at most before they are added at once, timer or not.
+MAX_PENDING: Final = 4096
 
 
 class _Values:
@@ -236,9 +238,13 @@ class _Batch:
         self._lock = threading.Lock()
 
     def record(self, seconds: float) -> None:
-        self._pending.append(seconds)
+        pending = self._pending
+        pending.append(seconds)
         if not self._scheduled:
             self._schedule()
+        elif len(pending) >= MAX_PENDING:
+            # Bounded whatever becomes of the timer (a server whose threads run late, or not at all).
+            self.flush()
 
     def _schedule(self) -> None:
         with self._lock:
@@ -295,7 +301,8 @@ def _after_fork_in_child() -> None:
         batch.forget()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX; elsewhere there is no fork to survive
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(flush)  # a worker that exits cleanly leaves nothing uncounted
 
 

@@ -141,6 +141,21 @@ def test_batched_decisions_from_many_threads_are_all_counted_once() -> None:
     assert delta[1:4] == [4000, 8000, 8000] and delta[4] == 12000 and delta[-3] == 16000
 
 
+def test_the_batch_is_bounded_even_if_its_timer_never_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server whose threads never run (or run late) must not let the batch grow without bound."""
+    record, before = _flushed_recorder()
+    started: list[object] = []
+    monkeypatch.setattr(threading.Timer, "start", lambda timer: started.append(timer))  # noqa: PLW0108 - a method
+    for _ in range(metrics.MAX_PENDING + 10):
+        record(0.00001)
+    # One flush scheduled, none more while it is pending; the inline flush at the bound lets the
+    # next decision schedule one again.
+    assert len(started) == 2
+    assert before + metrics.MAX_PENDING - 1 <= _accepted_raw() <= before + metrics.MAX_PENDING + 10
+    metrics.flush()
+    assert _accepted_raw() == before + metrics.MAX_PENDING + 10
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_worker_does_not_count_its_parent_s_decisions() -> None:
     record, before = _flushed_recorder()
