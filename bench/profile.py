@@ -233,6 +233,52 @@ def cold_memo(ws: Workspace, out: io.TextIOBase, fill: int) -> None:
     _profile("cold JWT path, full memo", cold_run, 25, out)
 
 
+def cold_without_verification(ws: Workspace, out: io.TextIOBase, rounds: int = 5, per_round: int = 400) -> None:
+    """The cold path as it is, and with the P-256 verification replaced by a no-op (the signature's DER
+    form still made): what is left is the cold path's own Python work; the difference from the real path
+    minus one verification is what the verification costs the code that follows it (cold caches)."""
+    from certbound_wsgi import jose
+
+    from .inprocess import _es256_verify_us
+
+    settings = ws.settings()
+    tokens = ws.tokens(rounds * per_round * 2 + 100)
+    make = environ_factory(tokens, ws.cert_value)
+    mw = CertBoundMiddleware(hello_app, settings, discovery=ws.discovery(settings))
+    next_token = iter(range(len(tokens)))
+
+    def round_us() -> float:
+        batch = [make(next(next_token)) for _ in range(per_round)]  # fresh strings, as a server's
+        times = []
+        for environ in batch:
+            begin = time.perf_counter_ns()
+            list(mw(environ, start_response))
+            times.append(time.perf_counter_ns() - begin)
+        return median(times) / 1000
+
+    for _ in range(100):
+        list(mw(make(next(next_token)), start_response))
+    real = median([round_us() for _ in range(rounds)])
+    original = jose.Verifier.verify
+
+    def no_verification(self: jose.Verifier, alg: str, signing_input: bytes, signature: bytes) -> bool:
+        size = self.size
+        jose.encode_dss_signature(int.from_bytes(signature[:size]), int.from_bytes(signature[size:]))
+        return alg in self.algs
+
+    jose.Verifier.verify = no_verification  # type: ignore[method-assign]
+    try:
+        without = median([round_us() for _ in range(rounds)])
+    finally:
+        jose.Verifier.verify = original  # type: ignore[method-assign]
+    verify = _es256_verify_us(rounds)
+    print(f"\n=== cold JWT path (hello app, median request of {rounds} rounds of {per_round}) ===\n"
+          f"  {real:6.1f} µs as it is\n"
+          f"  {without:6.1f} µs with the verification a no-op: the cold path's own work\n"
+          f"  {verify:6.1f} µs one ES256 verification alone (a loop)\n"
+          f"  {real - without - verify:6.1f} µs left: what the verification costs the code after it", file=out)
+
+
 def dpop_path(ws: Workspace, out: io.TextIOBase, top: int, count: int = 3000) -> None:
     """A DPoP-bound token with a new ES256 proof per request (in-process replay cache), beside one
     bare P-256 verification: the part of the proof check no cache can save."""
@@ -353,9 +399,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--app", choices=("hello", "echo"), default="hello", help="the app for --gunicorn")
     parser.add_argument("--only-gunicorn", action="store_true", help="skip the in-process profiles")
     parser.add_argument("--only-polluted", action="store_true", help="only the warm path with polluted caches")
+    parser.add_argument("--only-cold", action="store_true",
+                        help="only the cold path, as it is and with the verification a no-op")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     out: io.TextIOBase = sys.stdout  # type: ignore[assignment]
     ws = Workspace()
+    if args.only_cold:
+        cold_without_verification(ws, out)
+        return 0
     if args.only_gunicorn:
         gunicorn_spy(ws, out, worker_class=args.worker_class, app=args.app)
         return 0
