@@ -155,10 +155,11 @@ class Authenticator:
         credential = self.credentials.read(environ, checked=False)
         if credential is None:
             return self._identity(environ, None, thumbprint)  # no sessions here: refused, no token
-        # A token verified by an earlier request (in the memo of verified tokens) is on its second use
-        # at least: only such a token's acceptance is remembered, so that a token used once costs the
-        # memo of accepted decisions neither time nor memory.
-        standing = self.jwt.standing(credential.token) if self.jwt is not None else None
+        # A bearer token verified by an earlier request (in the memo of verified tokens) is on its second
+        # use at least: only such a token's acceptance is remembered, so that a token used once costs the
+        # memo of accepted decisions neither time nor memory. A DPoP request (a new proof each time) never is.
+        standing = (self.jwt.standing(credential.token)
+                    if credential.scheme == "bearer" and self.jwt is not None else None)
         try:
             identity = self._token_identity(environ, credential, thumbprint)
         except AuthError as error:
@@ -168,8 +169,7 @@ class Authenticator:
         # Remembered: a bearer token's acceptance, which no proof but the certificate's went into. The
         # standing was read before validation: were the keys refreshed meanwhile, its older generation
         # makes the next recall miss, and the request after that remembers anew.
-        if (standing is not None and credential.scheme == "bearer"
-                and identity.dpop_nonce is None and identity.set_cookie is None):
+        if standing is not None and identity.dpop_nonce is None and identity.set_cookie is None:
             accepted.remember(environ["HTTP_AUTHORIZATION"], thumbprint, identity, *standing)
         return identity
 

@@ -123,11 +123,6 @@ class CertificateReader:
         # Every request from a client carries the same certificate: parse it once.
         self._thumbprint = functools.lru_cache(maxsize=cache_size)(_parse)
 
-    def raw(self, environ: WSGIEnvironment) -> str | None:
-        """The certificate value as forwarded, or ``None`` when there is none to believe."""
-        believed = self._believed(environ)
-        return believed[0] if believed is not None else None
-
     def _believed(self, environ: WSGIEnvironment) -> tuple[str, CertificateFormat] | None:
         """The certificate value as forwarded and the shape it is written in, or ``None``."""
         if UWSGI_CERT_VAR in environ:

@@ -138,8 +138,8 @@ def request(outcome: str, reason: str, seconds: float | None, status: int | None
 
 
 def decision(outcome: str, reason: str) -> tuple[Any, Any] | None:
-    """The counter and latency histogram of one decision, for a caller that counts it on every request
-    (the middleware's accepted path) and keeps them; ``None`` without ``prometheus_client``."""
+    """The counter and latency histogram of one decision, found once (:func:`recorder` keeps them for
+    the middleware's accepted path); ``None`` without ``prometheus_client``."""
     m = _instruments()
     return None if m is None else _decision(m, outcome, reason)
 
