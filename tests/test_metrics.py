@@ -8,9 +8,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 from werkzeug.test import Client
 
 from certbound_wsgi import metrics
@@ -265,3 +267,17 @@ def test_the_first_use_from_many_threads_registers_once(run: int) -> None:
     """Registering a metric twice raises DuplicateTimeseries; a request that met it was a 500."""
     done = subprocess.run([sys.executable, "-c", _RACE], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.split(" ", 2)[:2] == ["0", "1"], done.stdout + done.stderr
+
+
+def test_a_clean_exit_adds_the_pending_decisions(tmp_path: Path) -> None:
+    """A worker that exits before its timer fires still leaves its accepted decisions in its files."""
+    code = ("from certbound_wsgi import metrics\n"
+            "record = metrics.recorder('accepted', 'ok')\n"
+            "for _ in range(3):\n"
+            "    record(0.00001)\n")  # exits at once: the timer, a daemon, never fires
+    subprocess.run([sys.executable, "-c", code], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                   check=True, timeout=60)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    assert registry.get_sample_value("certbound_requests_total", {"outcome": "accepted", "reason": "ok"}) == 3
+    assert registry.get_sample_value("certbound_request_duration_seconds_count", {"outcome": "accepted"}) == 3
